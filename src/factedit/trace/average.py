@@ -1,0 +1,162 @@
+"""Average indirect effects over many facts, per token class and layer (the paper's Figure 2).
+
+Per-fact heatmaps are appended to `facts.jsonl` in the output folder as they finish, so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..data.known import KnownFact
+from ..models import LoadedModel
+from ..stats_running import RunningMean
+from ..tokens import answer_matches
+from .heatmap import expand_kinds, heatmap
+from .runs import embedding_std, prepare
+
+TOKEN_CLASSES = ("first_subject", "middle_subject", "last_subject", "first_after", "further", "last")
+
+
+def token_class_rows(scores: np.ndarray, subject_range: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Rows of a (tokens x layers) array grouped like the paper: first / middle / last subject
+    token, first token after the subject, further tokens, last token. Classes that a prompt does not
+    have (e.g. no middle token for a two-token subject) are left out."""
+    start, end = subject_range
+    last = scores.shape[0] - 1
+    rows = {"first_subject": scores[start], "last_subject": scores[end - 1], "last": scores[last]}
+    if end - start > 2:
+        rows["middle_subject"] = scores[start + 1:end - 1].mean(0)
+    if end < last:
+        rows["first_after"] = scores[end]
+    if end + 1 < last:
+        rows["further"] = scores[end + 1:last].mean(0)
+    return rows
+
+
+@dataclass
+class AverageSettings:
+    kinds: list[str]
+    samples: int = 10
+    window: int = 10
+    seed: int = 0
+    noise_std: float = 0.0
+    noise_rule: str = ""
+    model: str = ""
+    fingerprint: str = ""
+
+
+@dataclass
+class AverageResult:
+    settings: AverageSettings
+    n_facts: int = 0
+    n_correct: int = 0
+    effects: dict[str, dict[str, RunningMean]] = field(default_factory=dict)  # kind -> class -> mean
+    total_effect: RunningMean = field(default_factory=RunningMean)
+    p_clean: RunningMean = field(default_factory=RunningMean)
+
+    @property
+    def n_skipped(self) -> int:
+        return self.n_facts - self.n_correct
+
+    def add(self, record: dict) -> None:
+        self.n_facts += 1
+        if not record["correct"]:
+            return
+        self.n_correct += 1
+        self.total_effect.add(record["p_clean"] - record["p_corrupt"])
+        self.p_clean.add(record["p_clean"])
+        for kind, scores in record["scores"].items():
+            indirect = np.asarray(scores) - record["p_corrupt"]
+            for name, row in token_class_rows(indirect, tuple(record["subject_range"])).items():
+                self.effects.setdefault(kind, {}).setdefault(name, RunningMean()).add(row)
+
+    def to_dict(self) -> dict:
+        return {
+            "settings": asdict(self.settings), "n_facts": self.n_facts, "n_correct": self.n_correct,
+            "n_skipped_wrong": self.n_skipped,
+            "total_effect": {"mean": float(self.total_effect.mean), "ci95": float(self.total_effect.ci95)},
+            "p_clean": {"mean": float(self.p_clean.mean)},
+            "effects": {kind: {name: {"mean": np.asarray(m.mean).tolist(), "ci95": np.asarray(m.ci95).tolist(),
+                                      "count": m.count}
+                               for name, m in classes.items()}
+                        for kind, classes in self.effects.items()},
+        }
+
+    def peak(self, kind: str, token_class: str) -> tuple[int, float]:
+        mean = np.asarray(self.effects[kind][token_class].mean)
+        return int(mean.argmax()), float(mean.max())
+
+
+def fact_record(lm: LoadedModel, fact: KnownFact, kinds: list[str], settings: AverageSettings,
+                progress: Callable[[int], None] | None = None) -> dict:
+    run = prepare(lm, fact.prompt, fact.subject, samples=settings.samples, noise=settings.noise_std,
+                  seed=settings.seed)
+    correct = answer_matches(run.answer, fact.attribute)
+    record = {"known_id": fact.known_id, "answer": run.answer, "correct": correct, "p_clean": run.p_clean,
+              "p_corrupt": run.p_corrupt, "subject_range": list(run.tokenized.subject_range),
+              "tokens": run.tokenized.tokens, "scores": {}}
+    if correct:
+        for kind in kinds:
+            result = heatmap(run, kind, window=settings.window, progress=progress)
+            record["scores"][kind] = np.round(result.scores, 6).tolist()
+    return record
+
+
+def average_effects(lm: LoadedModel, facts: list[KnownFact], kinds: str | list[str] = "all", *,
+                    n: int | None = None, samples: int = 10, window: int = 10, seed: int = 0,
+                    noise: float | None = None, out_dir: str | Path | None = None,
+                    on_fact: Callable[[dict], None] | None = None,
+                    progress: Callable[[int], None] | None = None) -> AverageResult:
+    """Trace the first `n` facts that the model answers correctly (wrong ones are counted and
+    skipped) and average indirect effects per token class and layer.
+
+    noise: absolute std; by default 3 x the std of the embeddings of all the facts' subjects (the
+    paper's rule).
+    """
+    kinds = expand_kinds(kinds)
+    if noise is None:
+        noise_std, rule = 3 * embedding_std(lm, [f.subject for f in facts]), "3 x std of subject-token embeddings"
+    else:
+        noise_std, rule = float(noise), "given"
+    settings = AverageSettings(kinds=kinds, samples=samples, window=window, seed=seed, noise_std=noise_std,
+                               noise_rule=rule, model=lm.name, fingerprint=lm.fingerprint)
+    result = AverageResult(settings)
+    done: dict[int, dict] = {}
+    log = None
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        settings_file, log_path = out / "settings.json", out / "facts.jsonl"
+        if settings_file.exists() and log_path.exists():
+            previous = json.loads(settings_file.read_text())
+            if previous != asdict(settings):
+                raise ValueError(f"{out} holds a run with other settings ({previous}); use another --out")
+            for line in log_path.read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    done[record["known_id"]] = record
+        settings_file.write_text(json.dumps(asdict(settings), indent=1))
+        log = log_path.open("a")
+    try:
+        for fact in facts:
+            if n is not None and result.n_correct >= n:
+                break
+            record = done.get(fact.known_id)
+            if record is None:
+                record = fact_record(lm, fact, kinds, settings, progress)
+                if log:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+            result.add(record)
+            if on_fact:
+                on_fact(record)
+    finally:
+        if log:
+            log.close()
+    return result

@@ -1,0 +1,170 @@
+"""The clean and corrupted runs that every causal-tracing heatmap starts from.
+
+Corruption (paper section 2): Gaussian noise added to the token embeddings of the subject, i.e. to
+the output of the embedding module, which is what the first block receives (Gemma's sqrt(d) scale
+is applied inside that module). The same `samples` noise draws are used for every restoration, as in
+the paper's code, which is what lets restorations reuse the corrupted run's activations.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from ..hooks import Hook, Hooks
+from ..models import LoadedModel
+from ..tokens import PromptError, TokenizedPrompt, tokenize_prompt
+
+KINDS = ("hidden", "mlp", "attn")
+
+
+@dataclass
+class TraceRun:
+    """Everything recorded from one prompt's clean and corrupted runs."""
+
+    lm: LoadedModel
+    prompt: str
+    subject: str
+    tokenized: TokenizedPrompt
+    answer_id: int
+    answer: str
+    p_clean: float
+    p_corrupt: float
+    noise_std: float
+    noise: torch.Tensor  # (samples, n_subject_tokens, d_model)
+    seed: int
+    clean: dict[tuple[str, int], torch.Tensor]  # (kind, layer) -> (T, d)
+    corrupt: dict[tuple[str, int], torch.Tensor]  # (kind, layer) -> (samples, T, d)
+    corrupt_cache: object | None  # the corrupted run's key/value cache, reused for prefixes
+    block_returns_tuple: bool
+
+    @property
+    def samples(self) -> int:
+        return self.noise.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.tokenized.n_tokens
+
+
+def forward_kwargs(model) -> dict[str, str]:
+    """Names of optional forward arguments this model understands (they changed across versions)."""
+    params = inspect.signature(model.forward).parameters
+    return {
+        "cache": "cache" if "cache" in params else "past_key_values",
+        "logits_to_keep": "logits_to_keep" if "logits_to_keep" in params else "",
+    }
+
+
+def last_token_probs(lm: LoadedModel, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, object]:
+    """Softmax at the last position, computing logits only there when the model allows it."""
+    names = forward_kwargs(lm.model)
+    if names["logits_to_keep"]:
+        kwargs[names["logits_to_keep"]] = 1
+    if "cache" in kwargs:
+        kwargs[names["cache"]] = kwargs.pop("cache")
+    out = lm.model(input_ids=input_ids, **kwargs)
+    cache = out.get("cache") if "cache" in out else out.get("past_key_values")
+    return torch.softmax(out.logits[:, -1].float(), dim=-1), cache
+
+
+def embedding_std(lm: LoadedModel, texts: list[str] | None = None, chunk: int = 8192) -> float:
+    """Standard deviation of what the embedding module outputs, over the tokens of `texts`
+    (the paper used the subjects of its known facts) or, when none are given, the whole vocabulary."""
+    embed = lm.arch.embed
+    with torch.no_grad():
+        if texts:
+            ids = [i for text in texts for i in lm.tokenizer(text, add_special_tokens=False)["input_ids"]]
+            if not ids:
+                raise PromptError("no tokens to measure the embedding standard deviation on")
+            values = embed(torch.tensor(ids, device=lm.device)).float()
+            return float(values.std())
+        vocab = embed.weight.shape[0]
+        total, total_sq, count = 0.0, 0.0, 0
+        for start in range(0, vocab, chunk):
+            v = embed(torch.arange(start, min(vocab, start + chunk), device=lm.device)).double()
+            total += float(v.sum())
+            total_sq += float((v * v).sum())
+            count += v.numel()
+        mean = total / count
+        return (total_sq / count - mean * mean) ** 0.5
+
+
+def noise_hook(lm: LoadedModel, noise: torch.Tensor, subject_range: tuple[int, int],
+               offset: int = 0, rows_per_sample: int = 1) -> Hook:
+    """Add noise to the subject's token embeddings.
+
+    `offset`: absolute position of the first input token (inputs may be a suffix after a cache).
+    `rows_per_sample`: batch rows are ordered sample-major, each sample repeated this many times."""
+    start, end = subject_range
+    lo, hi = max(start, offset), end  # absolute positions of the subject present in this input
+
+    def add(embedded: torch.Tensor) -> torch.Tensor:
+        if hi <= lo:
+            return embedded
+        embedded = embedded.clone()
+        draws = noise[:, lo - start:hi - start].to(embedded.dtype)
+        embedded[:, lo - offset:hi - offset] += draws.repeat_interleave(rows_per_sample, dim=0)
+        return embedded
+
+    return Hook(lm.arch.embed, edit_output=add)
+
+
+def _recording_hooks(lm: LoadedModel) -> dict[tuple[str, int], Hook]:
+    return {(kind, layer): Hook(lm.arch.module(kind, layer), keep_output=True)
+            for kind in KINDS for layer in range(lm.n_layers)}
+
+
+def prepare(lm: LoadedModel, prompt: str, subject: str, *, samples: int = 10, noise: float | None = None,
+            noise_multiplier: float = 3.0, seed: int = 0, answer: str | None = None,
+            max_tokens: int | None = None) -> TraceRun:
+    """Run the clean and corrupted passes and record every block, MLP and attention output.
+
+    noise: absolute standard deviation; by default `noise_multiplier` x the embedding std (vocabulary).
+    answer: trace the probability of this continuation's first token instead of the clean top token.
+    """
+    if samples < 1:
+        raise ValueError("samples must be at least 1")
+    limit = getattr(lm.model.config, "max_position_embeddings", None) or 512
+    tokenized = tokenize_prompt(lm.tokenizer, prompt, subject, max_tokens=min(limit, max_tokens or limit),
+                                device=lm.device)
+    noise_std = float(noise) if noise is not None else noise_multiplier * embedding_std(lm)
+    if noise_std < 0:
+        raise ValueError("noise must be non-negative")
+    generator = torch.Generator().manual_seed(seed)
+    start, end = tokenized.subject_range
+    draws = torch.randn(samples, end - start, lm.arch.d_model, generator=generator) * noise_std
+    draws = draws.to(lm.device)
+
+    ids = tokenized.input_ids
+    with torch.no_grad():
+        hooks = _recording_hooks(lm)
+        with Hooks(hooks):
+            probs, _ = last_token_probs(lm, ids, use_cache=False)
+        clean = {key: h.output[0] for key, h in hooks.items()}
+        if answer is not None:
+            answer_ids = lm.tokenizer(answer, add_special_tokens=False)["input_ids"]
+            if not answer_ids:
+                raise PromptError("the answer is empty")
+            answer_id = answer_ids[0]
+        else:
+            answer_id = int(probs[0].argmax())
+        p_clean = float(probs[0, answer_id])
+
+        hooks = _recording_hooks(lm)
+        raw_outputs = []  # only to learn whether blocks return tuples
+        with Hooks(hooks), noise_hook(lm, draws, tokenized.subject_range):
+            handle = lm.arch.blocks[0].block.register_forward_hook(lambda m, a, out: raw_outputs.append(out))
+            try:
+                probs, cache = last_token_probs(lm, ids.expand(samples, -1), use_cache=True)
+            finally:
+                handle.remove()
+        corrupt = {key: h.output for key, h in hooks.items()}
+    return TraceRun(
+        lm=lm, prompt=prompt, subject=subject, tokenized=tokenized, answer_id=answer_id,
+        answer=lm.tokenizer.decode([answer_id]), p_clean=p_clean, p_corrupt=float(probs[:, answer_id].mean()),
+        noise_std=noise_std, noise=draws, seed=seed, clean=clean, corrupt=corrupt, corrupt_cache=cache,
+        block_returns_tuple=isinstance(raw_outputs[0], tuple),
+    )
