@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..hooks import Hook, Hooks
-from .runs import TraceRun, last_token_probs, noise_hook
+from .runs import TraceRun, as_batch_seq, last_token_probs, noise_hook
 
 HEATMAP_KINDS = ("hidden", "mlp", "attn", "hidden_no_mlp", "hidden_no_attn")
 
@@ -89,12 +89,12 @@ def _select_rows(value, rows: torch.Tensor, batch: int):
     return value
 
 
-def _partial_block(run: TraceRun, layer: int, token: int, active: torch.Tensor, n_cells: int, cache):
+def _partial_block(run: TraceRun, layer: int, offset: int, active: torch.Tensor, n_cells: int, cache):
     """A replacement forward for block `layer` that computes only the `active` batch rows; every
     other row has seen nothing but corrupted inputs so far, so its output is the corrupted run's."""
     block = run.lm.arch.blocks[layer].block
     original = block.forward
-    corrupted = run.corrupt[("hidden", layer)][:, token:].repeat_interleave(n_cells, dim=0)
+    corrupted = run.corrupt[("hidden", layer)][:, offset:].repeat_interleave(n_cells, dim=0)
 
     def forward(*args, **kwargs):
         out = corrupted.clone()  # fresh: patch hooks write into it
@@ -112,12 +112,19 @@ def _partial_block(run: TraceRun, layer: int, token: int, active: torch.Tensor, 
 
 
 def _prefix_cache(run: TraceRun, length: int, repeats: int):
+    """The corrupted run's cache cut to its first `length` tokens, or None where the cache cannot be
+    cut (a sliding-window layer already past its window); the caller then runs the whole prompt."""
+    if length == 0 or run.corrupt_cache is None:
+        return None
     cache = copy.deepcopy(run.corrupt_cache)
-    # transformers 5 takes how many tokens to drop (negative); older versions took the length to keep.
-    if "tokens_to_remove" in inspect.signature(cache.crop).parameters:
-        cache.crop(length - run.n_tokens)
-    else:
-        cache.crop(length)
+    try:
+        # transformers 5 takes how many tokens to drop (negative); older versions the length to keep.
+        if "tokens_to_remove" in inspect.signature(cache.crop).parameters:
+            cache.crop(length - run.n_tokens)
+        else:
+            cache.crop(length)
+    except (RuntimeError, ValueError, NotImplementedError):
+        return None
     cache.batch_repeat_interleave(repeats)
     return cache
 
@@ -131,17 +138,18 @@ def _run_group(run: TraceRun, cells: list[Cell], token: int) -> torch.Tensor:
     batch = run.samples * n_cells
     first_block = torch.tensor([cell.first_computed_block for cell in cells], device=device)
     cell_of_row = torch.arange(batch, device=device) % n_cells
-    suffix = run.tokenized.input_ids[:, token:].expand(batch, -1)
-    cache = _prefix_cache(run, token, n_cells) if token > 0 else None
+    cache = _prefix_cache(run, token, n_cells)
+    offset = token if cache is not None else 0  # absolute position of the first input token
+    suffix = run.tokenized.input_ids[:, offset:].expand(batch, -1)
 
-    hooks = [noise_hook(run.lm, run.noise, run.tokenized.subject_range, offset=token, rows_per_sample=n_cells)]
+    hooks = [noise_hook(run.lm, run.noise, run.tokenized.subject_range, offset=offset, rows_per_sample=n_cells)]
     active_rows = []
     for layer in range(run.lm.n_layers):
         active = (first_block[cell_of_row] <= layer).nonzero().squeeze(1)
         active_rows.append(active)
         if len(active) < batch:
             hooks.append(Hook(run.lm.arch.blocks[layer].block,
-                              skip=_partial_block(run, layer, token, active, n_cells, cache)))
+                              skip=_partial_block(run, layer, offset, active, n_cells, cache)))
 
     entries: dict[tuple[str, int], list] = {}
     for v, cell in enumerate(cells):
@@ -159,7 +167,9 @@ def _run_group(run: TraceRun, cells: list[Cell], token: int) -> torch.Tensor:
         rows, values = torch.cat([r for r, _ in items]), torch.cat([v for _, v in items])
 
         def write(output, rows=rows, values=values):
-            output[rows, 0] = values.to(output.dtype)  # position 0 of the suffix is `token`
+            # rows may be a subset of the batch when the block is partial
+            as_batch_seq(output, output.shape[0] // suffix.shape[1] if output.dim() == 2 else 0)[
+                rows, token - offset] = values.to(output.dtype)
             return output
 
         hooks.append(Hook(run.lm.arch.module(kind, layer), edit_output=write))
@@ -212,7 +222,7 @@ def restored_probs_naive(run: TraceRun, cells: list[Cell],
 
                 def write(output, value=value, token=cell.token):
                     output = output.clone()
-                    output[:, token] = value.to(output.dtype)
+                    as_batch_seq(output, run.samples)[:, token] = value.to(output.dtype)
                     return output
 
                 hooks.append(Hook(run.lm.arch.module(patch.kind, patch.layer), edit_output=write))

@@ -112,6 +112,11 @@ def noise_hook(lm: LoadedModel, noise: torch.Tensor, subject_range: tuple[int, i
     return Hook(lm.arch.embed, edit_output=add)
 
 
+def as_batch_seq(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """(batch, seq, d) view of a module output; some models (OPT) flatten tokens to (batch*seq, d)."""
+    return tensor.view(batch, -1, tensor.shape[-1]) if tensor.dim() == 2 else tensor
+
+
 def _recording_hooks(lm: LoadedModel) -> dict[tuple[str, int], Hook]:
     return {(kind, layer): Hook(lm.arch.module(kind, layer), keep_output=True)
             for kind in KINDS for layer in range(lm.n_layers)}
@@ -143,7 +148,7 @@ def prepare(lm: LoadedModel, prompt: str, subject: str, *, samples: int = 10, no
         hooks = _recording_hooks(lm)
         with Hooks(hooks):
             probs, _ = last_token_probs(lm, ids, use_cache=False)
-        clean = {key: h.output[0] for key, h in hooks.items()}
+        clean = {key: as_batch_seq(h.output, 1)[0] for key, h in hooks.items()}
         if answer is not None:
             answer_ids = lm.tokenizer(answer, add_special_tokens=False)["input_ids"]
             if not answer_ids:
@@ -161,7 +166,7 @@ def prepare(lm: LoadedModel, prompt: str, subject: str, *, samples: int = 10, no
                 probs, cache = last_token_probs(lm, ids.expand(samples, -1), use_cache=True)
             finally:
                 handle.remove()
-        corrupt = {key: h.output for key, h in hooks.items()}
+        corrupt = {key: as_batch_seq(h.output, samples) for key, h in hooks.items()}
     return TraceRun(
         lm=lm, prompt=prompt, subject=subject, tokenized=tokenized, answer_id=answer_id,
         answer=lm.tokenizer.decode([answer_id]), p_clean=p_clean, p_corrupt=float(probs[:, answer_id].mean()),
