@@ -125,6 +125,8 @@ def trace_avg(model, device, dtype, threads, facts, n, kind, noise, samples, win
                                  noise=noise, out_dir=out, on_fact=on_fact)
     out_dir = Path(out)
     (out_dir / "average.json").write_text(json.dumps(result.to_dict(), indent=1))
+    if result.n_correct == 0:
+        raise ValueError(f"the model predicted none of the {result.n_facts} facts read correctly; nothing to average")
     plot_average(result, out_dir / "average")
     click.echo(f"{result.n_correct} facts traced, {result.n_skipped} skipped because the model's top token was "
                f"wrong, of {result.n_facts} read; noise std {result.settings.noise_std:.4f}")

