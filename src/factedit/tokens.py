@@ -58,11 +58,16 @@ def subject_token_range(tokenizer, prompt: str, subject: str, ids: list[int]) ->
         raise PromptError(f"subject {subject!r} does not occur in the prompt {prompt!r}{hint}")
     # Ignore surrounding whitespace of the subject so that " Tower" and "Tower" locate the same tokens.
     start_char += len(subject) - len(subject.lstrip())
-    end_char = start_char + len(subject.strip())
-    spans = _char_spans(tokenizer, prompt, ids)
+    return span_token_range(tokenizer, prompt, ids, start_char, start_char + len(subject.strip()))
+
+
+def span_token_range(tokenizer, text: str, ids: list[int], start_char: int, end_char: int) -> tuple[int, int]:
+    """[start, end) indices of the tokens of `ids` (the tokenization of `text`) that overlap the
+    characters [start_char, end_char)."""
+    spans = _char_spans(tokenizer, text, ids)
     hits = [i for i, (a, b) in enumerate(spans) if b > a and a < end_char and b > start_char]
     if not hits:
-        raise PromptError(f"no token of the prompt covers the subject {subject!r}")
+        raise PromptError(f"no token covers characters {start_char}..{end_char} ({text[start_char:end_char]!r})")
     return hits[0], hits[-1] + 1
 
 

@@ -1,0 +1,211 @@
+"""Second-moment statistics C = E[k k^T] of the MLP keys at one layer, over a text corpus.
+
+The keys are the inputs of the MLP output projection. The forward pass stops right after that
+projection in the requested layer, text is streamed in fixed-length chunks (never the model's
+maximum context), products are accumulated in float64, and the result is cached on disk keyed by
+model fingerprint, layer, corpus and token count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .hooks import Hook
+from .models import LoadedModel, default_cache_dir
+
+
+@dataclass
+class SecondMoment:
+    """Running uncentred second moment: sum of k k^T and the number of keys; mergeable."""
+
+    sum_outer: torch.Tensor  # (d, d) float64
+    count: int = 0
+
+    @classmethod
+    def empty(cls, dim: int) -> "SecondMoment":
+        return cls(torch.zeros(dim, dim, dtype=torch.float64))
+
+    def add(self, keys: torch.Tensor) -> None:
+        keys = keys.reshape(-1, keys.shape[-1]).float()
+        # float32 products per batch, float64 running sum: fast and accurate enough.
+        self.sum_outer += (keys.T @ keys).double().cpu()
+        self.count += keys.shape[0]
+
+    def merge(self, other: "SecondMoment") -> None:
+        if other.sum_outer.shape != self.sum_outer.shape:
+            raise ValueError(f"cannot merge statistics of shape {tuple(other.sum_outer.shape)} "
+                             f"into {tuple(self.sum_outer.shape)}")
+        self.sum_outer += other.sum_outer
+        self.count += other.count
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no keys accumulated")
+        return self.sum_outer / self.count
+
+    def save(self, path: str | Path, metadata: dict | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        meta = {"count": str(self.count), "info": json.dumps(metadata or {})}
+        save_file({"sum_outer": self.sum_outer.contiguous()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)  # atomic: an interrupted save never leaves a corrupt cache file
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SecondMoment":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            count = int(f.metadata()["count"])
+        return cls(load_file(str(path))["sum_outer"], count)
+
+
+# ---------------------------------------------------------------------------------------- corpora
+
+@dataclass
+class Corpus:
+    """A text source: a name for cache keys and a function yielding documents."""
+
+    name: str
+    texts: Callable[[], Iterator[str]]
+    identity: str  # what determines the content (path, size, mtime; dataset name)
+
+
+def _file_texts(path: Path) -> Iterator[str]:
+    if path.suffix == ".jsonl":
+        with path.open() as f:
+            for line_number, line in enumerate(f, 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if "text" not in record:
+                        raise ValueError(f"{path}:{line_number}: JSONL records need a 'text' field")
+                    yield record["text"]
+    else:
+        yield path.read_text(errors="replace")
+
+
+def corpus_from(source: str) -> Corpus:
+    """A text file, a .jsonl file with a `text` field, a folder of .txt/.jsonl files, or
+    `wikitext` (wikitext-103 through the `datasets` library, for users who are online)."""
+    if source in ("wikitext", "wikitext-103"):
+        def wikitext():
+            from datasets import load_dataset
+
+            for record in load_dataset("wikitext", "wikitext-103-raw-v1", split="train", streaming=True):
+                if record["text"].strip():
+                    yield record["text"]
+
+        return Corpus("wikitext-103", wikitext, "wikitext-103-raw-v1/train")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+        if not files:
+            raise ValueError(f"{path} holds no .txt or .jsonl files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise ValueError(f"corpus {source!r} not found (give a text file, a .jsonl file, a folder or 'wikitext')")
+    identity = ";".join(f"{p.resolve()}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files)
+    return Corpus(path.stem or "corpus", lambda: (t for p in files for t in _file_texts(p)), identity)
+
+
+def model_sampled_corpus(lm: LoadedModel, seed: int = 0, n_texts: int = 512, length: int = 128) -> Corpus:
+    """Fallback when no text is given and no network exists: text sampled from the model itself."""
+    from .generate import sample_texts
+
+    starts = ["The", "In", "A", "It", "This", "He", "She", "When"]
+    per_start = max(1, n_texts // len(starts))
+
+    def texts():
+        yield from sample_texts(lm, starts, per_start, length, top_k=40, seed=seed)
+
+    return Corpus(f"model-sampled-seed{seed}", texts, f"model-sampled:{lm.fingerprint}:{seed}:{n_texts}:{length}")
+
+
+def token_chunks(lm: LoadedModel, corpus: Corpus, n_tokens: int, chunk_len: int) -> Iterator[list[int]]:
+    """Concatenate the corpus's token stream (documents separated by EOS) and cut it into chunks of
+    `chunk_len` tokens; each chunk starts with BOS when the tokenizer adds one."""
+    tok = lm.tokenizer
+    probe = tok("a")["input_ids"]
+    bos = [probe[0]] if tok.bos_token_id is not None and probe and probe[0] == tok.bos_token_id else []
+    body = chunk_len - len(bos)
+    buffer: list[int] = []
+    produced = 0
+    for text in corpus.texts():
+        buffer += list(tok(text, add_special_tokens=False)["input_ids"])
+        if tok.eos_token_id is not None:
+            buffer.append(tok.eos_token_id)
+        while len(buffer) >= body and produced < n_tokens:
+            yield bos + buffer[:body]
+            buffer = buffer[body:]
+            produced += body
+        if produced >= n_tokens:
+            return
+    if produced < n_tokens and buffer:
+        yield bos + buffer[: n_tokens - produced]
+
+
+@torch.no_grad()
+def collect_second_moment(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int, *, chunk_len: int = 256,
+                          batch_size: int = 8, progress: Callable[[int], None] | None = None) -> SecondMoment:
+    """Accumulate k k^T over about `n_tokens` corpus tokens (the BOS position excluded)."""
+    if not 0 <= layer < lm.n_layers:
+        raise ValueError(f"layer {layer} out of range: the model has {lm.n_layers} layers (0..{lm.n_layers - 1})")
+    stats = SecondMoment.empty(lm.arch.d_mlp)
+    module = lm.arch.blocks[layer].mlp_out
+    batch: list[list[int]] = []
+
+    def flush():
+        length = min(len(chunk) for chunk in batch)  # only the last chunk can be shorter
+        groups = [[c for c in batch if len(c) == length]] + ([[c for c in batch if len(c) != length]]
+                                                               if any(len(c) != length for c in batch) else [])
+        for group in groups:
+            ids = torch.tensor(group, device=lm.device)
+            with Hook(module, keep_input=True, stop=True) as hook:
+                lm.model(input_ids=ids, use_cache=False)
+            keys = hook.input.reshape(len(group), -1, lm.arch.d_mlp)
+            skip = 1 if lm.tokenizer.bos_token_id is not None and group[0][0] == lm.tokenizer.bos_token_id else 0
+            stats.add(keys[:, skip:])
+            if progress:
+                progress(keys[:, skip:].shape[0] * keys[:, skip:].shape[1])
+        batch.clear()
+
+    for chunk in token_chunks(lm, corpus, n_tokens, chunk_len):
+        batch.append(chunk)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if stats.count == 0:
+        raise ValueError(f"corpus {corpus.name!r} produced no tokens")
+    return stats
+
+
+def stats_cache_path(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int, cache_dir: Path | None = None) -> Path:
+    digest = hashlib.sha256(corpus.identity.encode()).hexdigest()[:10]
+    slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in corpus.name)[:40]
+    root = cache_dir or default_cache_dir()
+    return root / "stats" / lm.fingerprint / f"layer{layer}_{slug}-{digest}_{n_tokens}tok.safetensors"
+
+
+def second_moment(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int = 100_000, *,
+                  cache_dir: Path | None = None, progress: Callable[[int], None] | None = None,
+                  chunk_len: int = 256, batch_size: int = 8) -> tuple[SecondMoment, Path, bool]:
+    """C for `layer` over `corpus`, from the disk cache when present. Returns (stats, path, cache_hit)."""
+    path = stats_cache_path(lm, layer, corpus, n_tokens, cache_dir)
+    if path.exists():
+        return SecondMoment.load(path), path, True
+    stats = collect_second_moment(lm, layer, corpus, n_tokens, chunk_len=chunk_len, batch_size=batch_size,
+                                  progress=progress)
+    stats.save(path, {"model": lm.name, "fingerprint": lm.fingerprint, "layer": layer, "corpus": corpus.name,
+                      "corpus_identity": corpus.identity, "tokens_requested": n_tokens})
+    return stats, path, False
