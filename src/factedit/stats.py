@@ -145,9 +145,10 @@ def token_chunks(lm: LoadedModel, corpus: Corpus, n_tokens: int, chunk_len: int)
         if tok.eos_token_id is not None:
             buffer.append(tok.eos_token_id)
         while len(buffer) >= body and produced < n_tokens:
-            yield bos + buffer[:body]
-            buffer = buffer[body:]
-            produced += body
+            take = min(body, n_tokens - produced)
+            yield bos + buffer[:take]
+            buffer = buffer[take:]
+            produced += take
         if produced >= n_tokens:
             return
     if produced < n_tokens and buffer:

@@ -25,13 +25,13 @@ from typing import Callable
 
 import torch
 
-from ..hooks import Hook, Hooks
+from ..hooks import Hook
 from ..models import LoadedModel, default_cache_dir
 from ..stats import corpus_from, model_sampled_corpus, second_moment
 from ..tokens import span_token_range
-from ..trace.runs import forward_kwargs
 from .delta import EditDelta
-from .request import EditRequest, target_ids
+from .request import EditRequest
+from .value import compute_value_delta
 
 
 @dataclass
@@ -165,110 +165,6 @@ def compute_keys(lm: LoadedModel, layer: int, request: EditRequest, templates: l
     return Keys(k.mean(0), v.mean(0), k[0], v[0])
 
 
-# ----------------------------------------------------------------------------------- 3. the value
-
-@dataclass
-class ValueResult:
-    delta: torch.Tensor  # (d,) the change to the MLP output
-    target_init: torch.Tensor  # the value it is added to
-    losses: list[float]
-    steps: int
-
-
-def _lower_block_skips(lm: LoadedModel, layer: int, input_ids: torch.Tensor) -> list[Hook]:
-    """Blocks below `layer` do not depend on the optimised vector: run them once, then reuse the
-    output of block layer-1 (whatever the lower blocks return is ignored by the next skipped one)."""
-    if layer == 0:
-        return []
-    captured = []
-    handle = lm.arch.blocks[layer - 1].block.register_forward_hook(lambda m, a, out: captured.append(out))
-    try:
-        with Hook(lm.arch.blocks[layer - 1].block, stop=True), torch.no_grad():
-            lm.model(input_ids=input_ids, use_cache=False)
-    finally:
-        handle.remove()
-    below = captured[0]
-    return [Hook(lm.arch.blocks[i].block, skip=lambda *args, **kwargs: below) for i in range(layer)]
-
-
-def compute_value_delta(lm: LoadedModel, layer: int, request: EditRequest, templates: list[str],
-                        settings: RomeSettings, keys: Keys, *, reuse_lower_layers: bool = True,
-                        progress: Callable[[int], None] | None = None) -> ValueResult:
-    target = target_ids(lm.tokenizer, request.target_new)
-    texts = request_texts(request, templates)
-    texts.append(fill(settings.essence_prompt, request.subject, 0, request.subject))
-    n_rewrite = len(texts) - 1
-    batch = prompt_batch(lm, texts, suffixes=[target[:-1]] * n_rewrite + [[]])
-    input_ids, lookup = batch.input_ids, batch.subject_last
-    rows = range(len(texts))
-
-    # Positions whose logits the loss reads: the target tokens of each rewrite row, the essence row's
-    # subject token. Logits are computed only there when the model allows it.
-    target_positions = [[n - len(target) + j for j in range(len(target))] for n in batch.lengths[:n_rewrite]]
-    needed = sorted({p for ps in target_positions for p in ps} | {lookup[-1]})
-    column = {p: i for i, p in enumerate(needed)}
-    names = forward_kwargs(lm.model)
-    kwargs = {"use_cache": False}
-    if names["logits_to_keep"] and reuse_lower_layers:
-        kwargs[names["logits_to_keep"]] = torch.tensor(needed, device=lm.device)
-    else:
-        column = {p: p for p in needed}
-    target_tensor = torch.tensor(target, device=lm.device)
-
-    target_init = (keys.v_avg if settings.key_mode == "consistent" else keys.v_plain).to(lm.device)
-    delta = torch.zeros_like(target_init, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=settings.v_lr)
-    row_index = torch.arange(len(rows), device=lm.device)
-    lookup_tensor = torch.tensor(lookup, device=lm.device)
-
-    def add_delta(output):
-        output = output.clone()
-        flat = output.dim() == 2  # some models flatten tokens
-        view = output.view(len(rows), -1, output.shape[-1]) if flat else output
-        view[row_index, lookup_tensor] += delta.to(output.dtype)
-        return output
-
-    hooks = [Hook(lm.arch.blocks[layer].mlp_out, edit_output=add_delta)]
-    if reuse_lower_layers:
-        hooks += _lower_block_skips(lm, layer, input_ids)
-    requires_grad = {p: p.requires_grad for p in lm.model.parameters()}
-    for p in lm.model.parameters():
-        p.requires_grad_(False)
-    losses, initial_essence, steps = [], None, 0
-    try:
-        with Hooks(hooks):
-            for step in range(settings.v_steps):
-                logits = lm.model(input_ids=input_ids, **kwargs).logits.float()
-                log_probs = torch.log_softmax(logits, dim=-1)
-                nll = torch.stack([
-                    -log_probs[i, [column[p] for p in target_positions[i]], target_tensor].sum() / len(target)
-                    for i in range(n_rewrite)]).mean()
-                essence_lp = log_probs[-1, column[lookup[-1]]].unsqueeze(0)
-                if initial_essence is None:
-                    initial_essence = essence_lp.detach().clone()
-                kl = settings.kl_factor * torch.nn.functional.kl_div(initial_essence, essence_lp, log_target=True,
-                                                                      reduction="batchmean")
-                decay = settings.v_weight_decay * (delta.norm() / target_init.norm() ** 2)
-                loss = nll + kl + decay
-                losses.append(float(loss))
-                steps = step + 1
-                if progress:
-                    progress(1)
-                if float(loss) < settings.early_stop_loss or step == settings.v_steps - 1:
-                    break
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    max_norm = settings.clamp_norm_factor * target_init.norm()
-                    if delta.norm() > max_norm:
-                        delta.mul_(max_norm / delta.norm())
-    finally:
-        for p, flag in requires_grad.items():
-            p.requires_grad_(flag)
-    return ValueResult(delta.detach(), target_init.detach(), losses, steps)
-
-
 # ------------------------------------------------------------------------------------ 4. the solve
 
 def solve_rank_one(C: torch.Tensor, k_direction: torch.Tensor, k_residual: torch.Tensor, v_current: torch.Tensor,
@@ -300,12 +196,13 @@ def key_statistics(lm: LoadedModel, settings: RomeSettings, *, cache_dir: Path |
 
 def rome_delta(lm: LoadedModel, request: EditRequest, settings: RomeSettings, C: torch.Tensor,
                templates: list[str], *, progress: Callable[[int], None] | None = None,
-               reuse_lower_layers: bool = True) -> tuple[EditDelta, dict]:
+               forward: str = "cached") -> tuple[EditDelta, dict]:
     """The rank-one edit for one request (the model is not modified)."""
     layer = settings.layer
     keys = compute_keys(lm, layer, request, templates)
-    value = compute_value_delta(lm, layer, request, templates, settings, keys, progress=progress,
-                                reuse_lower_layers=reuse_lower_layers)
+    target_init = keys.v_avg if settings.key_mode == "consistent" else keys.v_plain
+    value = compute_value_delta(lm, layer, request, templates, settings, target_init, forward=forward,
+                                progress=progress)
     v_target = value.target_init + value.delta
     if settings.key_mode == "consistent":
         left, right = solve_rank_one(C, keys.k_avg, keys.k_avg, keys.v_avg, v_target, settings.ridge)

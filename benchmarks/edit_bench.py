@@ -1,0 +1,84 @@
+"""ROME edit speed: cached value optimisation vs the full-forward reference, same process.
+
+    python benchmarks/edit_bench.py [--model smollm2-135m] [--repeats 3] [--corpus FILE]
+
+Prints the median edit time of each, their ratio, the relative difference of the resulting
+updates, and the key-statistics throughput with early stopping vs a full forward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from factedit import load
+from factedit.edit import EditRequest, RomeSettings
+from factedit.edit.rome import context_templates, key_statistics, rome_delta
+from factedit.hooks import Hook
+from factedit.stats import corpus_from, token_chunks
+
+
+def timed(fn, repeats):
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def stats_throughput(lm, layer, corpus, n_tokens=16_384, chunk=256, batch=8):
+    """Tokens per second collecting keys: stopping after the edit layer vs running the whole model."""
+    chunks = list(token_chunks(lm, corpus, n_tokens, chunk))
+    module = lm.arch.blocks[layer].mlp_out
+
+    def run(stop):
+        with torch.no_grad():
+            for i in range(0, len(chunks), batch):
+                ids = torch.tensor([c for c in chunks[i:i + batch] if len(c) == chunk])
+                if len(ids) == 0:
+                    continue
+                with Hook(module, keep_input=True, stop=stop):
+                    lm.model(input_ids=ids, use_cache=False)
+    total = sum(len(c) for c in chunks)
+    t_stop, _ = timed(lambda: run(True), 1)
+    t_full, _ = timed(lambda: run(False), 1)
+    return total / t_stop, total / t_full
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--layer", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--corpus", default=os.environ.get("FACTEDIT_STATS_CORPUS",
+                                                           "../shared/data/wiki/enwiki_sample.jsonl"))
+    parser.add_argument("--stats-tokens", type=int, default=100_000)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lm = load(args.model)
+    settings = RomeSettings.defaults_for(lm, args.layer, stats_corpus=args.corpus, stats_tokens=args.stats_tokens)
+    stats, path, hit = key_statistics(lm, settings)
+    print(f"model {args.model}, layer {settings.layer}, statistics {stats.count} keys ({'cached' if hit else 'computed'})")
+    C = stats.matrix
+    templates = context_templates(lm, settings)
+    request = EditRequest.create("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
+    t_fast, (fast, info) = timed(lambda: rome_delta(lm, request, settings, C, templates, forward="cached"), args.repeats)
+    t_full, (full, _) = timed(lambda: rome_delta(lm, request, settings, C, templates, forward="full"), args.repeats)
+    name = next(iter(fast.changes))
+    a, b = fast.weight_change(name), full.weight_change(name)
+    rel = float((a - b).norm() / b.norm())
+    print(f"one edit ({info['steps']} optimisation steps): cached {t_fast:.2f} s   full forward {t_full:.2f} s   "
+          f"speed-up {t_full / t_fast:.1f}x   relative update difference {rel:.1e}")
+    stop, full_tps = stats_throughput(lm, settings.layer, corpus_from(args.corpus))
+    print(f"key statistics: {stop:,.0f} tokens/s stopping after layer {settings.layer} vs {full_tps:,.0f} tokens/s "
+          f"through all {lm.n_layers} layers ({stop / full_tps:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""ROME step 3: the new value v* = v + delta, found by optimising delta.
+
+delta is added to the MLP output at the subject's last token of every prefixed prompt. The loss is
+the target's negative log-likelihood (target tokens only), plus a KL term keeping the distribution
+after "{subject} is a" as it was (essence), plus weight decay; the norm of delta is clamped to a
+multiple of the original value's norm. Adam, early stop (the reference implementation's loop).
+
+Two ways to run the forward passes give the same numbers:
+* `full`: the whole batch through the whole model at each step (the simple reference);
+* `cached` (default): nothing before the subject's last token depends on delta, so those tokens run
+  once into a key/value cache (rows left-padded to a common prefix), the blocks below the edited
+  layer run once, and each step computes only the rest, with logits only where the loss reads them.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..hooks import Hook, Hooks
+from ..models import LoadedModel
+from ..trace.runs import forward_kwargs
+from .request import EditRequest, target_ids
+
+
+@dataclass
+class ValueResult:
+    delta: torch.Tensor  # (d,) the change to the MLP output
+    target_init: torch.Tensor  # the value it is added to
+    losses: list[float]
+    steps: int
+
+
+@dataclass
+class ValueRows:
+    """Every prompt split at the subject's last token (where delta is added)."""
+
+    prefixes: list[list[int]]  # tokens before the subject's last token
+    suffixes: list[list[int]]  # the subject's last token and everything after (incl. target[:-1])
+    target_positions: list[list[int]]  # suffix positions whose logits predict the target (rewrite rows)
+    target: list[int]
+
+    @property
+    def n_rewrite(self) -> int:
+        return len(self.target_positions)
+
+
+def value_rows(lm: LoadedModel, request: EditRequest, templates: list[str], essence_prompt: str) -> ValueRows:
+    from .rome import fill, request_texts  # the tokenisation helpers shared with the key step
+    from ..tokens import span_token_range
+
+    target = target_ids(lm.tokenizer, request.target_new)
+    texts = request_texts(request, templates) + [fill(essence_prompt, request.subject, 0, request.subject)]
+    prefixes, suffixes, positions = [], [], []
+    for i, (text, (start, end)) in enumerate(texts):
+        ids = list(lm.tokenizer(text)["input_ids"])
+        last = span_token_range(lm.tokenizer, text, ids, start, end)[1] - 1
+        rewrite = i < len(texts) - 1
+        full = ids + (target[:-1] if rewrite else [])
+        prefixes.append(full[:last])
+        suffixes.append(full[last:])
+        if rewrite:
+            positions.append([len(ids) - 1 + j - last for j in range(len(target))])
+    return ValueRows(prefixes, suffixes, positions, target)
+
+
+def _pad_id(lm: LoadedModel) -> int:
+    return lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+
+
+class FullForward:
+    """Reference: right-padded prefix+suffix rows through the whole model, full logits."""
+
+    def __init__(self, lm: LoadedModel, rows: ValueRows, layer: int):
+        self.lm, self.rows = lm, rows
+        full = [p + s for p, s in zip(rows.prefixes, rows.suffixes)]
+        width = max(len(r) for r in full)
+        self.input_ids = torch.tensor([r + [_pad_id(lm)] * (width - len(r)) for r in full], device=lm.device)
+        self.edit_positions = torch.tensor([len(p) for p in rows.prefixes], device=lm.device)
+        self.offsets = [len(p) for p in rows.prefixes]
+        self.module = lm.arch.blocks[layer].mlp_out
+
+    def __call__(self, delta: torch.Tensor) -> list[torch.Tensor]:
+        """Log-probabilities at each row's loss positions: rewrite rows' target positions, then the
+        essence row's subject token."""
+        n = self.input_ids.shape[0]
+        with Hook(self.module, edit_output=_adder(delta, n, self.edit_positions)):
+            logits = self.lm.model(input_ids=self.input_ids, use_cache=False).logits.float()
+        log_probs = torch.log_softmax(logits, -1)
+        picked = [log_probs[i, [self.offsets[i] + p for p in ps]] for i, ps in enumerate(self.rows.target_positions)]
+        return picked + [log_probs[-1, self.offsets[-1]].unsqueeze(0)]
+
+
+class CachedForward:
+    """Prefixes once into a key/value cache, lower blocks once; each call runs the suffixes only."""
+
+    def __init__(self, lm: LoadedModel, rows: ValueRows, layer: int):
+        self.lm, self.rows, self.layer = lm, rows, layer
+        pad = _pad_id(lm)
+        n, P = len(rows.prefixes), max(len(p) for p in rows.prefixes)
+        S = max(len(s) for s in rows.suffixes)
+        prefix_ids = [[pad] * (P - len(p)) + p for p in rows.prefixes]  # left-padded
+        suffix_ids = [s + [pad] * (S - len(s)) for s in rows.suffixes]  # right-padded
+        mask = [[0] * (P - len(p)) + [1] * len(p) + [1] * len(s) + [0] * (S - len(s))
+                for p, s in zip(rows.prefixes, rows.suffixes)]
+        self.mask = torch.tensor(mask, device=lm.device)
+        positions = (self.mask.cumsum(1) - 1).clamp(min=0)
+        self.suffix_ids = torch.tensor(suffix_ids, device=lm.device)
+        self.suffix_positions = positions[:, P:]
+        self.names = forward_kwargs(lm.model)
+        self.cache = None
+        if P:
+            with torch.no_grad():
+                out = lm.model(input_ids=torch.tensor(prefix_ids, device=lm.device), attention_mask=self.mask[:, :P],
+                               position_ids=positions[:, :P], use_cache=True)
+            self.cache = out.get("cache") if "cache" in out else out.get("past_key_values")
+        needed = sorted({p for ps in rows.target_positions for p in ps} | {0})
+        self.column = {p: i for i, p in enumerate(needed)}
+        self.keep = torch.tensor(needed, device=lm.device) if self.names["logits_to_keep"] else None
+        if self.keep is None:
+            self.column = {p: p for p in needed}
+        self.edit_positions = torch.zeros(n, dtype=torch.long, device=lm.device)
+        self.below = None  # output of block layer-1 for the suffixes, captured on the first call
+
+    def _kwargs(self) -> dict:
+        kwargs = {"attention_mask": self.mask, "position_ids": self.suffix_positions, "use_cache": self.cache is not None}
+        if self.cache is not None:
+            kwargs[self.names["cache"]] = copy.deepcopy(self.cache)  # a forward appends to the cache
+        if self.keep is not None:
+            kwargs[self.names["logits_to_keep"]] = self.keep
+        return kwargs
+
+    def __call__(self, delta: torch.Tensor) -> list[torch.Tensor]:
+        blocks, n = self.lm.arch.blocks, self.suffix_ids.shape[0]
+        hooks = [Hook(blocks[self.layer].mlp_out, edit_output=_adder(delta, n, self.edit_positions))]
+        capture = self.layer > 0 and self.below is None
+        if capture:  # first call: run the lower blocks once and keep what block layer-1 returns
+            captured = []
+            handle = blocks[self.layer - 1].block.register_forward_hook(lambda m, a, out: captured.append(out))
+        elif self.layer > 0:
+            below = self.below
+            hooks += [Hook(blocks[i].block, skip=lambda *a, **k: below) for i in range(self.layer)]
+        try:
+            with Hooks(hooks):
+                logits = self.lm.model(input_ids=self.suffix_ids, **self._kwargs()).logits.float()
+        finally:
+            if capture:
+                handle.remove()
+        if capture:
+            self.below = captured[0]
+        log_probs = torch.log_softmax(logits, -1)
+        picked = [log_probs[i, [self.column[p] for p in ps]] for i, ps in enumerate(self.rows.target_positions)]
+        return picked + [log_probs[-1, self.column[0]].unsqueeze(0)]
+
+
+def _adder(delta: torch.Tensor, n_rows: int, positions: torch.Tensor) -> Callable:
+    rows = torch.arange(n_rows, device=positions.device)
+
+    def add(output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        view = output.view(n_rows, -1, output.shape[-1]) if output.dim() == 2 else output  # OPT flattens
+        view[rows, positions] += delta.to(output.dtype)
+        return output
+
+    return add
+
+
+def compute_value_delta(lm: LoadedModel, layer: int, request: EditRequest, templates: list[str], settings,
+                        target_init: torch.Tensor, *, forward: str = "cached",
+                        progress: Callable[[int], None] | None = None) -> ValueResult:
+    """Optimise delta (settings: a RomeSettings). `forward`: "cached" (fast) or "full" (reference)."""
+    rows = value_rows(lm, request, templates, settings.essence_prompt)
+    runner = {"cached": CachedForward, "full": FullForward}[forward](lm, rows, layer)
+    target = torch.tensor(rows.target, device=lm.device)
+    target_init = target_init.to(lm.device)
+    delta = torch.zeros_like(target_init, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=settings.v_lr)
+    requires_grad = {p: p.requires_grad for p in lm.model.parameters()}
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    losses, initial_essence, steps = [], None, 0
+    try:
+        for step in range(settings.v_steps):
+            picked = runner(delta)
+            nll = torch.stack([-lp[torch.arange(len(target)), target].mean() for lp in picked[:rows.n_rewrite]]).mean()
+            essence = picked[-1]
+            if initial_essence is None:
+                initial_essence = essence.detach().clone()
+            kl = settings.kl_factor * torch.nn.functional.kl_div(initial_essence, essence, log_target=True,
+                                                                  reduction="batchmean")
+            # The reference's weight decay: ||delta|| / ||v||^2.
+            loss = nll + kl + settings.v_weight_decay * (delta.norm() / target_init.norm() ** 2)
+            losses.append(loss.item())
+            steps = step + 1
+            if progress:
+                progress(1)
+            if losses[-1] < settings.early_stop_loss or step == settings.v_steps - 1:
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                max_norm = settings.clamp_norm_factor * target_init.norm()
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+    finally:
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+    return ValueResult(delta.detach(), target_init.detach(), losses, steps)

@@ -1,0 +1,40 @@
+"""Probabilities of continuations, batched: many (prompt, target) pairs in one forward pass."""
+
+from __future__ import annotations
+
+import torch
+
+from .models import LoadedModel
+
+
+@torch.no_grad()
+def target_logprobs(lm: LoadedModel, prompts: list[str], targets: list[str], batch_size: int = 32) -> torch.Tensor:
+    """Mean per-token log-probability of each target as a continuation of its prompt.
+
+    Rows are right-padded: with causal attention the padding never influences real positions."""
+    if len(prompts) != len(targets):
+        raise ValueError("prompts and targets must have the same length")
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        rows, spans = [], []
+        for prompt, target in zip(prompts[start:start + batch_size], targets[start:start + batch_size]):
+            p_ids = list(lm.tokenizer(prompt)["input_ids"])
+            t_ids = list(lm.tokenizer(target, add_special_tokens=False)["input_ids"])
+            if not t_ids:
+                raise ValueError(f"target {target!r} tokenizes to nothing")
+            rows.append(p_ids + t_ids)
+            spans.append((len(p_ids), t_ids))
+        width = max(len(r) for r in rows)
+        pad = lm.tokenizer.pad_token_id or 0
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=lm.device)
+        log_probs = torch.log_softmax(lm.model(input_ids=ids, use_cache=False).logits.float(), -1)
+        for i, (n_prompt, t_ids) in enumerate(spans):
+            positions = torch.arange(n_prompt - 1, n_prompt - 1 + len(t_ids), device=lm.device)
+            picked = log_probs[i, positions, torch.tensor(t_ids, device=lm.device)]
+            results.append(picked.mean())
+    return torch.stack(results).cpu()
+
+
+def target_probs(lm: LoadedModel, prompts: list[str], targets: list[str]) -> list[float]:
+    """P(target | prompt) as exp(mean token log-probability) (exact for single-token targets)."""
+    return target_logprobs(lm, prompts, targets).exp().tolist()
