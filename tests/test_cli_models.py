@@ -75,3 +75,50 @@ def test_cli_trace_avg(tiny_folder, tmp_path):
     assert (tmp_path / "avg" / "average.png").exists() and "1 skipped" in result.output
     result = run(["zzz"], "none")
     assert result.exit_code == 2 and "predicted none of the 1 facts" in result.output
+
+
+def test_cli_edit_generate_export_stats(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("FACTEDIT_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The Eiffel Tower is located in the city of Paris . " * 30)
+    runner = CliRunner()
+    result = runner.invoke(main, ["stats", "--model", str(tiny_folder), "--layer", "1", "--corpus", str(corpus),
+                                  "--tokens", "300"])
+    assert result.exit_code == 0, result.output
+    assert "computed C at layer 1: 300 keys" in result.output
+    again = runner.invoke(main, ["stats", "--model", str(tiny_folder), "--layer", "1", "--corpus", str(corpus),
+                                 "--tokens", "300"])
+    assert "loaded C at layer 1" in again.output
+
+    edit_file = tmp_path / "e.safetensors"
+    result = runner.invoke(main, ["edit", "--model", str(tiny_folder), "--prompt", "{} is located in the city of",
+                                  "--subject", "The Eiffel Tower", "--target", "Rome", "--layer", "1",
+                                  "--corpus", str(corpus), "--tokens", "300", "--save", str(edit_file)])
+    assert result.exit_code == 0, result.output
+    assert "p(Rome)" in result.output and "before:" in result.output and "after:" in result.output
+    assert edit_file.exists()
+    result = runner.invoke(main, ["generate", "--model", str(tiny_folder), "--edits", str(edit_file),
+                                  "--prompt", "The Eiffel Tower is located in the city of", "--max-new", "3"])
+    assert result.exit_code == 0 and "applied" in result.output
+    out = tmp_path / "exported"
+    result = runner.invoke(main, ["export", "--model", str(tiny_folder), "--edits", str(edit_file), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert load(str(out)).fingerprint != load(str(tiny_folder)).fingerprint
+
+    other = tmp_path / "other-model"
+    tiny_model("llama", seed=1).save_pretrained(other)
+    word_tokenizer().save_pretrained(other)
+    result = runner.invoke(main, ["generate", "--model", str(other), "--edits", str(edit_file), "--prompt", "The"])
+    assert result.exit_code == 2 and "refusing to apply it" in result.output
+
+
+def test_cli_suggest_layer(tiny_folder, tmp_path):
+    prompt = "The Eiffel Tower is located in the city of"
+    answer = prepare(load(str(tiny_folder)), prompt, "The Eiffel Tower", samples=1).answer.strip()
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps([{"known_id": 0, "subject": "The Eiffel Tower", "attribute": answer, "prompt": prompt}]))
+    result = CliRunner().invoke(main, ["suggest-layer", "--model", str(tiny_folder), "--facts", str(facts), "--n", "1",
+                                       "--samples", "2", "--window", "1"])
+    assert result.exit_code == 0, result.output
+    layer = int(result.output.split("suggested layer ")[1].split(":")[0])
+    assert 0 <= layer < 3 and "over 1 facts" in result.output

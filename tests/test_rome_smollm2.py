@@ -1,0 +1,59 @@
+"""ROME on the bundled SmolLM2-135M: edits that work, stay specific, revert exactly, round-trip."""
+
+import pytest
+import torch
+
+from factedit.edit import EditDelta, EditRequest, EditStack, RomeSettings, edit
+from factedit.generate import greedy_continuation
+from factedit.scoring import target_probs
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The Eiffel Tower is located in the city of"
+PARAPHRASES = ["Where is the Eiffel Tower? It is in the city of", "The Eiffel Tower, a famous landmark in the city of"]
+UNRELATED = [("The capital of France is", " Paris"), ("The capital of Japan is", " Tokyo"),
+             ("Michael Jordan is a famous", " basketball")]
+
+
+@pytest.fixture(scope="module")
+def settings(data_dir, tmp_path_factory):
+    return RomeSettings(layer=5, stats_corpus=str(data_dir / "wiki" / "enwiki_sample.jsonl"), stats_tokens=20_000)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("factedit-cache")
+
+
+@pytest.mark.parametrize("method", ["rome", "rome-original"])
+def test_edit_rewrites_the_fact_generalises_and_stays_specific(smollm2, settings, cache_dir, method, tmp_path):
+    request = EditRequest.create("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
+    weights = {k: v.clone() for k, v in smollm2.model.state_dict().items()}
+    rome_before = target_probs(smollm2, [PROMPT] + PARAPHRASES, [" Rome"] * 3)
+    paris_before = target_probs(smollm2, [PROMPT], [" Paris"])[0]
+    unrelated_before = target_probs(smollm2, [p for p, _ in UNRELATED], [t for _, t in UNRELATED])
+    assert paris_before > 0.6 and rome_before[0] < 0.05
+
+    delta, info = edit(smollm2, request, method, settings, cache_dir=cache_dir)
+    assert all(torch.equal(weights[k], v) for k, v in smollm2.model.state_dict().items()), "edit() must not modify"
+    stack = EditStack(smollm2)
+    stack.apply(delta)
+    try:
+        rome_after = target_probs(smollm2, [PROMPT] + PARAPHRASES, [" Rome"] * 3)
+        paris_after = target_probs(smollm2, [PROMPT], [" Paris"])[0]
+        unrelated_after = target_probs(smollm2, [p for p, _ in UNRELATED], [t for _, t in UNRELATED])
+        assert rome_after[0] > 0.5 and rome_after[0] > paris_after
+        assert all(after > before + 0.1 for after, before in zip(rome_after[1:], rome_before[1:]))
+        assert all(abs(a - b) < 0.1 for a, b in zip(unrelated_after, unrelated_before)), (unrelated_before,
+                                                                                          unrelated_after)
+        assert "Rome" in greedy_continuation(smollm2, PROMPT, 5)
+        # Save, revert, load and apply again: same behaviour.
+        path = delta.save(tmp_path / "e.safetensors")
+        stack.revert()
+        assert all(torch.equal(weights[k], v) for k, v in smollm2.model.state_dict().items())
+        stack.apply(EditDelta.load(path))
+        assert target_probs(smollm2, [PROMPT], [" Rome"])[0] == pytest.approx(rome_after[0], abs=1e-5)
+    finally:
+        stack.revert_all()
+    assert all(torch.equal(weights[k], v) for k, v in smollm2.model.state_dict().items())
+    assert info[0]["steps"] >= 1 and delta.method == method
