@@ -10,25 +10,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
+from timing import timed
 
 from factedit import load
 from factedit.edit import EditRequest, RomeSettings
 from factedit.edit.rome import context_templates, key_statistics, rome_delta
 from factedit.hooks import Hook
 from factedit.stats import corpus_from, token_chunks
-
-
-def timed(fn, repeats):
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def stats_throughput(lm, layer, corpus, n_tokens=16_384, chunk=256, batch=8):

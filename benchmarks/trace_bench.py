@@ -9,23 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+from timing import timed
 
 from factedit import load
 from factedit.trace.restore import heatmap_cells, restored_probs, restored_probs_naive
 from factedit.trace.runs import prepare
-
-
-def timed(fn, repeats: int):
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def main() -> None:

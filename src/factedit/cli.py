@@ -130,6 +130,7 @@ def trace_avg(model, device, dtype, threads, facts, n, kind, noise, samples, win
     if result.n_correct == 0:
         raise ValueError(f"the model predicted none of the {result.n_facts} facts read correctly; nothing to average")
     plot_average(result, out_dir / "average")
+    (out_dir / "average.md").write_text(result.markdown() + "\n")
     click.echo(f"{result.n_correct} facts traced, {result.n_skipped} skipped because the model's top token was "
                f"wrong, of {result.n_facts} read; noise std {result.settings.noise_std:.4f}")
     click.echo(f"average total effect {float(result.total_effect.mean):.3f} "
@@ -139,7 +140,7 @@ def trace_avg(model, device, dtype, threads, facts, n, kind, noise, samples, win
             if token_class in result.effects[k]:
                 layer, value = result.peak(k, token_class)
                 click.echo(f"{k:>6} at {token_class:>12}: peak layer {layer}, average indirect effect {value:.3f}")
-    click.echo(f"wrote average.json, average.png/.svg and facts.jsonl to {out_dir}")
+    click.echo(f"wrote average.json, average.md, average.png/.svg and facts.jsonl to {out_dir}")
 
 
 

@@ -88,6 +88,35 @@ class AverageResult:
                         for kind, classes in self.effects.items()},
         }
 
+    def markdown(self) -> str:
+        """Peak layer and effect per kind and token class, and the per-layer curves of the two
+        classes the paper discusses (last subject token, last token)."""
+        s = self.settings
+        lines = [f"{self.n_correct} facts traced ({self.n_skipped} of {self.n_facts} read were skipped: wrong top "
+                 f"token); noise std {s.noise_std:.4f} ({s.noise_rule}), {s.samples} samples, window {s.window}, "
+                 f"seed {s.seed}; average total effect {float(self.total_effect.mean):.3f} "
+                 f"+- {float(self.total_effect.ci95):.3f}, average p_clean {float(self.p_clean.mean):.3f}.", "",
+                 "| kind | token class | peak layer | peak indirect effect (95% CI) | share of total effect |",
+                 "|---|---|---|---|---|"]
+        total = float(self.total_effect.mean)
+        for kind, classes in self.effects.items():
+            for name in TOKEN_CLASSES:
+                if name in classes:
+                    layer, value = self.peak(kind, name)
+                    ci = float(np.asarray(classes[name].ci95)[layer])
+                    lines.append(f"| {kind} | {name.replace('_', ' ')} | {layer} | {value:.3f} (+- {ci:.3f}) | "
+                                 f"{value / total:.2f} |")
+        n_layers = len(np.asarray(next(iter(next(iter(self.effects.values())).values())).mean))
+        lines += ["", "Average indirect effect per layer:", "",
+                  "| kind, token | " + " | ".join(str(i) for i in range(n_layers)) + " |",
+                  "|---|" + "---|" * n_layers]
+        for kind, classes in self.effects.items():
+            for name in ("last_subject", "last"):
+                if name in classes:
+                    values = " | ".join(f"{v:.3f}" for v in np.asarray(classes[name].mean))
+                    lines.append(f"| {kind}, {name.replace('_', ' ')} | {values} |")
+        return "\n".join(lines)
+
     def peak(self, kind: str, token_class: str) -> tuple[int, float]:
         mean = np.asarray(self.effects[kind][token_class].mean)
         return int(mean.argmax()), float(mean.max())
