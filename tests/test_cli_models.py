@@ -122,3 +122,36 @@ def test_cli_suggest_layer(tiny_folder, tmp_path):
     assert result.exit_code == 0, result.output
     layer = int(result.output.split("suggested layer ")[1].split(":")[0])
     assert 0 <= layer < 3 and "over 1 facts" in result.output
+
+
+def test_cli_sequential_editing_restores_the_model(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("FACTEDIT_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"The city of {c} is in France . " * 10})
+                                for c in ("Paris", "Rome", "Berlin", "Seattle")))
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps([{"case_id": i, "requested_rewrite": {
+        "prompt": "{} is located in the city of", "subject": s, "target_new": {"str": "Rome"},
+        "target_true": {"str": "Paris"}}} for i, s in enumerate(["The Eiffel Tower", "The Space Needle", "Michael Jordan"])]))
+    result = CliRunner().invoke(main, ["sequential", "--model", str(tiny_folder), "--data", str(data), "--n", "3",
+                                       "--every", "2", "--layer", "1", "--corpus", str(corpus), "--tokens", "200",
+                                       "--out", str(tmp_path / "seq")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "seq" / "sequential.json").read_text())
+    assert [p["n_edits"] for p in summary["rome"]] == [0, 2, 3] and set(summary) == {"rome", "rome-original"}
+    # Every run starts from the unedited model: the baseline perplexity is the same for both methods.
+    assert summary["rome"][0]["perplexity"] == pytest.approx(summary["rome-original"][0]["perplexity"], rel=1e-6)
+    assert (tmp_path / "seq" / "sequential.png").exists()
+
+
+def test_counterfact_loader(data_dir, tmp_path):
+    from factedit.data import DatasetError, load_counterfact
+
+    dev = load_counterfact(data_dir / "counterfact" / "counterfact_dev.json")
+    assert len(dev) == 300 and len(dev[0].neighborhood_prompts) == 10 and dev[0].request.target_new.startswith(" ")
+    lite = load_counterfact(data_dir / "counterfact" / "counterfact_lite.json", n=5)
+    assert len(lite) == 5 and len(lite[0].paraphrase_prompts) == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"case_id": 1, "requested_rewrite": {"prompt": "{} is", "subject": "x"}}]))
+    with pytest.raises(DatasetError, match="lacks 'target_new'"):
+        load_counterfact(bad)

@@ -118,6 +118,17 @@ def corpus_from(source: str) -> Corpus:
     return Corpus(path.stem or "corpus", lambda: (t for p in files for t in _file_texts(p)), identity)
 
 
+def held_out_corpus(source: str, last_docs: int = 3) -> Corpus:
+    """The last `last_docs` documents of a corpus: text that statistics (taken from the start of the
+    same corpus) never saw."""
+    base = corpus_from(source)
+
+    def texts():
+        yield from list(base.texts())[-last_docs:]
+
+    return Corpus(f"{base.name}-last{last_docs}", texts, f"{base.identity}:last{last_docs}")
+
+
 def model_sampled_corpus(lm: LoadedModel, seed: int = 0, n_texts: int = 512, length: int = 128) -> Corpus:
     """Fallback when no text is given and no network exists: text sampled from the model itself."""
     from .generate import sample_texts

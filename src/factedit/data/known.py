@@ -37,7 +37,7 @@ def _resolve(path: str | Path | None, default_name: str, url: str) -> Path:
         return base / default_name
     from ..models import default_cache_dir  # download once for users who are online
 
-    cached = default_cache_dir() / "data" / default_name
+    cached = default_cache_dir() / "data" / Path(default_name).name
     if not cached.exists():
         import urllib.request
 
