@@ -219,8 +219,8 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
     for i, (label, text) in enumerate(zip(labels, checks)):
         click.echo(f"{label:22} {before[1][i]:9.4f} -> {after[1][i]:<9.4f} {before[0][i]:9.4f} -> {after[0][i]:<9.4f}"
                    f"  {text!r}")
-    click.echo(f"before: {request.text}{generation_before}")
-    click.echo(f"after:  {request.text}{generation_after}")
+    click.echo(f"before: {request.text}{generation_before}".replace("\n", " / "))
+    click.echo(f"after:  {request.text}{generation_after}".replace("\n", " / "))
     info = diagnostics[0]
     click.echo(f"value optimisation: {info['steps']} steps, final loss {info['losses'][-1]:.4f}")
     if save:
