@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from factedit.edit import EditDelta, EditRequest, EditStack, RomeSettings, edit
+from factedit.edit import EditDelta, EditRequest, EditStack, edit, get_method
 from factedit.generate import greedy_continuation
 from factedit.scoring import target_probs
 
@@ -15,9 +15,9 @@ UNRELATED = [("The capital of France is", " Paris"), ("The capital of Japan is",
              ("Michael Jordan is a famous", " basketball")]
 
 
-@pytest.fixture(scope="module")
-def settings(data_dir, tmp_path_factory):
-    return RomeSettings(layer=5, stats_corpus=str(data_dir / "wiki" / "enwiki_sample.jsonl"), stats_tokens=20_000)
+def settings_for(method, lm, data_dir):
+    return get_method(method).defaults(lm, 5, stats_corpus=str(data_dir / "wiki" / "enwiki_sample.jsonl"),
+                                       stats_tokens=20_000)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,8 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["rome", "rome-original"])
-def test_edit_rewrites_the_fact_generalises_and_stays_specific(smollm2, settings, cache_dir, method, tmp_path):
+def test_edit_rewrites_the_fact_generalises_and_stays_specific(smollm2, data_dir, cache_dir, method, tmp_path):
+    settings = settings_for(method, smollm2, data_dir)
     request = EditRequest.create("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
     weights = {k: v.clone() for k, v in smollm2.model.state_dict().items()}
     rome_before = target_probs(smollm2, [PROMPT] + PARAPHRASES, [" Rome"] * 3)

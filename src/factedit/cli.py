@@ -181,7 +181,7 @@ def _stats_options(command):
 def edit_command(model, device, dtype, threads, prompt, subject, target, target_true, method, layer, settings_file,
                  paraphrase, corpus, stats_tokens, seed, save):
     """Rewrite one fact with ROME and show the model before and after."""
-    from .edit import EditRequest, EditStack, RomeSettings, edit
+    from .edit import EditRequest, EditStack, edit, get_method
     from .generate import greedy_continuation, sample_texts
     from .scoring import target_probs
 
@@ -190,11 +190,11 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
     if request.target_true is None:
         top = greedy_continuation(lm, request.text, 1)
         request = EditRequest.create(request.prompt, subject, target, top.strip() or top)
+    spec = get_method(method)
     if settings_file:
-        settings = RomeSettings.load(settings_file)
+        settings = spec.settings_type.load(settings_file)
     else:
-        settings = RomeSettings.defaults_for(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens,
-                                             prefix_seed=seed)
+        settings = spec.defaults(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens, prefix_seed=seed)
     click.echo(f"editing layer {settings.layer} ({settings.layer_rule}) with {method}: "
                f"{request.text!r}: {request.target_true!r} -> {request.target_new!r}")
     prefixes = sample_texts(lm, ["The", "In"], 1, 8, top_k=5, seed=seed + 7)  # not the templates ROME uses
@@ -314,7 +314,7 @@ def suggest_layer(model, device, dtype, threads, facts, n, samples, window):
 def sequential(model, device, dtype, threads, data, n, every, methods, layer, corpus, stats_tokens, held_out, out):
     """Apply many edits one after another; track efficacy and held-out perplexity."""
     from .data.counterfact import load_counterfact
-    from .edit import RomeSettings
+    from .edit import get_method
     from .evaluate.sequential import plot_sequential, points_to_dicts, sequential_editing
     from .stats import held_out_corpus
 
@@ -327,7 +327,7 @@ def sequential(model, device, dtype, threads, data, n, every, methods, layer, co
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for method in methods:
-        settings = RomeSettings.defaults_for(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
+        settings = get_method(method).defaults(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
         with tqdm(total=len(records), desc=f"{method} edits", unit="edit", file=sys.stderr) as bar:
             results[method] = sequential_editing(
                 lm, records, method, settings, ppl_corpus, every=every, progress=bar.update,

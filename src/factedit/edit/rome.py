@@ -19,7 +19,7 @@ Two variants share all of it (see `RomeSettings.key_mode`):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +27,7 @@ import torch
 
 from ..hooks import Hook
 from ..models import LoadedModel, default_cache_dir
+from ..settings import JsonSettings
 from ..stats import corpus_from, model_sampled_corpus, second_moment
 from ..tokens import span_token_range
 from .delta import EditDelta
@@ -35,7 +36,7 @@ from .value import compute_value_delta
 
 
 @dataclass
-class RomeSettings:
+class RomeSettings(JsonSettings):
     layer: int
     key_mode: str = "consistent"  # "consistent" (rome) or "original" (rome-original)
     v_lr: float = 0.5
@@ -65,24 +66,6 @@ class RomeSettings:
         if not 0 <= layer < lm.n_layers:
             raise ValueError(f"layer {layer} out of range: the model has {lm.n_layers} layers (0..{lm.n_layers - 1})")
         return cls(layer=layer, layer_rule=rule, **overrides)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "RomeSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown ROME settings: {', '.join(sorted(unknown))}")
-        return cls(**data)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "RomeSettings":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 # ------------------------------------------------------------------------------ 1. context templates

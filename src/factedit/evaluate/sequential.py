@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..data.counterfact import CounterFactRecord
-from ..edit import EditStack, RomeSettings
+from ..edit import EditStack, RomeSettings, get_method
 from ..edit.rome import context_templates, key_statistics, rome_delta
 from ..models import LoadedModel
 from ..scoring import target_logprobs
@@ -58,10 +58,10 @@ def sequential_editing(lm: LoadedModel, records: list[CounterFactRecord], method
                        on_point: Callable[[SequentialPoint], None] | None = None,
                        progress: Callable[[int], None] | None = None) -> list[SequentialPoint]:
     """Apply the records' edits one by one; measure at 0, every, 2*every, ... edits. The model is
-    restored exactly at the end (also after an error)."""
-    from ..edit import METHODS
-
-    settings.key_mode = METHODS[method]
+    restored exactly at the end (also after an error). `settings` must be the method's (see
+    factedit.edit.get_method(method).defaults)."""
+    if settings.key_mode != get_method(method).defaults(lm, settings.layer).key_mode:
+        raise ValueError(f"settings with key_mode {settings.key_mode!r} do not belong to method {method}")
     stats, _, _ = key_statistics(lm, settings)
     C = stats.matrix.to(lm.device)
     templates = context_templates(lm, settings)

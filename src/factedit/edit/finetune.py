@@ -1,0 +1,94 @@
+"""Fine-tuning baselines (paper section 3.4): train one MLP output matrix on the new fact.
+
+`ft`: plain fine-tuning of the matrix (Adam on the target's negative log-likelihood).
+`ft-l`: the same with every weight's change clamped to [-eps, eps] after each step (the paper's
+FT+L, an L-infinity constraint that keeps the model close to the original).
+The weight is trained in place and restored afterwards; the result is a dense EditDelta.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..models import LoadedModel
+from ..settings import JsonSettings
+from .delta import EditDelta
+from .request import EditRequest, target_ids
+
+
+@dataclass
+class FinetuneSettings(JsonSettings):
+    layer: int
+    steps: int = 25
+    lr: float = 5e-4
+    linf_constraint: float | None = None  # set for ft-l (the paper's FT+L used 5e-4 on GPT-2 XL)
+    layer_rule: str = ""
+
+    @classmethod
+    def defaults_for(cls, lm: LoadedModel, layer: int | None = None, constrained: bool = False, **overrides):
+        from .rome import RomeSettings
+
+        base = RomeSettings.defaults_for(lm, layer)  # same layer choice as ROME
+        return cls(layer=base.layer, layer_rule=base.layer_rule,
+                   linf_constraint=5e-4 if constrained else None, **overrides)
+
+
+
+def _batch(lm: LoadedModel, requests: list[EditRequest]):
+    rows, masks = [], []
+    for request in requests:
+        prompt = list(lm.tokenizer(request.text)["input_ids"])
+        target = target_ids(lm.tokenizer, request.target_new)
+        rows.append(prompt + target)
+        masks.append([0] * (len(prompt) - 1) + [1] * len(target) + [0])  # logits at i predict token i+1
+    width = max(len(r) for r in rows)
+    pad = lm.tokenizer.pad_token_id or 0
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=lm.device)
+    labels = torch.tensor([r[1:] + [pad] * (width - len(r) + 1) for r in rows], device=lm.device)
+    mask = torch.tensor([m[:-1] + [0] * (width - len(m) + 1) for m in masks], device=lm.device, dtype=torch.float)
+    return ids, labels, mask
+
+
+def finetune_delta(lm: LoadedModel, requests: list[EditRequest], settings: FinetuneSettings, method: str,
+                   progress: Callable[[int], None] | None = None) -> tuple[EditDelta, list[dict]]:
+    parts = lm.arch.blocks[settings.layer]
+    module = parts.mlp_out
+    weight = module.weight
+    original = weight.detach().clone()
+    ids, labels, mask = _batch(lm, requests)
+    flags = {p: p.requires_grad for p in lm.model.parameters()}
+    losses = []
+    try:
+        for p in lm.model.parameters():
+            p.requires_grad_(False)
+        weight.requires_grad_(True)
+        optimizer = torch.optim.Adam([weight], lr=settings.lr)
+        for _ in range(settings.steps):
+            logits = lm.model(input_ids=ids, use_cache=False).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+            loss = (nll * mask).sum() / mask.sum()
+            losses.append(loss.item())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if settings.linf_constraint is not None:
+                with torch.no_grad():
+                    eps = settings.linf_constraint
+                    weight.copy_(original + (weight - original).clamp(-eps, eps))
+            if progress:
+                progress(1)
+        change = (weight.detach() - original).float()
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    if not isinstance(module, torch.nn.Linear):  # Conv1D stores (d_in, d_out)
+        change = change.T
+    name = f"{lm.arch.blocks_name}.{settings.layer}.{parts.mlp_out_name}"
+    delta = EditDelta(method, lm.fingerprint, {name: {"dense": change.cpu()}}, settings.to_dict(),
+                      [r.to_dict() for r in requests])
+    return delta, [{"losses": losses, "steps": len(losses)}]

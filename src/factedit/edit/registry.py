@@ -1,0 +1,115 @@
+"""One registry of editing methods: the runner and the CLI look methods up here, never by name.
+
+Every method turns requests into an EditDelta without modifying the model, and has a typed
+settings dataclass with per-model defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..models import LoadedModel
+from .delta import EditDelta, EditStack
+from .finetune import FinetuneSettings, finetune_delta
+from .request import EditRequest
+from .rome import RomeSettings, context_templates, key_statistics, rome_delta
+
+Progress = Callable[[int], None] | None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    settings_type: type
+    defaults: Callable[..., object]  # (lm, layer=None, **overrides) -> settings
+    compute: Callable[..., tuple[EditDelta, list[dict]]]  # (lm, requests, settings, cache_dir, progress)
+
+
+def _rome(key_mode: str, name: str):
+    def compute(lm, requests, settings, cache_dir=None, progress=None, stats_progress=None):
+        if settings.key_mode != key_mode:
+            raise ValueError(f"method {name} uses key_mode {key_mode!r}, the settings say {settings.key_mode!r}")
+        stats, _, _ = key_statistics(lm, settings, cache_dir=cache_dir, progress=stats_progress)
+        C = stats.matrix.to(lm.device)
+        templates = context_templates(lm, settings, cache_dir)
+        stack, total, diagnostics = EditStack(lm), None, []
+        try:  # several requests: each is computed on the model with the previous ones applied
+            for request in requests:
+                delta, info = rome_delta(lm, request, settings, C, templates, progress=progress)
+                diagnostics.append(info)
+                if len(requests) > 1:
+                    stack.apply(delta)
+                total = delta if total is None else total.compose(delta)
+        finally:
+            stack.revert_all()
+        total.info.update({"diagnostics": diagnostics, "stats_keys": stats.count})
+        return total, diagnostics
+
+    def defaults(lm, layer=None, **overrides):
+        return RomeSettings.defaults_for(lm, layer, key_mode=key_mode, **overrides)
+
+    return defaults, compute
+
+
+def _finetune(name: str, constrained: bool):
+    def compute(lm, requests, settings, cache_dir=None, progress=None, stats_progress=None):
+        return finetune_delta(lm, requests, settings, name, progress)
+
+    def defaults(lm, layer=None, **overrides):
+        return FinetuneSettings.defaults_for(lm, layer, constrained=constrained, **overrides)
+
+    return defaults, compute
+
+
+@dataclass
+class NoSettings:
+    """The unedited model has nothing to set."""
+
+    def to_dict(self) -> dict:
+        return {}
+
+
+def _none_compute(lm, requests, settings, cache_dir=None, progress=None, stats_progress=None):
+    return EditDelta("none", lm.fingerprint, {}, {}, [r.to_dict() for r in requests]), [{} for _ in requests]
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> None:
+    METHODS[method.name] = method
+
+
+register(Method("none", "the unedited model (baseline)", NoSettings, lambda lm, layer=None, **kw: NoSettings(),
+                _none_compute))
+register(Method("rome", "ROME with consistent keys (the averaged key in every step)", RomeSettings, *_rome("consistent", "rome")))
+register(Method("rome-original", "ROME as in the reference code (plain-prompt key in the solve)", RomeSettings,
+                *_rome("original", "rome-original")))
+register(Method("ft", "fine-tune one MLP output matrix", FinetuneSettings, *_finetune("ft", False)))
+register(Method("ft-l", "fine-tune one MLP output matrix under an L-infinity constraint (FT+L)", FinetuneSettings,
+                *_finetune("ft-l", True)))
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def edit(lm: LoadedModel, requests: EditRequest | list[EditRequest], method: str = "rome", settings=None, *,
+         cache_dir: Path | None = None, progress: Progress = None, stats_progress: Progress = None,
+         ) -> tuple[EditDelta, list[dict]]:
+    """Compute the edit for `requests` with `method` and return it with per-request diagnostics.
+    The model is left exactly as it was, also when something fails; apply the result with
+    EditStack(lm).apply(delta)."""
+    spec = get_method(method)
+    requests = [requests] if isinstance(requests, EditRequest) else list(requests)
+    if not requests:
+        raise ValueError("no edit requests given")
+    if settings is None:
+        settings = spec.defaults(lm)
+    elif not isinstance(settings, spec.settings_type):
+        raise ValueError(f"method {method} takes {spec.settings_type.__name__}, not {type(settings).__name__}")
+    return spec.compute(lm, requests, settings, cache_dir=cache_dir, progress=progress, stats_progress=stats_progress)

@@ -1,0 +1,69 @@
+"""Every registered editing method honours the one contract on a tiny model."""
+
+import random
+
+import pytest
+import torch
+from tiny import VOCAB_WORDS, tiny_model, word_tokenizer
+
+from factedit.edit import METHODS, EditRequest, EditStack, edit, get_method
+from factedit.models import from_model
+from factedit.scoring import target_probs
+
+
+@pytest.fixture()
+def setup(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    words = VOCAB_WORDS[3:]
+    rng = random.Random(0)  # varied text: well-conditioned key statistics
+    corpus.write_text(" ".join(rng.choice(words) for _ in range(3000)))
+    monkeypatch.setenv("FACTEDIT_STATS_CORPUS", str(corpus))
+    monkeypatch.setenv("FACTEDIT_CACHE_DIR", str(tmp_path / "cache"))
+    lm = from_model(tiny_model("llama"), word_tokenizer(), name="tiny")
+    return lm, EditRequest.create("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_contract(setup, name):
+    lm, request = setup
+    method = get_method(name)
+    # Random tiny weights are hard to move: more, larger optimisation steps than on real models.
+    overrides = ({"stats_tokens": 2000, "v_steps": 60, "v_lr": 2.0, "clamp_norm_factor": 10} if name.startswith("rome")
+                 else {"lr": 1e-2} if name.startswith("ft") else {})
+    settings = method.defaults(lm, 1, **overrides) if name != "none" else method.defaults(lm)
+    assert isinstance(settings, method.settings_type)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    p_before = target_probs(lm, [request.text], [request.target_new])[0]
+    delta, info = edit(lm, request, name, settings)
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert delta.method == name and len(info) == 1 and delta.requests[0]["subject"] == "The Eiffel Tower"
+    stack = EditStack(lm)
+    stack.apply(delta)
+    p_after = target_probs(lm, [request.text], [request.target_new])[0]
+    stack.revert()
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    if name == "none":
+        assert p_after == p_before and not delta.changes
+    elif name == "ft-l":
+        change = delta.weight_change(next(iter(delta.changes)))
+        assert float(change.abs().max()) <= settings.linf_constraint * 1.01
+    elif name == "ft":
+        assert p_after > 0.2 > p_before
+    else:  # a tiny random model resists a one-layer edit; SmolLM2 tests check real behaviour
+        assert p_after > 3 * p_before, (name, p_before, p_after)
+
+
+def test_settings_round_trip_and_mismatch(setup, tmp_path):
+    lm, request = setup
+    settings = get_method("rome").defaults(lm, 1)
+    settings.save(tmp_path / "s.json")
+    assert type(settings).load(tmp_path / "s.json") == settings
+    with pytest.raises(ValueError, match="key_mode"):
+        edit(lm, request, "rome-original", settings)
+    with pytest.raises(ValueError, match="takes FinetuneSettings"):
+        edit(lm, request, "ft", settings)
+    with pytest.raises(ValueError, match="unknown method"):
+        edit(lm, request, "magic")
+    (tmp_path / "bad.json").write_text('{"layer": 1, "colour": "red"}')
+    with pytest.raises(ValueError, match="unknown RomeSettings fields: colour"):
+        type(settings).load(tmp_path / "bad.json")
