@@ -344,5 +344,41 @@ def sequential(model, device, dtype, threads, data, n, every, methods, layer, co
     click.echo(f"wrote sequential.json and sequential.png/.svg to {out_dir}")
 
 
+
+@main.command("eval")
+@_model_options
+@click.option("--method", required=True, help="an editing method: none, rome, rome-original, ft, ft-l")
+@click.option("--dataset", required=True, help="counterfact")
+@click.option("--data", type=click.Path(dir_okay=False), default=None, help="dataset file (default: from $FACTEDIT_DATA_DIR)")
+@click.option("--n", type=int, default=None, help="first N records")
+@click.option("--edits-per-batch", type=int, default=1, show_default=True)
+@click.option("--layer", type=int, default=None)
+@click.option("--settings", "settings_file", type=click.Path(dir_okay=False), default=None)
+@click.option("--out", "-o", type=click.Path(file_okay=False), required=True)
+def eval_command(model, device, dtype, threads, method, dataset, data, n, edits_per_batch, layer, settings_file, out):
+    """Evaluate an editing method with the paper's metrics (resumable: finished cases are kept)."""
+    from .edit import get_method
+    from .evaluate.runner import markdown_table, run_evaluation
+
+    lm = _load(model, device, dtype, threads)
+    spec = get_method(method)
+    settings = spec.settings_type.load(settings_file) if settings_file else (
+        spec.defaults(lm, layer) if method != "none" else spec.defaults(lm))
+    with tqdm(total=n, desc=f"{method} on {dataset}", unit="case", file=sys.stderr) as bar:
+        summary = run_evaluation(lm, method, dataset, out, data=data, n=n, edits_per_batch=edits_per_batch,
+                                 settings=settings, progress=bar.update)
+    click.echo(markdown_table([summary]))
+    click.echo(f"wrote cases/, summary.json and summary.md to {out}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+def summarize(runs):
+    """Print several evaluation runs side by side."""
+    from .evaluate.runner import markdown_table, summarize as summarize_run
+
+    click.echo(markdown_table([summarize_run(run) for run in runs]))
+
+
 if __name__ == "__main__":
     main()

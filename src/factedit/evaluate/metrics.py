@@ -51,7 +51,7 @@ def aggregate(records: list[dict[str, float]]) -> dict[str, dict[str, float]]:
         ci = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
         summary[key] = {"mean": 100 * float(values.mean()), "ci95": 100 * ci, "n": int(len(values))}
     if all(k in summary for k in ("ES", "PS", "NS")):
-        summary["S"] = {"mean": harmonic_mean([summary[k]["mean"] for k in ("ES", "PS", "NS")]), "ci95": float("nan"),
+        summary["S"] = {"mean": harmonic_mean([summary[k]["mean"] for k in ("ES", "PS", "NS")]), "ci95": None,
                         "n": min(summary[k]["n"] for k in ("ES", "PS", "NS"))}
     return summary
 

@@ -1,0 +1,150 @@
+"""The resumable evaluation runner: edit, score against the unedited model, write one JSON per case.
+
+Datasets come from one registry (`DATASETS`): each knows how to load its records, which prompts to
+score, and how to turn probabilities into the paper's per-record scores. The runner never branches
+on dataset or method names.
+
+Layout of an output folder:
+    settings.json        method, settings, model, data, options
+    cases/<case_id>.json pre (unedited) and post (edited) probabilities and scores; resume skips these
+    summary.json         means and 95% CIs, pre and post
+    summary.md           the same as a markdown table
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..data.counterfact import CounterFactRecord, load_counterfact
+from ..edit import EditStack, edit, get_method
+from ..models import LoadedModel
+from ..scoring import target_logprobs
+from .metrics import aggregate, counterfact_record_scores
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    load: Callable[..., list]  # (path=None, n=None) -> records with .case_id and .request
+    probabilities: Callable[[LoadedModel, object], dict]  # (lm, record) -> raw numbers to score
+    scores: Callable[[dict], dict[str, float]]  # raw numbers -> per-record scores
+
+
+def counterfact_probabilities(lm: LoadedModel, record: CounterFactRecord) -> dict:
+    """P(new) and P(true) for every prompt group, all prompts of the record in one batch."""
+    groups = {"rewrite": [record.request.text], "paraphrase": record.paraphrase_prompts,
+              "neighborhood": record.neighborhood_prompts}
+    prompts = [p for ps in groups.values() for p in ps]
+    targets = [record.request.target_new, record.request.target_true]
+    logp = target_logprobs(lm, prompts * 2, [targets[0]] * len(prompts) + [targets[1]] * len(prompts)).exp().tolist()
+    out, i = {"p_new": {}, "p_true": {}}, 0
+    for group, ps in groups.items():
+        out["p_new"][group] = logp[i:i + len(ps)]
+        out["p_true"][group] = logp[len(prompts) + i:len(prompts) + i + len(ps)]
+        i += len(ps)
+    return out
+
+
+DATASETS: dict[str, Dataset] = {
+    "counterfact": Dataset("counterfact", load_counterfact, counterfact_probabilities,
+                           lambda raw: counterfact_record_scores(raw["p_new"], raw["p_true"])),
+}
+
+
+def get_dataset(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Path, *, data: str | None = None,
+                   n: int | None = None, edits_per_batch: int = 1, settings=None,
+                   progress: Callable[[int], None] | None = None) -> dict:
+    """Evaluate `method` on the first `n` records. Each batch of records is edited together, scored,
+    and the edit reverted, so every case is measured against the unedited model. Finished cases
+    (cases/<id>.json) are skipped, so an interrupted run resumes."""
+    spec, ds = get_method(method), get_dataset(dataset)
+    settings = settings or spec.defaults(lm)
+    records = ds.load(data, n)
+    out = Path(out_dir)
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+    run_info = {"method": method, "dataset": dataset, "data": str(data) if data else "default", "n": len(records),
+                "edits_per_batch": edits_per_batch, "model": lm.name, "fingerprint": lm.fingerprint,
+                "settings": settings.to_dict()}
+    info_path = out / "settings.json"
+    if info_path.exists():
+        previous = json.loads(info_path.read_text())
+        if {k: v for k, v in previous.items() if k != "n"} != {k: v for k, v in run_info.items() if k != "n"}:
+            raise ValueError(f"{out} holds a run with other settings; use another --out")
+    info_path.write_text(json.dumps(run_info, indent=1))
+
+    stack = EditStack(lm)
+    for batch in _chunks(records, edits_per_batch):
+        todo = [r for r in batch if not (out / "cases" / f"{r.case_id}.json").exists()]
+        if not todo:
+            if progress:
+                progress(len(batch))
+            continue
+        start = time.perf_counter()
+        pre = [ds.probabilities(lm, r) for r in batch]
+        delta, diagnostics = edit(lm, [r.request for r in batch], method, settings)
+        edit_seconds = time.perf_counter() - start
+        stack.apply(delta)
+        try:
+            post = [ds.probabilities(lm, r) for r in batch]
+        finally:
+            stack.revert()
+        for record, before, after in zip(batch, pre, post):
+            case = {"case_id": record.case_id, "request": record.request.to_dict(), "pre": before, "post": after,
+                    "pre_scores": ds.scores(before), "post_scores": ds.scores(after),
+                    "edit_seconds": edit_seconds / len(batch), "batch_size": len(batch)}
+            path = out / "cases" / f"{record.case_id}.json"
+            path.with_suffix(".part").write_text(json.dumps(case))
+            path.with_suffix(".part").rename(path)  # atomic: a crash never leaves half a case
+        if progress:
+            progress(len(batch))
+    return summarize(out)
+
+
+def summarize(out_dir: str | Path) -> dict:
+    out = Path(out_dir)
+    cases = [json.loads(p.read_text()) for p in sorted((out / "cases").glob("*.json"))]
+    info = json.loads((out / "settings.json").read_text())
+    summary = {"method": info["method"], "dataset": info["dataset"], "model": info["model"], "cases": len(cases),
+               "pre": aggregate([c["pre_scores"] for c in cases]), "post": aggregate([c["post_scores"] for c in cases]),
+               "edit_seconds_mean": sum(c["edit_seconds"] for c in cases) / max(len(cases), 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "summary.md").write_text(markdown_table([summary]) + "\n")
+    return summary
+
+
+def markdown_table(summaries: list[dict], keys=("S", "ES", "PS", "NS", "EM", "PM", "NM")) -> str:
+    """One row per run (edited), plus the unedited row of the first run, means +- 95% CI."""
+    present = [k for k in keys if any(k in s["post"] for s in summaries)]
+    lines = ["| model | method | cases | " + " | ".join(present) + " |", "|---|---|---|" + "---|" * len(present)]
+
+    def row(label, model, cases, scores):
+        cells = []
+        for k in present:
+            if k not in scores:
+                cells.append("")
+            elif scores[k]["ci95"] is None:  # no CI for the harmonic mean
+                cells.append(f"{scores[k]['mean']:.1f}")
+            else:
+                cells.append(f"{scores[k]['mean']:.1f} +- {scores[k]['ci95']:.1f}")
+        return f"| {model} | {label} | {cases} | " + " | ".join(cells) + " |"
+
+    if summaries:
+        first = summaries[0]
+        lines.append(row("unedited", first["model"], first["cases"], first["pre"]))
+    for s in summaries:
+        lines.append(row(s["method"], s["model"], s["cases"], s["post"]))
+    return "\n".join(lines)

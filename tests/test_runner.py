@@ -1,0 +1,74 @@
+import json
+import random
+
+import pytest
+from click.testing import CliRunner
+from tiny import VOCAB_WORDS, tiny_model, word_tokenizer
+
+from factedit.cli import main
+from factedit.edit import get_method
+from factedit.evaluate import runner as runner_module
+from factedit.evaluate.runner import run_evaluation
+from factedit.models import from_model
+
+
+def counterfact_file(tmp_path):
+    subjects = ["The Eiffel Tower", "The Space Needle", "Michael Jordan"]
+    records = [{"case_id": 10 + i, "requested_rewrite": {"prompt": "{} is located in the city of", "subject": s,
+                                                         "target_new": {"str": "Rome"}, "target_true": {"str": "Paris"}},
+                "paraphrase_prompts": [f"The city of Berlin . {s} is located in the city of"],
+                "neighborhood_prompts": ["The Space Needle is in the city of", "The capital of France is"]}
+               for i, s in enumerate(subjects)]
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    rng = random.Random(0)
+    corpus.write_text(" ".join(rng.choice(VOCAB_WORDS[3:]) for _ in range(3000)))
+    monkeypatch.setenv("FACTEDIT_STATS_CORPUS", str(corpus))
+    monkeypatch.setenv("FACTEDIT_CACHE_DIR", str(tmp_path / "cache"))
+    return from_model(tiny_model("llama"), word_tokenizer(), name="tiny"), counterfact_file(tmp_path)
+
+
+def test_runner_scores_against_the_unedited_model_and_resumes(env, tmp_path, monkeypatch):
+    lm, data = env
+    out = tmp_path / "run"
+    summary = run_evaluation(lm, "ft", "counterfact", out, data=str(data), n=2,
+                             settings=get_method("ft").defaults(lm, 1, lr=1e-2))
+    assert summary["cases"] == 2 and sorted(p.name for p in (out / "cases").iterdir()) == ["10.json", "11.json"]
+    case = json.loads((out / "cases" / "10.json").read_text())
+    # Both cases see the same unedited model: their pre-edit neighbourhood numbers are identical.
+    other = json.loads((out / "cases" / "11.json").read_text())
+    assert case["pre"]["p_new"]["neighborhood"] == other["pre"]["p_new"]["neighborhood"]
+    assert case["post_scores"]["ES"] == 1.0 and case["pre_scores"]["ES"] == 0.0
+    assert summary["post"]["ES"]["mean"] == 100.0
+
+    def must_not_edit(*args, **kwargs):
+        raise AssertionError("finished cases must not be edited again")
+
+    monkeypatch.setattr(runner_module, "edit", must_not_edit)
+    again = run_evaluation(lm, "ft", "counterfact", out, data=str(data), n=2,
+                           settings=get_method("ft").defaults(lm, 1, lr=1e-2))
+    assert again["post"] == summary["post"]
+
+
+def test_cli_eval_and_summarize(env, tmp_path):
+    lm, data = env
+    folder = tmp_path / "model"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    runner = CliRunner()
+    for method in ("none", "ft-l"):
+        result = runner.invoke(main, ["eval", "--model", str(folder), "--method", method, "--dataset", "counterfact",
+                                      "--data", str(data), "--n", "3", "--edits-per-batch", "2", "--layer", "1",
+                                      "--out", str(tmp_path / method)])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["summarize", str(tmp_path / "none"), str(tmp_path / "ft-l")])
+    assert result.exit_code == 0 and "| unedited |" in result.output and "| ft-l |" in result.output
+    bad = runner.invoke(main, ["eval", "--model", str(folder), "--method", "none", "--dataset", "nope",
+                               "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "unknown dataset" in bad.output
