@@ -28,8 +28,10 @@ def test_method_contract(setup, name):
     lm, request = setup
     method = get_method(name)
     # Random tiny weights are hard to move: more, larger optimisation steps than on real models.
-    overrides = ({"stats_tokens": 2000, "v_steps": 60, "v_lr": 2.0, "clamp_norm_factor": 10} if name.startswith("rome")
-                 else {"lr": 1e-2} if name.startswith("ft") else {})
+    overrides = ({"stats_tokens": 2000, "v_steps": 60, "v_lr": 2.0, "clamp_norm_factor": 10}
+                 if name.startswith("rome") or name == "memit" else {"lr": 1e-2} if name.startswith("ft") else {})
+    if name == "memit":
+        overrides["mom2_update_weight"] = 1.0  # the tiny model's keys are few and large
     settings = method.defaults(lm, 1, **overrides) if name != "none" else method.defaults(lm)
     assert isinstance(settings, method.settings_type)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
@@ -67,3 +69,21 @@ def test_settings_round_trip_and_mismatch(setup, tmp_path):
     (tmp_path / "bad.json").write_text('{"layer": 1, "colour": "red"}')
     with pytest.raises(ValueError, match="unknown RomeSettings fields: colour"):
         type(settings).load(tmp_path / "bad.json")
+
+
+def test_memit_edits_many_facts_at_once_with_one_factor_per_request(setup):
+    lm, _ = setup
+    requests = [EditRequest.create("{} is located in the city of", s, "Rome", "Paris")
+                for s in ("The Eiffel Tower", "The Space Needle", "Michael Jordan")]
+    settings = get_method("memit").defaults(lm, 1, stats_tokens=2000, v_steps=60, v_lr=2.0, clamp_norm_factor=10,
+                                            mom2_update_weight=1.0)
+    assert settings.layers == [0, 1]
+    before = target_probs(lm, [r.text for r in requests], [" Rome"] * 3)
+    delta, info = edit(lm, requests, "memit", settings)
+    assert len(info) == 3 and len(delta.changes) == 2 and len(delta.requests) == 3
+    for change in delta.changes.values():
+        assert change["up"].shape == (lm.arch.d_model, 3) and change["down"].shape == (3, lm.arch.d_mlp)
+    stack = EditStack(lm)
+    stack.apply(delta)
+    after = target_probs(lm, [r.text for r in requests], [" Rome"] * 3)
+    assert all(a > 2 * b for a, b in zip(after, before)), (before, after)

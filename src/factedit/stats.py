@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from .hooks import Hook
+from .hooks import Hook, Hooks
 from .models import LoadedModel, default_cache_dir
 
 
@@ -167,28 +167,29 @@ def token_chunks(lm: LoadedModel, corpus: Corpus, n_tokens: int, chunk_len: int)
 
 
 @torch.no_grad()
-def collect_second_moment(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int, *, chunk_len: int = 256,
-                          batch_size: int = 8, progress: Callable[[int], None] | None = None) -> SecondMoment:
-    """Accumulate k k^T over about `n_tokens` corpus tokens (the BOS position excluded)."""
-    if not 0 <= layer < lm.n_layers:
-        raise ValueError(f"layer {layer} out of range: the model has {lm.n_layers} layers (0..{lm.n_layers - 1})")
-    stats = SecondMoment.empty(lm.arch.d_mlp)
-    module = lm.arch.blocks[layer].mlp_out
+def collect_second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens: int, *, chunk_len: int = 256,
+                           batch_size: int = 8, progress: Callable[[int], None] | None = None) -> dict[int, SecondMoment]:
+    """Accumulate k k^T at each of `layers` over about `n_tokens` corpus tokens in one pass that stops
+    after the highest layer (the BOS position excluded)."""
+    for layer in layers:
+        if not 0 <= layer < lm.n_layers:
+            raise ValueError(f"layer {layer} out of range: the model has {lm.n_layers} layers (0..{lm.n_layers - 1})")
+    stats = {layer: SecondMoment.empty(lm.arch.d_mlp) for layer in layers}
+    top = max(layers)
     batch: list[list[int]] = []
 
     def flush():
-        length = min(len(chunk) for chunk in batch)  # only the last chunk can be shorter
-        groups = [[c for c in batch if len(c) == length]] + ([[c for c in batch if len(c) != length]]
-                                                               if any(len(c) != length for c in batch) else [])
-        for group in groups:
+        for length in sorted({len(c) for c in batch}):  # only the last chunk can be shorter
+            group = [c for c in batch if len(c) == length]
             ids = torch.tensor(group, device=lm.device)
-            with Hook(module, keep_input=True, stop=True) as hook:
+            hooks = {layer: Hook(lm.arch.blocks[layer].mlp_out, keep_input=True, stop=layer == top) for layer in layers}
+            with Hooks(hooks):
                 lm.model(input_ids=ids, use_cache=False)
-            keys = hook.input.reshape(len(group), -1, lm.arch.d_mlp)
             skip = 1 if lm.tokenizer.bos_token_id is not None and group[0][0] == lm.tokenizer.bos_token_id else 0
-            stats.add(keys[:, skip:])
+            for layer, hook in hooks.items():
+                stats[layer].add(hook.input.reshape(len(group), -1, lm.arch.d_mlp)[:, skip:])
             if progress:
-                progress(keys[:, skip:].shape[0] * keys[:, skip:].shape[1])
+                progress(len(group) * (length - skip))
         batch.clear()
 
     for chunk in token_chunks(lm, corpus, n_tokens, chunk_len):
@@ -197,9 +198,13 @@ def collect_second_moment(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens:
             flush()
     if batch:
         flush()
-    if stats.count == 0:
+    if stats[top].count == 0:
         raise ValueError(f"corpus {corpus.name!r} produced no tokens")
     return stats
+
+
+def collect_second_moment(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int, **kwargs) -> SecondMoment:
+    return collect_second_moments(lm, [layer], corpus, n_tokens, **kwargs)[layer]
 
 
 def stats_cache_path(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int, cache_dir: Path | None = None) -> Path:
@@ -209,15 +214,26 @@ def stats_cache_path(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int,
     return root / "stats" / lm.fingerprint / f"layer{layer}_{slug}-{digest}_{n_tokens}tok.safetensors"
 
 
-def second_moment(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int = 100_000, *,
-                  cache_dir: Path | None = None, progress: Callable[[int], None] | None = None,
-                  chunk_len: int = 256, batch_size: int = 8) -> tuple[SecondMoment, Path, bool]:
+def second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens: int = 100_000, *,
+                   cache_dir: Path | None = None, progress: Callable[[int], None] | None = None,
+                   chunk_len: int = 256, batch_size: int = 8) -> dict[int, tuple[SecondMoment, Path, bool]]:
+    """C for each layer, from the disk cache where present; the missing layers in one pass.
+    Returns {layer: (stats, cache path, cache hit)}."""
+    paths = {layer: stats_cache_path(lm, layer, corpus, n_tokens, cache_dir) for layer in layers}
+    result = {layer: (SecondMoment.load(path), path, True) for layer, path in paths.items() if path.exists()}
+    missing = [layer for layer in layers if layer not in result]
+    if missing:
+        computed = collect_second_moments(lm, missing, corpus, n_tokens, chunk_len=chunk_len, batch_size=batch_size,
+                                          progress=progress)
+        for layer, stats in computed.items():
+            stats.save(paths[layer], {"model": lm.name, "fingerprint": lm.fingerprint, "layer": layer,
+                                      "corpus": corpus.name, "corpus_identity": corpus.identity,
+                                      "tokens_requested": n_tokens})
+            result[layer] = (stats, paths[layer], False)
+    return result
+
+
+def second_moment(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int = 100_000, **kwargs
+                  ) -> tuple[SecondMoment, Path, bool]:
     """C for `layer` over `corpus`, from the disk cache when present. Returns (stats, path, cache_hit)."""
-    path = stats_cache_path(lm, layer, corpus, n_tokens, cache_dir)
-    if path.exists():
-        return SecondMoment.load(path), path, True
-    stats = collect_second_moment(lm, layer, corpus, n_tokens, chunk_len=chunk_len, batch_size=batch_size,
-                                  progress=progress)
-    stats.save(path, {"model": lm.name, "fingerprint": lm.fingerprint, "layer": layer, "corpus": corpus.name,
-                      "corpus_identity": corpus.identity, "tokens_requested": n_tokens})
-    return stats, path, False
+    return second_moments(lm, [layer], corpus, n_tokens, **kwargs)[layer]

@@ -12,6 +12,7 @@ from typing import Callable
 from ..models import LoadedModel
 from .delta import EditDelta, EditStack
 from .finetune import FinetuneSettings, finetune_delta
+from .memit import MemitSettings, memit_delta
 from .request import EditRequest
 from .rome import RomeSettings, context_templates, key_statistics, rome_delta
 
@@ -90,6 +91,12 @@ register(Method("rome-original", "ROME as in the reference code (plain-prompt ke
 register(Method("ft", "fine-tune one MLP output matrix", FinetuneSettings, *_finetune("ft", False)))
 register(Method("ft-l", "fine-tune one MLP output matrix under an L-infinity constraint (FT+L)", FinetuneSettings,
                 *_finetune("ft-l", True)))
+
+register(Method("memit", "MEMIT: all requests at once, spread over a range of layers", MemitSettings,
+                lambda lm, layer=None, **kw: MemitSettings.defaults_for(lm, layer, **kw),
+                lambda lm, requests, settings, cache_dir=None, progress=None, stats_progress=None:
+                memit_delta(lm, requests, settings, cache_dir=cache_dir, progress=progress,
+                            stats_progress=stats_progress)))
 
 
 def get_method(name: str) -> Method:

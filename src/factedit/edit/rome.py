@@ -134,17 +134,22 @@ class Keys:
 
 
 @torch.no_grad()
-def compute_keys(lm: LoadedModel, layer: int, request: EditRequest, templates: list[str]) -> Keys:
+def io_at_subject(lm: LoadedModel, kind: str, layer: int, request: EditRequest, templates: list[str]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and output of a module ("mlp" projection or "hidden" block) at the subject's last token,
+    one row per template: (n_templates, d_in), (n_templates, d_out)."""
     batch = prompt_batch(lm, request_texts(request, templates))
-    module = lm.arch.blocks[layer].mlp_out
-    with Hook(module, keep_input=True, keep_output=True, stop=True) as hook:
-        lm.model(input_ids=batch.input_ids, use_cache=False)
     n, width = batch.input_ids.shape
-    keys = hook.input.reshape(n, width, -1)
-    values = hook.output.reshape(n, width, -1)
-    rows = torch.arange(n)
-    index = torch.tensor(batch.subject_last)
-    k, v = keys[rows, index].float(), values[rows, index].float()
+    with Hook(lm.arch.module(kind, layer), keep_input=True, keep_output=True, stop=True) as hook:
+        lm.model(input_ids=batch.input_ids, use_cache=False)
+    rows, index = torch.arange(n), torch.tensor(batch.subject_last)
+    inputs = hook.input.reshape(n, width, -1)[rows, index].float()
+    outputs = hook.output.reshape(n, width, -1)[rows, index].float()
+    return inputs, outputs
+
+
+def compute_keys(lm: LoadedModel, layer: int, request: EditRequest, templates: list[str]) -> Keys:
+    k, v = io_at_subject(lm, "mlp", layer, request, templates)
     return Keys(k.mean(0), v.mean(0), k[0], v[0])
 
 

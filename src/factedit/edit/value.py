@@ -74,14 +74,14 @@ def _pad_id(lm: LoadedModel) -> int:
 class FullForward:
     """Reference: right-padded prefix+suffix rows through the whole model, full logits."""
 
-    def __init__(self, lm: LoadedModel, rows: ValueRows, layer: int):
+    def __init__(self, lm: LoadedModel, rows: ValueRows, layer: int, kind: str = "mlp"):
         self.lm, self.rows = lm, rows
         full = [p + s for p, s in zip(rows.prefixes, rows.suffixes)]
         width = max(len(r) for r in full)
         self.input_ids = torch.tensor([r + [_pad_id(lm)] * (width - len(r)) for r in full], device=lm.device)
         self.edit_positions = torch.tensor([len(p) for p in rows.prefixes], device=lm.device)
         self.offsets = [len(p) for p in rows.prefixes]
-        self.module = lm.arch.blocks[layer].mlp_out
+        self.module = lm.arch.module(kind, layer)
 
     def __call__(self, delta: torch.Tensor) -> list[torch.Tensor]:
         """Log-probabilities at each row's loss positions: rewrite rows' target positions, then the
@@ -97,8 +97,8 @@ class FullForward:
 class CachedForward:
     """Prefixes once into a key/value cache, lower blocks once; each call runs the suffixes only."""
 
-    def __init__(self, lm: LoadedModel, rows: ValueRows, layer: int):
-        self.lm, self.rows, self.layer = lm, rows, layer
+    def __init__(self, lm: LoadedModel, rows: ValueRows, layer: int, kind: str = "mlp"):
+        self.lm, self.rows, self.layer, self.kind = lm, rows, layer, kind
         pad = _pad_id(lm)
         n, P = len(rows.prefixes), max(len(p) for p in rows.prefixes)
         S = max(len(s) for s in rows.suffixes)
@@ -135,7 +135,7 @@ class CachedForward:
 
     def __call__(self, delta: torch.Tensor) -> list[torch.Tensor]:
         blocks, n = self.lm.arch.blocks, self.suffix_ids.shape[0]
-        hooks = [Hook(blocks[self.layer].mlp_out, edit_output=_adder(delta, n, self.edit_positions))]
+        hooks = [Hook(self.lm.arch.module(self.kind, self.layer), edit_output=_adder(delta, n, self.edit_positions))]
         capture = self.layer > 0 and self.below is None
         if capture:  # first call: run the lower blocks once and keep what block layer-1 returns
             captured = []
@@ -169,11 +169,13 @@ def _adder(delta: torch.Tensor, n_rows: int, positions: torch.Tensor) -> Callabl
 
 
 def compute_value_delta(lm: LoadedModel, layer: int, request: EditRequest, templates: list[str], settings,
-                        target_init: torch.Tensor, *, forward: str = "cached",
+                        target_init: torch.Tensor, *, forward: str = "cached", kind: str = "mlp",
                         progress: Callable[[int], None] | None = None) -> ValueResult:
-    """Optimise delta (settings: a RomeSettings). `forward`: "cached" (fast) or "full" (reference)."""
+    """Optimise delta (settings: RomeSettings or MemitSettings), added to the output of the MLP
+    (`kind` "mlp", ROME) or of the whole block ("hidden", MEMIT's target z) at `layer`.
+    `forward`: "cached" (fast) or "full" (the reference)."""
     rows = value_rows(lm, request, templates, settings.essence_prompt)
-    runner = {"cached": CachedForward, "full": FullForward}[forward](lm, rows, layer)
+    runner = {"cached": CachedForward, "full": FullForward}[forward](lm, rows, layer, kind)
     target = torch.tensor(rows.target, device=lm.device)
     target_init = target_init.to(lm.device)
     delta = torch.zeros_like(target_init, requires_grad=True)

@@ -1,0 +1,100 @@
+"""MEMIT (Meng et al. 2023): many edits at once, spread over a range of MLP layers.
+
+1. For each request, a target hidden state z at the last layer L of the range: the block output at
+   the subject's last token plus an optimised delta (ROME's value step, applied to the block).
+2. For each layer l of the range, lowest first, on the model updated so far:
+   K = keys at l (averaged over the context templates), R = (z - current block-L output) / (layers
+   left), and Delta W_l = R K^T (lambda C_l + K K^T)^-1, a least-squares update that keeps the
+   existing keys' outputs (weighted by lambda) while mapping the new keys to their residuals.
+As in the reference code, the residual uses the plain prompt's hidden state while the keys are
+averaged over templates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..models import LoadedModel
+from ..settings import JsonSettings
+from ..stats import corpus_from, model_sampled_corpus, second_moments
+from .delta import EditDelta, EditStack
+from .request import EditRequest
+from .rome import RomeSettings, context_templates, io_at_subject
+from .value import compute_value_delta
+
+
+@dataclass
+class MemitSettings(JsonSettings):
+    layers: list[int]
+    v_lr: float = 0.5
+    v_steps: int = 25
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 0.05
+    essence_prompt: str = "{} is a"
+    prefix_lengths: list[list[int]] = field(default_factory=lambda: [[10, 5]])  # [tokens, count]
+    prefix_seed: int = 0
+    mom2_update_weight: float = 15000.0  # lambda: weight of the existing keys' statistics
+    stats_corpus: str | None = None
+    stats_tokens: int = 100_000
+    layer_rule: str = ""
+
+    @classmethod
+    def defaults_for(cls, lm: LoadedModel, layer: int | None = None, **overrides) -> "MemitSettings":
+        """Five layers ending one above ROME's default layer (or ending at `layer`)."""
+        top = layer if layer is not None else min(lm.n_layers - 1, RomeSettings.defaults_for(lm).layer + 1)
+        if not 0 <= top < lm.n_layers:
+            raise ValueError(f"layer {top} out of range: the model has {lm.n_layers} layers")
+        rule = "given top layer" if layer is not None else "5 layers ending one above ROME's default layer"
+        return cls(layers=list(range(max(0, top - 4), top + 1)), layer_rule=rule, **overrides)
+
+
+def _statistics(lm: LoadedModel, settings: MemitSettings, cache_dir, progress):
+    import os
+
+    source = settings.stats_corpus or os.environ.get("FACTEDIT_STATS_CORPUS")
+    corpus = corpus_from(source) if source else model_sampled_corpus(lm, seed=settings.prefix_seed)
+    found = second_moments(lm, settings.layers, corpus, settings.stats_tokens, cache_dir=cache_dir, progress=progress)
+    return {layer: stats.matrix.to(lm.device) for layer, (stats, _, _) in found.items()}
+
+
+def memit_delta(lm: LoadedModel, requests: list[EditRequest], settings: MemitSettings, *, cache_dir=None,
+                progress: Callable[[int], None] | None = None, stats_progress=None) -> tuple[EditDelta, list[dict]]:
+    layers = sorted(settings.layers)
+    top = layers[-1]
+    C = _statistics(lm, settings, cache_dir, stats_progress)
+    templates = context_templates(lm, settings, cache_dir)
+    # 1. target hidden states z at the top layer
+    targets, diagnostics = [], []
+    for request in requests:
+        _, hidden = io_at_subject(lm, "hidden", top, request, templates[:1])
+        value = compute_value_delta(lm, top, request, templates, settings, hidden[0], kind="hidden")
+        targets.append(hidden[0] + value.delta.to(hidden.device))
+        diagnostics.append({"losses": value.losses, "steps": value.steps, "delta_norm": float(value.delta.norm())})
+        if progress:
+            progress(1)
+    z = torch.stack(targets, 1).double()  # (d, n)
+    # 2. spread the change over the layers, lowest first, each on the model updated so far
+    stack, total = EditStack(lm), None
+    try:
+        for i, layer in enumerate(layers):
+            keys = torch.stack([io_at_subject(lm, "mlp", layer, r, templates)[0].mean(0) for r in requests], 1)
+            current = torch.stack([io_at_subject(lm, "hidden", top, r, templates[:1])[1][0] for r in requests], 1)
+            K = keys.double()
+            residual = (z - current.double()) / (len(layers) - i)
+            A = settings.mom2_update_weight * C[layer].double() + K @ K.T
+            down = torch.linalg.solve(A, K).T  # (n, d_mlp): Delta W = residual @ down
+            name = f"{lm.arch.blocks_name}.{layer}.{lm.arch.blocks[layer].mlp_out_name}"
+            delta = EditDelta("memit", lm.fingerprint, {name: {"up": residual.float().cpu(), "down": down.float().cpu()}},
+                              settings.to_dict(), [r.to_dict() for r in requests])
+            stack.apply(delta)
+            total = delta if total is None else total.compose(delta)
+    finally:
+        stack.revert_all()
+    total.method = "memit"
+    total.requests = [r.to_dict() for r in requests]
+    return total, diagnostics
