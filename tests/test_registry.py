@@ -32,6 +32,7 @@ def test_method_contract(setup, name):
                  if name.startswith("rome") or name == "memit" else {"lr": 1e-2} if name.startswith("ft") else {})
     if name == "memit":
         overrides["mom2_update_weight"] = 1.0  # the tiny model's keys are few and large
+
     settings = method.defaults(lm, 1, **overrides) if name != "none" else method.defaults(lm)
     assert isinstance(settings, method.settings_type)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
@@ -49,6 +50,15 @@ def test_method_contract(setup, name):
     elif name == "ft-l":
         change = delta.weight_change(next(iter(delta.changes)))
         assert float(change.abs().max()) <= settings.linf_constraint * 1.01
+    elif name == "kn":  # the rewrite touches exactly the selected neurons' value vectors
+        neurons = info[0]["neurons"]
+        assert neurons
+        change = delta.weight_change(next(iter(delta.changes)))
+        touched = sorted(change.abs().sum(0).nonzero().squeeze(1).tolist())
+        assert touched == sorted(n for _, n in neurons)
+        embed = lm.arch.embed.weight
+        new, old = (lm.tokenizer(t, add_special_tokens=False).input_ids[0] for t in (" Rome", " Paris"))
+        assert torch.allclose(change[:, touched[0]], 2 * (embed[new] - embed[old]), atol=1e-6)
     elif name == "ft":
         assert p_after > 0.2 > p_before
     else:  # a tiny random model resists a one-layer edit; SmolLM2 tests check real behaviour
@@ -87,3 +97,25 @@ def test_memit_edits_many_facts_at_once_with_one_factor_per_request(setup):
     stack.apply(delta)
     after = target_probs(lm, [r.text for r in requests], [" Rome"] * 3)
     assert all(a > 2 * b for a, b in zip(after, before)), (before, after)
+
+
+def test_integrated_gradients_are_complete(setup):
+    """IG attributions add up to p(activation) - p(zero activation) (up to the Riemann sum)."""
+    from factedit.edit.kn import neuron_attributions
+    from factedit.hooks import Hook
+
+    lm, request = setup
+    target = lm.tokenizer(" Paris", add_special_tokens=False).input_ids[0]
+    attributions = neuron_attributions(lm, request.text, target, 1, steps=400)
+    ids = lm.tokenizer(request.text, return_tensors="pt").input_ids
+
+    def p(edit=None):
+        with Hook(lm.arch.blocks[1].mlp_out, edit_input=edit), torch.no_grad():
+            return torch.softmax(lm.model(input_ids=ids).logits[0, -1], -1)[target].item()
+
+    def zero_last(keys):
+        keys = keys.clone()
+        keys[:, -1] = 0
+        return keys
+
+    assert attributions.sum().item() == pytest.approx(p() - p(zero_last), abs=2e-3 * max(p(), 1e-3) + 1e-6)

@@ -155,6 +155,23 @@ def _load_edits(lm, paths):
     return stack
 
 
+def _applicable(settings_type, **options) -> dict:
+    """The options that this settings dataclass has fields for."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(settings_type)}
+    return {key: value for key, value in options.items() if key in names}
+
+
+@main.command()
+def methods():
+    """List the editing methods."""
+    from .edit import METHODS
+
+    for name, spec in METHODS.items():
+        click.echo(f"{name:14} {spec.description}")
+
+
 def _stats_options(command):
     command = click.option("--tokens", "stats_tokens", type=int, default=100_000, show_default=True,
                            help="corpus tokens for the key statistics")(command)
@@ -170,7 +187,8 @@ def _stats_options(command):
 @click.option("--subject", "-s", required=True)
 @click.option("--target", "-t", required=True, help="the new object, e.g. Rome")
 @click.option("--true", "target_true", default=None, help="the current object (default: the model's top token)")
-@click.option("--method", type=click.Choice(["rome", "rome-original"]), default="rome", show_default=True)
+@click.option("--method", default="rome", show_default=True,
+              help="rome, rome-original, memit, ft, ft-l or kn (see factedit methods)")
 @click.option("--layer", type=int, default=None, help="layer to edit (default: per-model structural default)")
 @click.option("--settings", "settings_file", type=click.Path(dir_okay=False), default=None,
               help="ROME settings JSON (as written next to results)")
@@ -194,8 +212,10 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
     if settings_file:
         settings = spec.settings_type.load(settings_file)
     else:
-        settings = spec.defaults(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens, prefix_seed=seed)
-    click.echo(f"editing layer {settings.layer} ({settings.layer_rule}) with {method}: "
+        settings = spec.defaults(lm, layer, **_applicable(spec.settings_type, stats_corpus=corpus,
+                                                          stats_tokens=stats_tokens, prefix_seed=seed))
+    where = getattr(settings, "layer", None) if hasattr(settings, "layer") else getattr(settings, "layers", None)
+    click.echo(f"editing layer(s) {where} ({getattr(settings, 'layer_rule', '')}) with {method}: "
                f"{request.text!r}: {request.target_true!r} -> {request.target_new!r}")
     prefixes = sample_texts(lm, ["The", "In"], 1, 8, top_k=5, seed=seed + 7)  # not the templates ROME uses
     checks = [request.text] + [f"{p.strip()}. {request.text}" for p in prefixes] + list(paraphrase)
@@ -208,7 +228,7 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
 
     before = table()
     generation_before = greedy_continuation(lm, request.text, 20)
-    with tqdm(total=settings.v_steps, desc="optimising value", unit="step", file=sys.stderr) as bar, \
+    with tqdm(desc="editing", unit="step", file=sys.stderr) as bar, \
             tqdm(desc="key statistics", unit="tok", file=sys.stderr, disable=None) as stats_bar:
         delta, diagnostics = edit(lm, request, method, settings, progress=bar.update, stats_progress=stats_bar.update)
     stack = EditStack(lm)
@@ -222,7 +242,8 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
     click.echo(f"before: {request.text}{generation_before}".replace("\n", " / "))
     click.echo(f"after:  {request.text}{generation_after}".replace("\n", " / "))
     info = diagnostics[0]
-    click.echo(f"value optimisation: {info['steps']} steps, final loss {info['losses'][-1]:.4f}")
+    if "losses" in info:
+        click.echo(f"optimisation: {info['steps']} steps, final loss {info['losses'][-1]:.4f}")
     if save:
         delta.save(save)
         click.echo(f"saved the edit to {save}")
@@ -347,7 +368,7 @@ def sequential(model, device, dtype, threads, data, n, every, methods, layer, co
 
 @main.command("eval")
 @_model_options
-@click.option("--method", required=True, help="an editing method: none, rome, rome-original, ft, ft-l")
+@click.option("--method", required=True, help="an editing method (see factedit methods)")
 @click.option("--dataset", required=True, help="counterfact")
 @click.option("--data", type=click.Path(dir_okay=False), default=None, help="dataset file (default: from $FACTEDIT_DATA_DIR)")
 @click.option("--n", type=int, default=None, help="first N records")
@@ -362,8 +383,7 @@ def eval_command(model, device, dtype, threads, method, dataset, data, n, edits_
 
     lm = _load(model, device, dtype, threads)
     spec = get_method(method)
-    settings = spec.settings_type.load(settings_file) if settings_file else (
-        spec.defaults(lm, layer) if method != "none" else spec.defaults(lm))
+    settings = spec.settings_type.load(settings_file) if settings_file else spec.defaults(lm, layer)
     with tqdm(total=n, desc=f"{method} on {dataset}", unit="case", file=sys.stderr) as bar:
         summary = run_evaluation(lm, method, dataset, out, data=data, n=n, edits_per_batch=edits_per_batch,
                                  settings=settings, progress=bar.update)

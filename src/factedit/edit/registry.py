@@ -12,6 +12,7 @@ from typing import Callable
 from ..models import LoadedModel
 from .delta import EditDelta, EditStack
 from .finetune import FinetuneSettings, finetune_delta
+from .kn import KnSettings, kn_delta
 from .memit import MemitSettings, memit_delta
 from .request import EditRequest
 from .rome import RomeSettings, context_templates, key_statistics, rome_delta
@@ -97,6 +98,11 @@ register(Method("memit", "MEMIT: all requests at once, spread over a range of la
                 lambda lm, requests, settings, cache_dir=None, progress=None, stats_progress=None:
                 memit_delta(lm, requests, settings, cache_dir=cache_dir, progress=progress,
                             stats_progress=stats_progress)))
+
+register(Method("kn", "knowledge neurons: integrated-gradients attribution, then rewrite their value vectors",
+                KnSettings, lambda lm, layer=None, **kw: KnSettings.defaults_for(lm, layer, **kw),
+                lambda lm, requests, settings, cache_dir=None, progress=None, stats_progress=None:
+                kn_delta(lm, requests, settings, progress)))
 
 
 def get_method(name: str) -> Method:
