@@ -72,3 +72,24 @@ def test_cli_eval_and_summarize(env, tmp_path):
     bad = runner.invoke(main, ["eval", "--model", str(folder), "--method", "none", "--dataset", "nope",
                                "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "unknown dataset" in bad.output
+
+
+def test_zsre_loader_and_runner(env, tmp_path, data_dir):
+    from factedit.data import DatasetError, load_zsre
+
+    records = load_zsre(data_dir / "zsre" / "zsre_train_1k.json")
+    assert len(records) == 1000 and records[0].request.target_new == " unmanned aircraft"
+    assert records[0].request.target_true == " uniform" and records[0].loc.startswith("nq question:")
+    bad = tmp_path / "z.json"
+    bad.write_text(json.dumps([{"subject": "x", "src": "y?"}]))
+    with pytest.raises(DatasetError, match="lacks rephrase"):
+        load_zsre(bad)
+
+    lm, _ = env
+    data = tmp_path / "tiny_zsre.json"
+    data.write_text(json.dumps([{"subject": "The Eiffel Tower", "src": "The Eiffel Tower is located in the city of",
+                                 "rephrase": "The Space Needle . The Eiffel Tower is in the city of", "alt": "Rome",
+                                 "answers": ["Paris"], "loc": "The capital of France is", "loc_ans": "Paris"}]))
+    summary = run_evaluation(lm, "ft", "zsre", tmp_path / "z", data=str(data), settings=get_method("ft").defaults(lm, 1, lr=1e-2))
+    assert summary["post"]["efficacy"]["mean"] == 100.0 and summary["pre"]["efficacy"]["mean"] == 0.0
+    assert "specificity" in summary["post"]

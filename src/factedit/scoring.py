@@ -38,3 +38,22 @@ def target_logprobs(lm: LoadedModel, prompts: list[str], targets: list[str], bat
 def target_probs(lm: LoadedModel, prompts: list[str], targets: list[str]) -> list[float]:
     """P(target | prompt) as exp(mean token log-probability) (exact for single-token targets)."""
     return target_logprobs(lm, prompts, targets).exp().tolist()
+
+
+@torch.no_grad()
+def teacher_forced_hits(lm: LoadedModel, prompts: list[str], targets: list[str]) -> list[list[int]]:
+    """For each (prompt, target): 1/0 per target token, whether the model's argmax given the prompt
+    and the target's previous tokens is that token (zsRE's token accuracy)."""
+    rows, spans = [], []
+    for prompt, target in zip(prompts, targets):
+        p_ids = list(lm.tokenizer(prompt)["input_ids"])
+        t_ids = list(lm.tokenizer(target, add_special_tokens=False)["input_ids"])
+        if not t_ids:
+            raise ValueError(f"target {target!r} tokenizes to nothing")
+        rows.append(p_ids + t_ids)
+        spans.append((len(p_ids), t_ids))
+    width = max(len(r) for r in rows)
+    pad = lm.tokenizer.pad_token_id or 0
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=lm.device)
+    predicted = lm.model(input_ids=ids, use_cache=False).logits.argmax(-1).tolist()
+    return [[int(predicted[i][n - 1 + j] == t) for j, t in enumerate(t_ids)] for i, (n, t_ids) in enumerate(spans)]

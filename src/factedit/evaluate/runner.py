@@ -22,7 +22,8 @@ from typing import Callable
 from ..data.counterfact import CounterFactRecord, load_counterfact
 from ..edit import EditStack, edit, get_method
 from ..models import LoadedModel
-from ..scoring import target_logprobs
+from ..data.zsre import ZsreRecord, load_zsre
+from ..scoring import target_logprobs, teacher_forced_hits
 from .metrics import aggregate, counterfact_record_scores
 
 
@@ -49,9 +50,25 @@ def counterfact_probabilities(lm: LoadedModel, record: CounterFactRecord) -> dic
     return out
 
 
+def zsre_hits(lm: LoadedModel, record: ZsreRecord) -> dict:
+    """Token hits of the new answer on the question and its rephrasing, and of the unrelated
+    question's answer (specificity), in one batch."""
+    new = record.request.target_new
+    hits = teacher_forced_hits(lm, [record.request.text, record.paraphrase, record.loc],
+                               [new, new, " " + record.loc_ans.strip()])
+    return {"rewrite": hits[0], "paraphrase": hits[1], "neighborhood": hits[2]}
+
+
+def zsre_scores(raw: dict) -> dict[str, float]:
+    return {"efficacy": sum(raw["rewrite"]) / len(raw["rewrite"]),
+            "paraphrase": sum(raw["paraphrase"]) / len(raw["paraphrase"]),
+            "specificity": sum(raw["neighborhood"]) / len(raw["neighborhood"])}
+
+
 DATASETS: dict[str, Dataset] = {
     "counterfact": Dataset("counterfact", load_counterfact, counterfact_probabilities,
                            lambda raw: counterfact_record_scores(raw["p_new"], raw["p_true"])),
+    "zsre": Dataset("zsre", load_zsre, zsre_hits, zsre_scores),
 }
 
 
@@ -126,7 +143,8 @@ def summarize(out_dir: str | Path) -> dict:
     return summary
 
 
-def markdown_table(summaries: list[dict], keys=("S", "ES", "PS", "NS", "EM", "PM", "NM")) -> str:
+def markdown_table(summaries: list[dict],
+                   keys=("S", "ES", "PS", "NS", "EM", "PM", "NM", "efficacy", "paraphrase", "specificity")) -> str:
     """One row per run (edited), plus the unedited row of the first run, means +- 95% CI."""
     present = [k for k in keys if any(k in s["post"] for s in summaries)]
     lines = ["| model | method | cases | " + " | ".join(present) + " |", "|---|---|---|" + "---|" * len(present)]
