@@ -78,7 +78,8 @@ def test_zsre_loader_and_runner(env, tmp_path, data_dir):
     from factedit.data import DatasetError, load_zsre
 
     records = load_zsre(data_dir / "zsre" / "zsre_train_1k.json")
-    assert len(records) == 1000 and records[0].request.target_new == " unmanned aircraft"
+    assert len(records) == 998 and 534 not in {r.case_id for r in records}
+    assert records[0].request.target_new == " unmanned aircraft"
     assert records[0].request.target_true == " uniform" and records[0].loc.startswith("nq question:")
     bad = tmp_path / "z.json"
     bad.write_text(json.dumps([{"subject": "x", "src": "y?"}]))

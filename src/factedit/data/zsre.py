@@ -25,7 +25,9 @@ class ZsreRecord:
 
 
 def load_zsre(path: str | Path | None = None, n: int | None = None) -> list[ZsreRecord]:
-    """Records from `path`, $FACTEDIT_DATA_DIR/zsre/zsre_train_1k.json, or the published eval file."""
+    """Records from `path`, $FACTEDIT_DATA_DIR/zsre/zsre_train_1k.json, or the published eval file.
+    Records without a new answer (`alt` empty: 2 of the 1,000 here) cannot be edited and are left
+    out; case ids stay the records' positions in the file."""
     path = _resolve(path, "zsre/zsre_train_1k.json", ZSRE_URL)
     if not path.exists():
         raise DatasetError(f"zsRE file not found: {path}")
@@ -40,6 +42,8 @@ def load_zsre(path: str | Path | None = None, n: int | None = None) -> list[Zsre
         missing = [f for f in FIELDS if not isinstance(record, dict) or f not in record]
         if missing:
             raise DatasetError(f"{path}: record {i} lacks {', '.join(missing)}")
+        if not str(record["alt"]).strip():
+            continue
         if record["subject"] not in record["src"]:
             raise DatasetError(f"{path}: record {i}: subject {record['subject']!r} not in question {record['src']!r}")
         true = (record["answers"] or [None])[0]
