@@ -17,7 +17,9 @@ def counterfact_file(tmp_path):
     records = [{"case_id": 10 + i, "requested_rewrite": {"prompt": "{} is located in the city of", "subject": s,
                                                          "target_new": {"str": "Rome"}, "target_true": {"str": "Paris"}},
                 "paraphrase_prompts": [f"The city of Berlin . {s} is located in the city of"],
-                "neighborhood_prompts": ["The Space Needle is in the city of", "The capital of France is"]}
+                "neighborhood_prompts": ["The Space Needle is in the city of", "The capital of France is"],
+                "attribute_prompts": ["The Colosseum is in the city of"],
+                "generation_prompts": [f"{s} is", f"The city of {s} is"]}
                for i, s in enumerate(subjects)]
     path = tmp_path / "cf.json"
     path.write_text(json.dumps(records))
@@ -94,3 +96,12 @@ def test_zsre_loader_and_runner(env, tmp_path, data_dir):
     summary = run_evaluation(lm, "ft", "zsre", tmp_path / "z", data=str(data), settings=get_method("ft").defaults(lm, 1, lr=1e-2))
     assert summary["post"]["efficacy"]["mean"] == 100.0 and summary["pre"]["efficacy"]["mean"] == 0.0
     assert "specificity" in summary["post"]
+
+
+def test_runner_generation_metrics(env, tmp_path):
+    lm, data = env
+    summary = run_evaluation(lm, "none", "counterfact", tmp_path / "g", data=str(data), n=1, generation=True,
+                             generation_tokens=12)
+    case = json.loads((tmp_path / "g" / "cases" / "10.json").read_text())
+    assert len(case["generated"]) == 2 and len(case["references"]) == 1
+    assert 0 < summary["post"]["GE"]["mean"] < 1000 and 0 <= summary["post"]["RS*"]["mean"] <= 100

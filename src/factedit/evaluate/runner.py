@@ -24,7 +24,8 @@ from ..edit import EditStack, edit, get_method
 from ..models import LoadedModel
 from ..data.zsre import ZsreRecord, load_zsre
 from ..scoring import target_logprobs, teacher_forced_hits
-from .metrics import aggregate, counterfact_record_scores
+from ..generate import generate_ids
+from .metrics import aggregate, counterfact_record_scores, generation_entropy, tfidf_consistency
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class Dataset:
     load: Callable[..., list]  # (path=None, n=None) -> records with .case_id and .request
     probabilities: Callable[[LoadedModel, object], dict]  # (lm, record) -> raw numbers to score
     scores: Callable[[dict], dict[str, float]]  # raw numbers -> per-record scores
+    # Fluency and consistency (optional): prompts to generate from on the edited model, and prompts
+    # whose generations on the unedited model serve as reference texts about the new object.
+    generation_prompts: Callable[[object], list[str]] | None = None
+    reference_prompts: Callable[[object], list[str]] | None = None
 
 
 def counterfact_probabilities(lm: LoadedModel, record: CounterFactRecord) -> dict:
@@ -67,7 +72,9 @@ def zsre_scores(raw: dict) -> dict[str, float]:
 
 DATASETS: dict[str, Dataset] = {
     "counterfact": Dataset("counterfact", load_counterfact, counterfact_probabilities,
-                           lambda raw: counterfact_record_scores(raw["p_new"], raw["p_true"])),
+                           lambda raw: counterfact_record_scores(raw["p_new"], raw["p_true"]),
+                           generation_prompts=lambda r: r.generation_prompts,
+                           reference_prompts=lambda r: r.attribute_prompts),
     "zsre": Dataset("zsre", load_zsre, zsre_hits, zsre_scores),
 }
 
@@ -82,20 +89,47 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def generations(lm: LoadedModel, prompts: list[str], seed: int, n_new: int = 100, top_k: int = 5) -> list[str]:
+    """Sampled continuations (top-k, seeded per prompt), as the paper generated its fluency texts."""
+    texts = []
+    for i, prompt in enumerate(prompts):
+        ids = list(lm.tokenizer(prompt)["input_ids"])
+        out = generate_ids(lm, ids, n_new, top_k=top_k, seed=seed * 1000 + i)[0, len(ids):]
+        texts.append(lm.tokenizer.decode(out, skip_special_tokens=True))
+    return texts
+
+
+def generation_scores(generated: list[str], references: list[str]) -> dict[str, float]:
+    """GE (generation entropy) and RS* (TF-IDF consistency against the stand-in references), as
+    fractions of the paper's x100 scale (the summary multiplies by 100)."""
+    scores = {"GE": generation_entropy(generated) / 100}
+    if references:
+        scores["RS*"] = tfidf_consistency(generated, references) / 100
+    return scores
+
+
 def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Path, *, data: str | None = None,
-                   n: int | None = None, edits_per_batch: int = 1, settings=None,
-                   progress: Callable[[int], None] | None = None) -> dict:
+                   n: int | None = None, edits_per_batch: int = 1, settings=None, generation: bool = False,
+                   generation_tokens: int = 100, progress: Callable[[int], None] | None = None) -> dict:
     """Evaluate `method` on the first `n` records. Each batch of records is edited together, scored,
     and the edit reverted, so every case is measured against the unedited model. Finished cases
-    (cases/<id>.json) are skipped, so an interrupted run resumes."""
+    (cases/<id>.json) are skipped, so an interrupted run resumes.
+
+    generation: also generate from the dataset's generation prompts on the edited model and score
+    fluency (GE) and consistency (RS*: TF-IDF cosine against the unedited model's generations for
+    prompts about other subjects that truly have the new object, a stand-in for the paper's
+    Wikipedia reference texts, which are not available offline)."""
     spec, ds = get_method(method), get_dataset(dataset)
     settings = settings or spec.defaults(lm)
     records = ds.load(data, n)
     out = Path(out_dir)
     (out / "cases").mkdir(parents=True, exist_ok=True)
+    if generation and ds.generation_prompts is None:
+        raise ValueError(f"dataset {dataset} has no generation prompts")
     run_info = {"method": method, "dataset": dataset, "data": str(data) if data else "default", "n": len(records),
                 "edits_per_batch": edits_per_batch, "model": lm.name, "fingerprint": lm.fingerprint,
-                "settings": settings.to_dict()}
+                "settings": settings.to_dict(), "generation": generation,
+                "generation_tokens": generation_tokens if generation else None}
     info_path = out / "settings.json"
     if info_path.exists():
         previous = json.loads(info_path.read_text())
@@ -110,19 +144,26 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
             if progress:
                 progress(len(batch))
             continue
-        start = time.perf_counter()
         pre = [ds.probabilities(lm, r) for r in batch]
+        references = [generations(lm, ds.reference_prompts(r), r.case_id, generation_tokens) if generation else []
+                      for r in batch]
+        start = time.perf_counter()
         delta, diagnostics = edit(lm, [r.request for r in batch], method, settings)
         edit_seconds = time.perf_counter() - start
         stack.apply(delta)
         try:
             post = [ds.probabilities(lm, r) for r in batch]
+            generated = [generations(lm, ds.generation_prompts(r), r.case_id, generation_tokens) if generation else []
+                         for r in batch]
         finally:
             stack.revert()
-        for record, before, after in zip(batch, pre, post):
+        for record, before, after, refs, texts in zip(batch, pre, post, references, generated):
+            post_scores = ds.scores(after)
+            if generation:
+                post_scores.update(generation_scores(texts, refs))
             case = {"case_id": record.case_id, "request": record.request.to_dict(), "pre": before, "post": after,
-                    "pre_scores": ds.scores(before), "post_scores": ds.scores(after),
-                    "edit_seconds": edit_seconds / len(batch), "batch_size": len(batch)}
+                    "pre_scores": ds.scores(before), "post_scores": post_scores, "generated": texts,
+                    "references": refs, "edit_seconds": edit_seconds / len(batch), "batch_size": len(batch)}
             path = out / "cases" / f"{record.case_id}.json"
             path.with_suffix(".part").write_text(json.dumps(case))
             path.with_suffix(".part").rename(path)  # atomic: a crash never leaves half a case
@@ -144,7 +185,8 @@ def summarize(out_dir: str | Path) -> dict:
 
 
 def markdown_table(summaries: list[dict],
-                   keys=("S", "ES", "PS", "NS", "EM", "PM", "NM", "efficacy", "paraphrase", "specificity")) -> str:
+                   keys=("S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS*", "efficacy", "paraphrase",
+                         "specificity")) -> str:
     """One row per run (edited), plus the unedited row of the first run, means +- 95% CI."""
     present = [k for k in keys if any(k in s["post"] for s in summaries)]
     lines = ["| model | method | cases | " + " | ".join(present) + " |", "|---|---|---|" + "---|" * len(present)]
