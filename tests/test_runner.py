@@ -2,6 +2,7 @@ import json
 import random
 
 import pytest
+import torch
 from click.testing import CliRunner
 from tiny import VOCAB_WORDS, tiny_model, word_tokenizer
 
@@ -105,3 +106,22 @@ def test_runner_generation_metrics(env, tmp_path):
     case = json.loads((tmp_path / "g" / "cases" / "10.json").read_text())
     assert len(case["generated"]) == 2 and len(case["references"]) == 1
     assert 0 < summary["post"]["GE"]["mean"] < 1000 and 0 <= summary["post"]["RS*"]["mean"] <= 100
+
+
+def test_sequential_runner_accumulates_resumes_and_restores(env, tmp_path, monkeypatch):
+    lm, data = env
+    weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    settings = get_method("ft").defaults(lm, 1, lr=1e-2)
+    out = tmp_path / "seq"
+    first = run_evaluation(lm, "ft", "counterfact", out, data=str(data), n=2, settings=settings, sequential=True)
+    assert first["cases"] == 2 and len(list((out / "deltas").iterdir())) == 2
+    assert all(torch.equal(weights[k], v) for k, v in lm.model.state_dict().items())
+    case_11 = json.loads((out / "cases" / "11.json").read_text())
+    # Case 11 was edited on top of case 10: its pre scores are the unedited model's, as for case 10.
+    case_10 = json.loads((out / "cases" / "10.json").read_text())
+    assert case_11["pre"]["p_new"]["neighborhood"] == case_10["pre"]["p_new"]["neighborhood"]
+    calls = []
+    original = runner_module.edit
+    monkeypatch.setattr(runner_module, "edit", lambda *a, **k: calls.append(1) or original(*a, **k))
+    resumed = run_evaluation(lm, "ft", "counterfact", out, data=str(data), n=3, settings=settings, sequential=True)
+    assert resumed["cases"] == 3 and len(calls) == 1  # only the new case is edited; the others re-applied

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..data.counterfact import CounterFactRecord, load_counterfact
-from ..edit import EditStack, edit, get_method
+from ..edit import EditDelta, EditStack, edit, get_method
 from ..models import LoadedModel
 from ..data.zsre import ZsreRecord, load_zsre
 from ..scoring import target_logprobs, teacher_forced_hits
@@ -110,10 +110,12 @@ def generation_scores(generated: list[str], references: list[str]) -> dict[str, 
 
 def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Path, *, data: str | None = None,
                    n: int | None = None, edits_per_batch: int = 1, settings=None, generation: bool = False,
-                   generation_tokens: int = 100, progress: Callable[[int], None] | None = None) -> dict:
+                   generation_tokens: int = 100, sequential: bool = False,
+                   progress: Callable[[int], None] | None = None) -> dict:
     """Evaluate `method` on the first `n` records. Each batch of records is edited together, scored,
     and the edit reverted, so every case is measured against the unedited model. Finished cases
-    (cases/<id>.json) are skipped, so an interrupted run resumes.
+    (cases/<id>.json) are skipped, so an interrupted run resumes. With `sequential`, edits accumulate
+    instead (see `_run_sequential`).
 
     generation: also generate from the dataset's generation prompts on the edited model and score
     fluency (GE) and consistency (RS*: TF-IDF cosine against the unedited model's generations for
@@ -128,7 +130,7 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
         raise ValueError(f"dataset {dataset} has no generation prompts")
     run_info = {"method": method, "dataset": dataset, "data": str(data) if data else "default", "n": len(records),
                 "edits_per_batch": edits_per_batch, "model": lm.name, "fingerprint": lm.fingerprint,
-                "settings": settings.to_dict(), "generation": generation,
+                "settings": settings.to_dict(), "generation": generation, "sequential": sequential,
                 "generation_tokens": generation_tokens if generation else None}
     info_path = out / "settings.json"
     if info_path.exists():
@@ -137,39 +139,84 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
             raise ValueError(f"{out} holds a run with other settings; use another --out")
     info_path.write_text(json.dumps(run_info, indent=1))
 
+    if sequential:
+        _run_sequential(lm, method, ds, records, out, edits_per_batch, settings, generation, generation_tokens,
+                        progress)
+        return summarize(out)
     stack = EditStack(lm)
     for batch in _chunks(records, edits_per_batch):
-        todo = [r for r in batch if not (out / "cases" / f"{r.case_id}.json").exists()]
-        if not todo:
+        if all(_case_path(out, r).exists() for r in batch):
             if progress:
                 progress(len(batch))
             continue
         pre = [ds.probabilities(lm, r) for r in batch]
-        references = [generations(lm, ds.reference_prompts(r), r.case_id, generation_tokens) if generation else []
-                      for r in batch]
+        references = [_references(lm, ds, r, generation, generation_tokens) for r in batch]
         start = time.perf_counter()
-        delta, diagnostics = edit(lm, [r.request for r in batch], method, settings)
+        delta, _ = edit(lm, [r.request for r in batch], method, settings)
         edit_seconds = time.perf_counter() - start
         stack.apply(delta)
         try:
-            post = [ds.probabilities(lm, r) for r in batch]
-            generated = [generations(lm, ds.generation_prompts(r), r.case_id, generation_tokens) if generation else []
-                         for r in batch]
+            _score_and_write(lm, ds, out, batch, pre, references, generation, generation_tokens, edit_seconds)
         finally:
             stack.revert()
-        for record, before, after, refs, texts in zip(batch, pre, post, references, generated):
-            post_scores = ds.scores(after)
-            if generation:
-                post_scores.update(generation_scores(texts, refs))
-            case = {"case_id": record.case_id, "request": record.request.to_dict(), "pre": before, "post": after,
-                    "pre_scores": ds.scores(before), "post_scores": post_scores, "generated": texts,
-                    "references": refs, "edit_seconds": edit_seconds / len(batch), "batch_size": len(batch)}
-            path = out / "cases" / f"{record.case_id}.json"
-            path.with_suffix(".part").write_text(json.dumps(case))
-            path.with_suffix(".part").rename(path)  # atomic: a crash never leaves half a case
         if progress:
             progress(len(batch))
     return summarize(out)
+
+
+def _case_path(out: Path, record) -> Path:
+    return out / "cases" / f"{record.case_id}.json"
+
+
+def _references(lm, ds: Dataset, record, generation: bool, tokens: int) -> list[str]:
+    return generations(lm, ds.reference_prompts(record), record.case_id, tokens) if generation else []
+
+
+def _score_and_write(lm, ds: Dataset, out: Path, batch, pre, references, generation, tokens, edit_seconds) -> None:
+    """Score the batch on the (edited) model as it is now and write one case file each."""
+    for record, before, refs in zip(batch, pre, references):
+        after = ds.probabilities(lm, record)
+        texts = generations(lm, ds.generation_prompts(record), record.case_id, tokens) if generation else []
+        post_scores = ds.scores(after)
+        if generation:
+            post_scores.update(generation_scores(texts, refs))
+        case = {"case_id": record.case_id, "request": record.request.to_dict(), "pre": before, "post": after,
+                "pre_scores": ds.scores(before), "post_scores": post_scores, "generated": texts, "references": refs,
+                "edit_seconds": edit_seconds / len(batch), "batch_size": len(batch)}
+        path = _case_path(out, record)
+        path.with_suffix(".part").write_text(json.dumps(case))
+        path.with_suffix(".part").rename(path)  # atomic: a crash never leaves half a case
+
+
+def _run_sequential(lm, method, ds: Dataset, records, out: Path, edits_per_batch, settings, generation, tokens,
+                    progress) -> None:
+    """Edits accumulate: each batch is edited on the model that holds all earlier batches, and scored
+    there; "pre" scores are still the unedited model's. Each batch's edit is saved in deltas/, so a
+    resumed run re-applies finished batches instead of recomputing them. The model is restored at
+    the end."""
+    (out / "deltas").mkdir(exist_ok=True)
+    batches = _chunks(records, edits_per_batch)
+    pending = [r for r in records if not _case_path(out, r).exists()]
+    pre = {r.case_id: ds.probabilities(lm, r) for r in pending}  # all on the unedited model
+    references = {r.case_id: _references(lm, ds, r, generation, tokens) for r in pending}
+    stack = EditStack(lm)
+    try:
+        for batch in batches:
+            delta_path = out / "deltas" / f"batch_{batch[0].case_id}.safetensors"
+            if all(_case_path(out, r).exists() for r in batch) and delta_path.exists():
+                stack.apply(EditDelta.load(delta_path))
+            else:
+                start = time.perf_counter()
+                delta, _ = edit(lm, [r.request for r in batch], method, settings)
+                edit_seconds = time.perf_counter() - start
+                stack.apply(delta)
+                delta.save(delta_path)
+                _score_and_write(lm, ds, out, batch, [pre[r.case_id] for r in batch],
+                                 [references[r.case_id] for r in batch], generation, tokens, edit_seconds)
+            if progress:
+                progress(len(batch))
+    finally:
+        stack.revert_all()
 
 
 def summarize(out_dir: str | Path) -> dict:
