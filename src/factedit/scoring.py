@@ -7,26 +7,31 @@ import torch
 from .models import LoadedModel
 
 
-@torch.no_grad()
-def target_logprobs(lm: LoadedModel, prompts: list[str], targets: list[str], batch_size: int = 32) -> torch.Tensor:
-    """Mean per-token log-probability of each target as a continuation of its prompt.
-
-    Rows are right-padded: with causal attention the padding never influences real positions."""
+def prompt_target_batch(lm: LoadedModel, prompts: list[str], targets: list[str]
+                        ) -> tuple[torch.Tensor, list[tuple[int, list[int]]]]:
+    """Right-padded ids of prompt + target rows and, per row, (prompt length, target ids).
+    With causal attention the padding never influences real positions."""
     if len(prompts) != len(targets):
         raise ValueError("prompts and targets must have the same length")
+    rows, spans = [], []
+    for prompt, target in zip(prompts, targets):
+        p_ids = list(lm.tokenizer(prompt)["input_ids"])
+        t_ids = list(lm.tokenizer(target, add_special_tokens=False)["input_ids"])
+        if not t_ids:
+            raise ValueError(f"target {target!r} tokenizes to nothing")
+        rows.append(p_ids + t_ids)
+        spans.append((len(p_ids), t_ids))
+    width = max(len(r) for r in rows)
+    pad = lm.tokenizer.pad_token_id or 0
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=lm.device), spans
+
+
+@torch.no_grad()
+def target_logprobs(lm: LoadedModel, prompts: list[str], targets: list[str], batch_size: int = 32) -> torch.Tensor:
+    """Mean per-token log-probability of each target as a continuation of its prompt."""
     results = []
     for start in range(0, len(prompts), batch_size):
-        rows, spans = [], []
-        for prompt, target in zip(prompts[start:start + batch_size], targets[start:start + batch_size]):
-            p_ids = list(lm.tokenizer(prompt)["input_ids"])
-            t_ids = list(lm.tokenizer(target, add_special_tokens=False)["input_ids"])
-            if not t_ids:
-                raise ValueError(f"target {target!r} tokenizes to nothing")
-            rows.append(p_ids + t_ids)
-            spans.append((len(p_ids), t_ids))
-        width = max(len(r) for r in rows)
-        pad = lm.tokenizer.pad_token_id or 0
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=lm.device)
+        ids, spans = prompt_target_batch(lm, prompts[start:start + batch_size], targets[start:start + batch_size])
         log_probs = torch.log_softmax(lm.model(input_ids=ids, use_cache=False).logits.float(), -1)
         for i, (n_prompt, t_ids) in enumerate(spans):
             positions = torch.arange(n_prompt - 1, n_prompt - 1 + len(t_ids), device=lm.device)
@@ -44,16 +49,6 @@ def target_probs(lm: LoadedModel, prompts: list[str], targets: list[str]) -> lis
 def teacher_forced_hits(lm: LoadedModel, prompts: list[str], targets: list[str]) -> list[list[int]]:
     """For each (prompt, target): 1/0 per target token, whether the model's argmax given the prompt
     and the target's previous tokens is that token (zsRE's token accuracy)."""
-    rows, spans = [], []
-    for prompt, target in zip(prompts, targets):
-        p_ids = list(lm.tokenizer(prompt)["input_ids"])
-        t_ids = list(lm.tokenizer(target, add_special_tokens=False)["input_ids"])
-        if not t_ids:
-            raise ValueError(f"target {target!r} tokenizes to nothing")
-        rows.append(p_ids + t_ids)
-        spans.append((len(p_ids), t_ids))
-    width = max(len(r) for r in rows)
-    pad = lm.tokenizer.pad_token_id or 0
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=lm.device)
+    ids, spans = prompt_target_batch(lm, prompts, targets)
     predicted = lm.model(input_ids=ids, use_cache=False).logits.argmax(-1).tolist()
     return [[int(predicted[i][n - 1 + j] == t) for j, t in enumerate(t_ids)] for i, (n, t_ids) in enumerate(spans)]

@@ -4,12 +4,11 @@ neighbourhood prompt)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..edit.request import EditRequest
-from .known import DatasetError, _resolve
+from .known import DatasetError, _resolve, read_json_list
 
 COUNTERFACT_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
 
@@ -52,12 +51,5 @@ def _parse(record, index: int, path: Path) -> CounterFactRecord:
 def load_counterfact(path: str | Path | None = None, n: int | None = None) -> list[CounterFactRecord]:
     """Records from `path`, $FACTEDIT_DATA_DIR/counterfact/counterfact_dev.json, or the published file."""
     path = _resolve(path, "counterfact/counterfact_dev.json", COUNTERFACT_URL)
-    if not path.exists():
-        raise DatasetError(f"CounterFact file not found: {path}")
-    try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(records, list):
-        raise DatasetError(f"{path}: expected a JSON list of CounterFact records")
+    records = read_json_list(path, "CounterFact")
     return [_parse(r, i, path) for i, r in enumerate(records[:n] if n else records)]

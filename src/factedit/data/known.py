@@ -37,7 +37,7 @@ def _resolve(path: str | Path | None, default_name: str, url: str) -> Path:
         return base / default_name
     from ..models import default_cache_dir  # download once for users who are online
 
-    cached = default_cache_dir() / "data" / Path(default_name).name
+    cached = default_cache_dir() / "data" / Path(url).name  # the published file, by its own name
     if not cached.exists():
         import urllib.request
 
@@ -51,17 +51,23 @@ def _resolve(path: str | Path | None, default_name: str, url: str) -> Path:
     return cached
 
 
-def load_known_facts(path: str | Path | None = None) -> list[KnownFact]:
-    """Load known facts from `path`, $FACTEDIT_DATA_DIR/known_1000.json, or the published file."""
-    path = _resolve(path, "known_1000.json", KNOWN_FACTS_URL)
+def read_json_list(path: Path, what: str) -> list:
+    """The records of a JSON file holding a list, or a DatasetError that says what is wrong."""
     if not path.exists():
-        raise DatasetError(f"known-facts file not found: {path}")
+        raise DatasetError(f"{what} file not found: {path}")
     try:
         records = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DatasetError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(records, list):
-        raise DatasetError(f"{path}: expected a JSON list of facts")
+        raise DatasetError(f"{path}: expected a JSON list of {what} records")
+    return records
+
+
+def load_known_facts(path: str | Path | None = None) -> list[KnownFact]:
+    """Load known facts from `path`, $FACTEDIT_DATA_DIR/known_1000.json, or the published file."""
+    path = _resolve(path, "known_1000.json", KNOWN_FACTS_URL)
+    records = read_json_list(path, "known-facts")
     facts = []
     for i, rec in enumerate(records):
         missing = [key for key in REQUIRED if not isinstance(rec, dict) or key not in rec]

@@ -4,12 +4,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..edit.request import EditRequest
-from .known import DatasetError, _resolve
+from .known import DatasetError, _resolve, read_json_list
 
 ZSRE_URL = "https://rome.baulab.info/data/dsets/zsre_mend_eval.json"
 FIELDS = ("subject", "src", "rephrase", "alt", "answers", "loc", "loc_ans")
@@ -29,14 +28,7 @@ def load_zsre(path: str | Path | None = None, n: int | None = None) -> list[Zsre
     Records without a new answer (`alt` empty: 2 of the 1,000 here) cannot be edited and are left
     out; case ids stay the records' positions in the file."""
     path = _resolve(path, "zsre/zsre_train_1k.json", ZSRE_URL)
-    if not path.exists():
-        raise DatasetError(f"zsRE file not found: {path}")
-    try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(records, list):
-        raise DatasetError(f"{path}: expected a JSON list of zsRE records")
+    records = read_json_list(path, "zsRE")
     out = []
     for i, record in enumerate(records[:n] if n else records):
         missing = [f for f in FIELDS if not isinstance(record, dict) or f not in record]
