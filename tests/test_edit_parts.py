@@ -241,3 +241,19 @@ def test_failed_edit_leaves_the_model_unchanged(monkeypatch):
         tiny_delta(lm)
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
     assert [p.requires_grad for p in lm.model.parameters()] == flags
+
+
+def test_batched_value_optimisation_equals_one_request_at_a_time():
+    from factedit.edit.value import compute_value_deltas
+
+    lm = tiny()
+    requests = [EditRequest.create("{} is located in the city of", s, t, "Paris")
+                for s, t in (("The Eiffel Tower", "Rome"), ("The Space Needle", "Berlin"), ("Michael Jordan", "Seattle"))]
+    settings = RomeSettings.defaults_for(lm, 1, v_steps=8, early_stop_loss=4.62)  # requests stop at 4, 1, 5 steps
+    inits = torch.stack([compute_keys(lm, 1, r, TEMPLATES).v_avg for r in requests])
+    together = compute_value_deltas(lm, 1, requests, TEMPLATES, settings, inits)
+    for request, init, batched in zip(requests, inits, together):
+        alone = compute_value_delta(lm, 1, request, TEMPLATES, settings, init)
+        assert batched.steps == alone.steps and np.allclose(batched.losses, alone.losses, rtol=1e-4)
+        assert torch.allclose(batched.delta, alone.delta, atol=1e-4 * float(alone.delta.norm()) + 1e-6)
+    assert len({r.steps for r in together}) > 1, "the test should cover requests stopping at different steps"

@@ -36,35 +36,42 @@ class ValueResult:
 
 @dataclass
 class ValueRows:
-    """Every prompt split at the subject's last token (where delta is added)."""
+    """Every prompt of every request, split at the subject's last token (where delta is added)."""
 
     prefixes: list[list[int]]  # tokens before the subject's last token
     suffixes: list[list[int]]  # the subject's last token and everything after (incl. target[:-1])
-    target_positions: list[list[int]]  # suffix positions whose logits predict the target (rewrite rows)
-    target: list[int]
+    row_request: list[int]  # which request each row belongs to
+    target_positions: dict[int, list[int]]  # rewrite row -> suffix positions whose logits predict the target
+    essence_rows: list[int]  # per request, its "{subject} is a" row
+    targets: list[list[int]]  # per request, the new target's token ids
 
-    @property
-    def n_rewrite(self) -> int:
-        return len(self.target_positions)
+    def rewrite_rows(self, request: int) -> list[int]:
+        return [row for row, r in enumerate(self.row_request) if r == request and row in self.target_positions]
 
 
-def value_rows(lm: LoadedModel, request: EditRequest, templates: list[str], essence_prompt: str) -> ValueRows:
-    from .rome import fill, request_texts  # the tokenisation helpers shared with the key step
+def value_rows(lm: LoadedModel, requests: list[EditRequest], templates: list[str], essence_prompt: str) -> ValueRows:
     from ..tokens import span_token_range
+    from .rome import fill, request_texts  # the tokenisation helpers shared with the key step
 
-    target = target_ids(lm.tokenizer, request.target_new)
-    texts = request_texts(request, templates) + [fill(essence_prompt, request.subject, 0, request.subject)]
-    prefixes, suffixes, positions = [], [], []
-    for i, (text, (start, end)) in enumerate(texts):
-        ids = list(lm.tokenizer(text)["input_ids"])
-        last = span_token_range(lm.tokenizer, text, ids, start, end)[1] - 1
-        rewrite = i < len(texts) - 1
-        full = ids + (target[:-1] if rewrite else [])
-        prefixes.append(full[:last])
-        suffixes.append(full[last:])
-        if rewrite:
-            positions.append([len(ids) - 1 + j - last for j in range(len(target))])
-    return ValueRows(prefixes, suffixes, positions, target)
+    rows = ValueRows([], [], [], {}, [], [])
+    for r, request in enumerate(requests):
+        target = target_ids(lm.tokenizer, request.target_new)
+        rows.targets.append(target)
+        texts = request_texts(request, templates) + [fill(essence_prompt, request.subject, 0, request.subject)]
+        for i, (text, (start, end)) in enumerate(texts):
+            ids = list(lm.tokenizer(text)["input_ids"])
+            last = span_token_range(lm.tokenizer, text, ids, start, end)[1] - 1
+            rewrite = i < len(texts) - 1
+            full = ids + (target[:-1] if rewrite else [])
+            row = len(rows.prefixes)
+            rows.prefixes.append(full[:last])
+            rows.suffixes.append(full[last:])
+            rows.row_request.append(r)
+            if rewrite:
+                rows.target_positions[row] = [len(ids) - 1 + j - last for j in range(len(target))]
+            else:
+                rows.essence_rows.append(row)
+    return rows
 
 
 def _pad_id(lm: LoadedModel) -> int:
@@ -84,14 +91,13 @@ class FullForward:
         self.module = lm.arch.module(kind, layer)
 
     def __call__(self, delta: torch.Tensor) -> list[torch.Tensor]:
-        """Log-probabilities at each row's loss positions: rewrite rows' target positions, then the
-        essence row's subject token."""
+        """Log-probabilities at each row's loss positions: a rewrite row's target positions, an
+        essence row's subject token. `delta`: (rows, d), one vector per row."""
         n = self.input_ids.shape[0]
         with Hook(self.module, edit_output=_adder(delta, n, self.edit_positions)):
             logits = self.lm.model(input_ids=self.input_ids, use_cache=False).logits.float()
         log_probs = torch.log_softmax(logits, -1)
-        picked = [log_probs[i, [self.offsets[i] + p for p in ps]] for i, ps in enumerate(self.rows.target_positions)]
-        return picked + [log_probs[-1, self.offsets[-1]].unsqueeze(0)]
+        return [log_probs[i, [self.offsets[i] + p for p in self.rows.target_positions.get(i, [0])]] for i in range(n)]
 
 
 class CachedForward:
@@ -117,7 +123,7 @@ class CachedForward:
                 out = lm.model(input_ids=torch.tensor(prefix_ids, device=lm.device), attention_mask=self.mask[:, :P],
                                position_ids=positions[:, :P], use_cache=True)
             self.cache = out.get("cache") if "cache" in out else out.get("past_key_values")
-        needed = sorted({p for ps in rows.target_positions for p in ps} | {0})
+        needed = sorted({p for ps in rows.target_positions.values() for p in ps} | {0})
         self.column = {p: i for i, p in enumerate(needed)}
         self.keep = torch.tensor(needed, device=lm.device) if self.names["logits_to_keep"] else None
         if self.keep is None:
@@ -152,8 +158,7 @@ class CachedForward:
         if capture:
             self.below = captured[0]
         log_probs = torch.log_softmax(logits, -1)
-        picked = [log_probs[i, [self.column[p] for p in ps]] for i, ps in enumerate(self.rows.target_positions)]
-        return picked + [log_probs[-1, self.column[0]].unsqueeze(0)]
+        return [log_probs[i, [self.column[p] for p in self.rows.target_positions.get(i, [0])]] for i in range(n)]
 
 
 def _adder(delta: torch.Tensor, n_rows: int, positions: torch.Tensor) -> Callable:
@@ -162,53 +167,81 @@ def _adder(delta: torch.Tensor, n_rows: int, positions: torch.Tensor) -> Callabl
     def add(output: torch.Tensor) -> torch.Tensor:
         output = output.clone()
         view = output.view(n_rows, -1, output.shape[-1]) if output.dim() == 2 else output  # OPT flattens
-        view[rows, positions] += delta.to(output.dtype)
+        view[rows, positions] += delta.to(output.dtype)  # delta: (d,) or one row per batch row
         return output
 
     return add
 
 
-def compute_value_delta(lm: LoadedModel, layer: int, request: EditRequest, templates: list[str], settings,
-                        target_init: torch.Tensor, *, forward: str = "cached", kind: str = "mlp",
-                        progress: Callable[[int], None] | None = None) -> ValueResult:
-    """Optimise delta (settings: RomeSettings or MemitSettings), added to the output of the MLP
-    (`kind` "mlp", ROME) or of the whole block ("hidden", MEMIT's target z) at `layer`.
-    `forward`: "cached" (fast) or "full" (the reference)."""
-    rows = value_rows(lm, request, templates, settings.essence_prompt)
+def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest], templates: list[str], settings,
+                         target_inits: torch.Tensor, *, forward: str = "cached", kind: str = "mlp",
+                         progress: Callable[[int], None] | None = None) -> list[ValueResult]:
+    """Optimise one delta per request, all requests in one batch (settings: RomeSettings or
+    MemitSettings). delta is added to the output of the MLP (`kind` "mlp", ROME) or of the whole
+    block ("hidden", MEMIT's target z) at `layer`. Rows of different requests never interact and
+    Adam works element-wise, so this equals optimising each request alone; a request that reaches
+    the early-stop loss is frozen. `forward`: "cached" (fast) or "full" (the reference)."""
+    rows = value_rows(lm, requests, templates, settings.essence_prompt)
     runner = {"cached": CachedForward, "full": FullForward}[forward](lm, rows, layer, kind)
-    target = torch.tensor(rows.target, device=lm.device)
-    target_init = target_init.to(lm.device)
-    delta = torch.zeros_like(target_init, requires_grad=True)
+    n = len(requests)
+    target_inits = target_inits.to(lm.device)
+    init_norms = target_inits.norm(dim=1)
+    delta = torch.zeros_like(target_inits, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=settings.v_lr)
+    row_request = torch.tensor(rows.row_request, device=lm.device)
+    targets = [torch.tensor(t, device=lm.device) for t in rows.targets]
+    rewrite_rows = [rows.rewrite_rows(r) for r in range(n)]
     requires_grad = {p: p.requires_grad for p in lm.model.parameters()}
     for p in lm.model.parameters():
         p.requires_grad_(False)
-    losses, initial_essence, steps = [], None, 0
+    losses, steps, active = [[] for _ in range(n)], [0] * n, [True] * n
+    initial_essence = None
     try:
         for step in range(settings.v_steps):
-            picked = runner(delta)
-            nll = torch.stack([-lp[torch.arange(len(target)), target].mean() for lp in picked[:rows.n_rewrite]]).mean()
-            essence = picked[-1]
+            picked = runner(delta[row_request])
+            essence = torch.stack([picked[row][0] for row in rows.essence_rows])  # (n, vocab)
             if initial_essence is None:
                 initial_essence = essence.detach().clone()
-            kl = settings.kl_factor * torch.nn.functional.kl_div(initial_essence, essence, log_target=True,
-                                                                  reduction="batchmean")
-            # The reference's weight decay: ||delta|| / ||v||^2.
-            loss = nll + kl + settings.v_weight_decay * (delta.norm() / target_init.norm() ** 2)
-            losses.append(loss.item())
-            steps = step + 1
+            total = 0
+            for r in range(n):
+                if not active[r]:
+                    continue
+                nll = torch.stack([-picked[row][torch.arange(len(targets[r])), targets[r]].mean()
+                                   for row in rewrite_rows[r]]).mean()
+                kl = settings.kl_factor * torch.nn.functional.kl_div(initial_essence[r:r + 1], essence[r:r + 1],
+                                                                      log_target=True, reduction="batchmean")
+                # The reference's weight decay: ||delta|| / ||v||^2.
+                loss = nll + kl + settings.v_weight_decay * (delta[r].norm() / init_norms[r] ** 2)
+                losses[r].append(loss.item())
+                steps[r] = step + 1
+                if losses[r][-1] < settings.early_stop_loss or step == settings.v_steps - 1:
+                    active[r] = False
+                else:
+                    total = total + loss
             if progress:
                 progress(1)
-            if losses[-1] < settings.early_stop_loss or step == settings.v_steps - 1:
+            if not any(active):
                 break
+            frozen = torch.tensor([not a for a in active], device=lm.device)
+            kept = delta.detach()[frozen].clone()
             optimizer.zero_grad()
-            loss.backward()
+            total.backward()
             optimizer.step()
             with torch.no_grad():
-                max_norm = settings.clamp_norm_factor * target_init.norm()
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
+                delta[frozen] = kept  # Adam's momentum must not move a finished request
+                max_norms = settings.clamp_norm_factor * init_norms
+                norms = delta.norm(dim=1)
+                scale = torch.where(norms > max_norms, max_norms / norms, torch.ones_like(norms))
+                delta.mul_(scale.unsqueeze(1))
     finally:
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
-    return ValueResult(delta.detach(), target_init.detach(), losses, steps)
+    return [ValueResult(delta[r].detach(), target_inits[r].detach(), losses[r], steps[r]) for r in range(n)]
+
+
+def compute_value_delta(lm: LoadedModel, layer: int, request: EditRequest, templates: list[str], settings,
+                        target_init: torch.Tensor, *, forward: str = "cached", kind: str = "mlp",
+                        progress: Callable[[int], None] | None = None) -> ValueResult:
+    """One request's delta (see compute_value_deltas)."""
+    return compute_value_deltas(lm, layer, [request], templates, settings, target_init.unsqueeze(0), forward=forward,
+                                kind=kind, progress=progress)[0]
