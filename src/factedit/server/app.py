@@ -1,0 +1,146 @@
+"""FastAPI application: a JSON API under /api (documented at /docs) and the page at /."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from ..edit import METHODS, EditDelta, EditRequest
+from ..edit.delta import EditFileError
+from ..tokens import PromptError, tokenize_prompt
+from ..trace.heatmap import expand_kinds
+from .workbench import Workbench
+
+MAX_BODY_BYTES = 64 * 1024  # JSON requests
+MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # edit files (a ROME edit of a small model is a few KB)
+
+
+class TraceIn(BaseModel):
+    prompt: str = Field(min_length=1, max_length=1000)
+    subject: str = Field(min_length=1, max_length=300)
+    kinds: str = "all"
+    samples: int = Field(10, ge=1, le=50)
+    window: int = Field(10, ge=1, le=100)
+    seed: int = 0
+
+
+class EditIn(BaseModel):
+    prompt: str = Field(min_length=1, max_length=1000, description="template with {} or a prompt containing the subject")
+    subject: str = Field(min_length=1, max_length=300)
+    target: str = Field(min_length=1, max_length=200)
+    target_true: str | None = Field(None, max_length=200)
+    method: str = "rome"
+    layer: int | None = None
+    paraphrases: list[str] = Field(default_factory=list, max_length=10)
+
+
+class PromptIn(BaseModel):
+    prompt: str = Field(min_length=1, max_length=1000)
+    max_new: int = Field(20, ge=1, le=100)
+
+
+def create_app(bench: Workbench) -> FastAPI:
+    app = FastAPI(title="factedit workbench", description="Trace, edit and compare a model's facts.")
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        limit = MAX_UPLOAD_BYTES if request.url.path == "/api/edits/upload" else MAX_BODY_BYTES
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return JSONResponse({"detail": f"request too large: {length} bytes, at most {limit}"}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(ValueError)
+    async def user_error(request: Request, err: ValueError):
+        return JSONResponse({"detail": str(err)}, status_code=400)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return resources.files("factedit.server").joinpath("static/index.html").read_text()
+
+    @app.get("/api/model")
+    def model_info():
+        return {**bench.info(), "methods": {name: m.description for name, m in METHODS.items() if name != "none"}}
+
+    @app.post("/api/predict")
+    def predict(body: PromptIn):
+        return {"predictions": bench.predictions(body.prompt)}
+
+    @app.post("/api/generate")
+    def generate(body: PromptIn):
+        return {"prompt": body.prompt, "continuation": bench.generate(body.prompt, body.max_new)}
+
+    @app.post("/api/trace", status_code=202)
+    def trace(body: TraceIn):
+        kinds = expand_kinds(body.kinds)
+        tokenize_prompt(bench.lm.tokenizer, body.prompt, body.subject)  # bad input: 400 now, not a failed job
+        return bench.trace_job(body.prompt, body.subject, kinds, body.samples, body.window, body.seed).view()
+
+    @app.post("/api/edit", status_code=202)
+    def edit(body: EditIn):
+        if body.method not in METHODS or body.method == "none":
+            raise HTTPException(400, f"unknown method {body.method!r}; choose from "
+                                     f"{', '.join(m for m in METHODS if m != 'none')}")
+        if body.layer is not None and not 0 <= body.layer < bench.lm.n_layers:
+            raise HTTPException(400, f"layer {body.layer} out of range 0..{bench.lm.n_layers - 1}")
+        request = EditRequest.create(body.prompt, body.subject, body.target, body.target_true or None)
+        tokenize_prompt(bench.lm.tokenizer, request.text, request.subject)
+        paraphrases = [p for p in body.paraphrases if p.strip()]
+        return bench.edit_job(request, body.method, body.layer, paraphrases).view()
+
+    @app.get("/api/jobs/{job_id}")
+    def job(job_id: str):
+        if job_id not in bench.jobs:
+            raise HTTPException(404, f"no job {job_id}")
+        return bench.jobs[job_id].view()
+
+    @app.get("/api/edits")
+    def edits():
+        return {"edits": bench.list_edits()}
+
+    @app.delete("/api/edits/{edit_id}")
+    def revert(edit_id: int):
+        try:
+            return {"reverted": bench.revert(edit_id), "edits": bench.list_edits()}
+        except KeyError as err:
+            raise HTTPException(404, str(err.args[0])) from None
+
+    @app.get("/api/edits/{edit_id}/file")
+    def download(edit_id: int):
+        import tempfile
+        from pathlib import Path
+
+        try:
+            applied = bench.get_edit(edit_id)
+        except KeyError as err:
+            raise HTTPException(404, str(err.args[0])) from None
+        with tempfile.TemporaryDirectory() as folder:
+            data = applied.delta.save(Path(folder) / "edit.safetensors").read_bytes()
+        return Response(data, media_type="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="edit-{edit_id}.safetensors"'})
+
+    @app.post("/api/edits/upload")
+    async def upload(file: UploadFile = File(...)):
+        import tempfile
+        from pathlib import Path
+
+        data = await file.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise HTTPException(413, f"edit file too large (at most {MAX_UPLOAD_BYTES} bytes)")
+        with tempfile.TemporaryDirectory() as folder:  # a server-chosen name, never the client's
+            path = Path(folder) / "upload.safetensors"
+            path.write_bytes(data)
+            try:
+                delta = EditDelta.load(path)
+                return {"applied": bench.upload(delta, Path(file.filename or "upload").name),
+                        "edits": bench.list_edits()}
+            except EditFileError as err:
+                raise HTTPException(400, str(err)) from None
+
+    return app
+
+
+__all__ = ["create_app", "PromptError"]

@@ -1,0 +1,205 @@
+"""The state behind the web workbench: one model, its applied edits, and a queue of model jobs.
+
+Every use of the model (tracing, editing, prediction, generation, applying or reverting an edit)
+runs under one lock, so nothing ever observes a half-applied edit and edits never interleave. Long
+work (tracing, editing with a first statistics computation) runs as a job on a single worker thread
+and reports progress; the HTTP server stays responsive meanwhile.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..edit import EditDelta, EditRequest, EditStack, edit, get_method
+from ..generate import greedy_continuation
+from ..models import LoadedModel
+from ..scoring import target_probs
+from ..trace.heatmap import heatmap
+from ..trace.runs import last_token_probs, prepare
+
+USER_ERRORS = (ValueError, KeyError)  # PromptError, EditFileError, DatasetError are ValueErrors
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    status: str = "queued"  # queued, running, done, error
+    phase: str = ""
+    done: int = 0
+    total: int = 0
+    result: dict | None = None
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+
+    def view(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "status": self.status, "phase": self.phase, "done": self.done,
+                "total": self.total, "result": self.result, "error": self.error}
+
+
+@dataclass
+class AppliedEdit:
+    id: int
+    delta: EditDelta
+    label: str
+    source: str  # "edited here" or "uploaded"
+
+
+class Workbench:
+    def __init__(self, lm: LoadedModel, *, stats_corpus: str | None = None, stats_tokens: int = 100_000,
+                 max_jobs_kept: int = 100):
+        self.lm = lm
+        self.stats_corpus, self.stats_tokens = stats_corpus, stats_tokens
+        self.lock = threading.Lock()
+        self.stack = EditStack(lm)
+        self.edits: list[AppliedEdit] = []
+        self._ids = itertools.count(1)
+        self.jobs: dict[str, Job] = {}
+        self.max_jobs_kept = max_jobs_kept
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="factedit-model")
+
+    # ------------------------------------------------------------------------------------- jobs
+    def submit(self, kind: str, work: Callable[[Job], dict]) -> Job:
+        job = Job(uuid.uuid4().hex[:12], kind)
+        self.jobs[job.id] = job
+        for old in sorted(self.jobs.values(), key=lambda j: j.created)[:-self.max_jobs_kept]:
+            self.jobs.pop(old.id, None)
+
+        def run():
+            job.status = "running"
+            try:
+                with self.lock:
+                    job.result = work(job)
+                job.status = "done"
+            except USER_ERRORS as err:
+                job.status, job.error = "error", str(err)
+            except Exception as err:  # reported to the page, never crashes the server
+                job.status, job.error = "error", f"{type(err).__name__}: {err}"
+                traceback.print_exc()
+
+        self.executor.submit(run)
+        return job
+
+    # ----------------------------------------------------------------------------- model reads
+    def info(self) -> dict:
+        return {"model": self.lm.name, "fingerprint": self.lm.fingerprint, "n_layers": self.lm.n_layers,
+                "d_model": self.lm.arch.d_model, "edits": self.list_edits()}
+
+    def predictions(self, prompt: str, k: int = 10) -> list[dict]:
+        with self.lock:
+            return self._top_unlocked(prompt, k)
+
+    def generate(self, prompt: str, n_new: int = 20) -> str:
+        with self.lock:
+            return greedy_continuation(self.lm, prompt, n_new)
+
+    # ---------------------------------------------------------------------------------- tracing
+    def trace_job(self, prompt: str, subject: str, kinds: list[str], samples: int, window: int, seed: int) -> Job:
+        def work(job: Job) -> dict:
+            run = prepare(self.lm, prompt, subject, samples=samples, seed=seed)
+            job.phase, job.total = "tracing", len(kinds) * run.n_tokens * self.lm.n_layers
+
+            def step(n):
+                job.done += n
+
+            results = {kind: heatmap(run, kind, window=window, progress=step).to_dict() for kind in kinds}
+            return {"answer": run.answer, "p_clean": run.p_clean, "p_corrupt": run.p_corrupt,
+                    "tokens": run.tokenized.tokens, "subject_range": list(run.tokenized.subject_range),
+                    "heatmaps": {k: {"scores": v["scores"], "window": v["window"]} for k, v in results.items()},
+                    "predictions": self._top_unlocked(prompt)}
+
+        return self.submit("trace", work)
+
+    def _top_unlocked(self, prompt: str, k: int = 10) -> list[dict]:
+        with torch.no_grad():
+            ids = torch.tensor([self.lm.tokenizer(prompt)["input_ids"]], device=self.lm.device)
+            probs, _ = last_token_probs(self.lm, ids)
+        top = probs[0].topk(k)
+        return [{"token": self.lm.tokenizer.decode([int(i)]), "p": float(p)} for p, i in zip(top.values, top.indices)]
+
+    # ---------------------------------------------------------------------------------- editing
+    def edit_job(self, request: EditRequest, method: str, layer: int | None, paraphrases: list[str]) -> Job:
+        spec = get_method(method)
+
+        def work(job: Job) -> dict:
+            nonlocal request
+            if request.target_true is None:
+                top = greedy_continuation(self.lm, request.text, 1).strip()
+                request = EditRequest.create(request.prompt, request.subject, request.target_new, top or None)
+            checks = [request.text] + paraphrases
+            labels = ["prompt"] + ["paraphrase"] * len(paraphrases)
+
+            def table():
+                new = target_probs(self.lm, checks, [request.target_new] * len(checks))
+                old = target_probs(self.lm, checks, [request.target_true] * len(checks))
+                return new, old
+
+            before, gen_before = table(), greedy_continuation(self.lm, request.text, 20)
+            options = {"stats_corpus": self.stats_corpus, "stats_tokens": self.stats_tokens}
+            import dataclasses
+
+            names = {f.name for f in dataclasses.fields(spec.settings_type)}
+            settings = spec.defaults(self.lm, layer, **{k: v for k, v in options.items() if k in names})
+
+            def stats_step(n):
+                job.phase, job.total = "key statistics (first time only)", self.stats_tokens
+                job.done += n
+
+            def step(n):
+                if job.phase != "optimising":
+                    job.phase, job.done, job.total = "optimising", 0, getattr(settings, "v_steps", 0)
+                job.done += n
+
+            delta, info = edit(self.lm, request, method, settings, progress=step, stats_progress=stats_step)
+            applied = self._apply(delta, f"{request.subject}: {request.target_true.strip()} -> "
+                                         f"{request.target_new.strip()} ({method})", "edited here")
+            after, gen_after = table(), greedy_continuation(self.lm, request.text, 20)
+            rows = [{"label": label, "prompt": text, "old_before": before[1][i], "old_after": after[1][i],
+                     "new_before": before[0][i], "new_after": after[0][i]}
+                    for i, (label, text) in enumerate(zip(labels, checks))]
+            return {"edit": self._view(applied), "old": request.target_true, "new": request.target_new, "rows": rows,
+                    "generation_before": request.text + gen_before, "generation_after": request.text + gen_after}
+
+        return self.submit("edit", work)
+
+    def _apply(self, delta: EditDelta, label: str, source: str) -> AppliedEdit:
+        self.stack.apply(delta)  # checks the fingerprint and shapes first; refuses without changes
+        applied = AppliedEdit(next(self._ids), delta, label, source)
+        self.edits.append(applied)
+        return applied
+
+    def upload(self, delta: EditDelta, filename: str) -> dict:
+        with self.lock:
+            label = ", ".join(f"{r['subject']} -> {r['target_new'].strip()}" for r in delta.requests[:3]) or filename
+            return self._view(self._apply(delta, f"{label} ({delta.method}, {filename})", "uploaded"))
+
+    def revert(self, edit_id: int) -> dict:
+        with self.lock:
+            index = next((i for i, e in enumerate(self.edits) if e.id == edit_id), None)
+            if index is None:
+                raise KeyError(f"no applied edit with id {edit_id}")
+            self.stack.revert(index)
+            return self._view(self.edits.pop(index))
+
+    def get_edit(self, edit_id: int) -> AppliedEdit:
+        for applied in self.edits:
+            if applied.id == edit_id:
+                return applied
+        raise KeyError(f"no applied edit with id {edit_id}")
+
+    def list_edits(self) -> list[dict]:
+        return [self._view(e) for e in self.edits]
+
+    @staticmethod
+    def _view(applied: AppliedEdit) -> dict:
+        return {"id": applied.id, "label": applied.label, "method": applied.delta.method, "source": applied.source,
+                "requests": applied.delta.requests}

@@ -1,0 +1,114 @@
+"""The workbench's JSON API on a tiny model (FastAPI's test client)."""
+
+import io
+import random
+import time
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from tiny import VOCAB_WORDS, tiny_model, word_tokenizer
+
+from factedit.edit import EditDelta
+from factedit.models import from_model
+from factedit.server.app import create_app
+from factedit.server.workbench import Workbench
+
+PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
+
+
+@pytest.fixture()
+def client(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    rng = random.Random(0)
+    corpus.write_text(" ".join(rng.choice(VOCAB_WORDS[3:]) for _ in range(3000)))
+    monkeypatch.setenv("FACTEDIT_CACHE_DIR", str(tmp_path / "cache"))
+    lm = from_model(tiny_model("llama"), word_tokenizer(), name="tiny")
+    bench = Workbench(lm, stats_corpus=str(corpus), stats_tokens=500)
+    with TestClient(create_app(bench)) as c:
+        c.bench = bench
+        yield c
+
+
+def wait(client, job, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/api/jobs/{job['id']}").json()
+        if job["status"] in ("done", "error"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError("job did not finish")
+
+
+def test_page_and_openapi(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "factedit workbench" in page.text and "/api/trace" in page.text
+    schema = client.get("/openapi.json").json()
+    assert {"/api/trace", "/api/edit", "/api/edits", "/api/edits/upload", "/api/jobs/{job_id}"} <= set(schema["paths"])
+    info = client.get("/api/model").json()
+    assert info["n_layers"] == 3 and "rome" in info["methods"] and "none" not in info["methods"]
+
+
+def test_trace_job_reports_heatmaps(client):
+    job = client.post("/api/trace", json={"prompt": PROMPT, "subject": SUBJECT, "samples": 2})
+    assert job.status_code == 202
+    done = wait(client, job.json())
+    assert done["status"] == "done" and done["done"] == done["total"] == 3 * 9 * 3
+    result = done["result"]
+    assert set(result["heatmaps"]) == {"hidden", "mlp", "attn"} and result["subject_range"] == [0, 3]
+    assert len(result["heatmaps"]["hidden"]["scores"]) == 9 and len(result["predictions"]) == 10
+
+
+def test_edit_undo_download_upload(client):
+    weights = {k: v.clone() for k, v in client.bench.lm.model.state_dict().items()}
+    job = client.post("/api/edit", json={"prompt": "{} is located in the city of", "subject": SUBJECT,
+                                         "target": "Rome", "target_true": "Paris", "method": "ft",
+                                         "paraphrases": ["The Space Needle . The Eiffel Tower is in the city of"]})
+    assert job.status_code == 202, job.text
+    done = wait(client, job.json())
+    assert done["status"] == "done", done["error"]
+    rows = done["result"]["rows"]
+    assert len(rows) == 2 and rows[0]["new_after"] > rows[0]["old_after"] and rows[0]["new_before"] < rows[0]["old_before"]
+    edit_id = done["result"]["edit"]["id"]
+    assert [e["id"] for e in client.get("/api/edits").json()["edits"]] == [edit_id]
+    assert not all(torch.equal(weights[k], v) for k, v in client.bench.lm.model.state_dict().items())
+
+    data = client.get(f"/api/edits/{edit_id}/file")
+    assert data.status_code == 200 and len(data.content) > 100
+    assert client.delete(f"/api/edits/{edit_id}").status_code == 200
+    assert all(torch.equal(weights[k], v) for k, v in client.bench.lm.model.state_dict().items())
+    assert client.delete(f"/api/edits/{edit_id}").status_code == 404
+
+    uploaded = client.post("/api/edits/upload", files={"file": ("mine.safetensors", io.BytesIO(data.content))})
+    assert uploaded.status_code == 200 and len(uploaded.json()["edits"]) == 1
+    assert "mine.safetensors" in uploaded.json()["applied"]["label"]
+
+
+def test_bad_input_is_a_4xx_and_leaves_the_model(client, tmp_path):
+    weights = {k: v.clone() for k, v in client.bench.lm.model.state_dict().items()}
+    cases = [
+        ("/api/trace", {"prompt": PROMPT, "subject": "Louvre"}, "does not occur"),
+        ("/api/trace", {"prompt": PROMPT}, "Field required"),
+        ("/api/trace", {"prompt": "", "subject": "x"}, "at least 1"),
+        ("/api/trace", {"prompt": "x" * 5000, "subject": "x"}, "at most 1000"),
+        ("/api/trace", {"prompt": PROMPT, "subject": SUBJECT, "kinds": "neurons"}, "unknown trace kind"),
+        ("/api/edit", {"prompt": "{} is in", "subject": SUBJECT, "target": " "}, "new target is empty"),
+        ("/api/edit", {"prompt": "{} is in", "subject": SUBJECT, "target": "Rome", "method": "magic"}, "unknown method"),
+        ("/api/edit", {"prompt": "{} is in", "subject": SUBJECT, "target": "Rome", "layer": 99}, "out of range"),
+    ]
+    for path, body, message in cases:
+        response = client.post(path, json=body)
+        assert 400 <= response.status_code < 500, (path, body, response.text)
+        assert message in response.text, (message, response.text)
+    huge = client.post("/api/trace", content=b"{" + b" " * 100_000 + b"}", headers={"Content-Type": "application/json"})
+    assert huge.status_code == 413
+    for content in (b"not a safetensors file", b""):
+        bad = client.post("/api/edits/upload", files={"file": ("x.safetensors", io.BytesIO(content))})
+        assert bad.status_code == 400 and "not a valid" in bad.json()["detail"]
+    other = from_model(tiny_model("llama", seed=1), word_tokenizer())
+    foreign = EditDelta("ft", other.fingerprint, {"model.layers.1.mlp.down_proj": {"dense": torch.zeros(32, 48)}})
+    blob = foreign.save(tmp_path / "foreign.safetensors").read_bytes()
+    refused = client.post("/api/edits/upload", files={"file": ("f.safetensors", io.BytesIO(blob))})
+    assert refused.status_code == 400 and "refusing to apply" in refused.json()["detail"]
+    assert client.get("/api/jobs/nope").status_code == 404
+    assert all(torch.equal(weights[k], v) for k, v in client.bench.lm.model.state_dict().items())
