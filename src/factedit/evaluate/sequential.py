@@ -41,7 +41,8 @@ def perplexity(lm: LoadedModel, corpus: Corpus, n_tokens: int = 4096, chunk_len:
         nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
         total_nll += float(nll)
         count += ids.shape[1] - 1
-    return math.exp(total_nll / max(count, 1))
+    mean = total_nll / max(count, 1)
+    return math.exp(mean) if mean < 700 else float("inf")  # a collapsed model: report inf, do not crash
 
 
 def efficacy(lm: LoadedModel, records: list[CounterFactRecord]) -> tuple[float, float]:
