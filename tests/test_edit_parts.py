@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from tiny import FAMILIES, tiny_model, word_tokenizer
+from tiny import tiny_model, word_tokenizer
 
 from factedit.edit import EditDelta, EditFileError, EditRequest, EditStack, RomeSettings
 from factedit.edit.rome import compute_keys, rome_delta, solve_rank_one
@@ -72,7 +72,7 @@ def test_statistics_are_cached_by_model_layer_corpus_and_size(tmp_path):
     text_file.write_text(TEXT)
     corpus = corpus_from(str(text_file))
     first, path, hit = second_moment(lm, 1, corpus, 100, cache_dir=tmp_path)
-    assert not hit and path.exists() and f"layer1_corpus-" in path.name and "100tok" in path.name
+    assert not hit and path.exists() and "layer1_corpus-" in path.name and "100tok" in path.name
     again, path2, hit2 = second_moment(lm, 1, corpus, 100, cache_dir=tmp_path)
     assert hit2 and path2 == path and torch.equal(first.sum_outer, again.sum_outer)
     assert second_moment(lm, 2, corpus, 100, cache_dir=tmp_path)[1] != path

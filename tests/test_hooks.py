@@ -32,7 +32,7 @@ def test_stop_ends_forward_early_and_hooks_are_removed():
     calls = []
     net[2].register_forward_hook(lambda *a: calls.append(1))
     with Hook(net[0], keep_output=True, stop=True) as h:
-        result = net(x)
+        net(x)
         assert False, "unreachable: the forward pass stops inside net(x)"
     assert h.output is not None and not calls
     net(x)

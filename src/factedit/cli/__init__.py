@@ -1,0 +1,96 @@
+"""The `factedit` command: the group, shared options and helpers; commands live in the modules
+beside this one, grouped by what they do (trace, edit, evaluate, serve)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from ..arch import ArchitectureError
+from ..data.known import DatasetError
+from ..edit.delta import EditFileError
+from ..models import ModelLoadError
+from ..tokens import PromptError
+
+USER_ERRORS = (ModelLoadError, ArchitectureError, PromptError, DatasetError, EditFileError, ValueError,
+               FileNotFoundError)
+
+
+def _model_options(command):
+    command = click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16")(command)
+    command = click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda:0, mps")(command)
+    command = click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")(command)
+    command = click.option("--model", "-m", default="smollm2-135m", show_default=True,
+                           help="bundled name (smollm2-135m, gemma3-270m), model folder, .gguf file or hub id")(command)
+    return command
+
+
+def _load(model: str, device: str, dtype: str, threads: int | None):
+    import torch
+
+    from ..models import load
+
+    if threads:
+        torch.set_num_threads(threads)
+    click.echo(f"loading {model} ...", err=True)
+    lm = load(model, device=device, dtype=dtype)
+    click.echo(f"{lm.name}: {lm.n_layers} layers, d_model {lm.arch.d_model}, d_mlp {lm.arch.d_mlp}, "
+               f"fingerprint {lm.fingerprint}", err=True)
+    return lm
+
+
+class FriendlyGroup(click.Group):
+    """Turns the errors users cause (bad model name, subject not in prompt, ...) into one line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=FriendlyGroup)
+def main():
+    """Locate and edit factual associations in transformer language models."""
+
+
+def _load_edits(lm, paths):
+    from ..edit import EditDelta, EditStack
+
+    stack = EditStack(lm)
+    for path in paths:
+        delta = EditDelta.load(path)
+        stack.apply(delta)
+        click.echo(f"applied {path}: {delta.method}, {len(delta.requests)} request(s)", err=True)
+    return stack
+
+
+def _applicable(settings_type, **options) -> dict:
+    """The options that this settings dataclass has fields for."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(settings_type)}
+    return {key: value for key, value in options.items() if key in names}
+
+
+def _stats_options(command):
+    command = click.option("--tokens", "stats_tokens", type=int, default=100_000, show_default=True,
+                           help="corpus tokens for the key statistics")(command)
+    command = click.option("--corpus", default=None,
+                           help="text/.jsonl file or folder for the key statistics, or 'wikitext' (online); "
+                                "default $FACTEDIT_STATS_CORPUS, else text sampled from the model")(command)
+    return command
+
+
+def _register_commands() -> None:
+    # Imported for their @main.command side effect; at the bottom to avoid an import cycle.
+    from . import edit_commands, eval_commands, serve_command, trace_commands  # noqa: F401
+
+
+_register_commands()
+

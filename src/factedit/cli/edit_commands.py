@@ -1,0 +1,156 @@
+"""`factedit edit`, `generate`, `export`, `stats`, `suggest-layer`, `methods`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from tqdm import tqdm
+
+from . import _applicable, _load, _load_edits, _model_options, _stats_options, main
+
+
+@main.command()
+def methods():
+    """List the editing methods."""
+    from ..edit import METHODS
+
+    for name, spec in METHODS.items():
+        click.echo(f"{name:14} {spec.description}")
+
+
+@main.command("edit")
+@_model_options
+@click.option("--prompt", "-p", required=True, help='template with {} for the subject, or a full prompt')
+@click.option("--subject", "-s", required=True)
+@click.option("--target", "-t", required=True, help="the new object, e.g. Rome")
+@click.option("--true", "target_true", default=None, help="the current object (default: the model's top token)")
+@click.option("--method", default="rome", show_default=True,
+              help="rome, rome-original, memit, ft, ft-l or kn (see factedit methods)")
+@click.option("--layer", type=int, default=None, help="layer to edit (default: per-model structural default)")
+@click.option("--settings", "settings_file", type=click.Path(dir_okay=False), default=None,
+              help="ROME settings JSON (as written next to results)")
+@click.option("--paraphrase", multiple=True, help="extra prompts to check (repeatable)")
+@_stats_options
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the sampled context prefixes")
+@click.option("--save", type=click.Path(dir_okay=False), default=None, help="write the edit to this .safetensors file")
+def edit_command(model, device, dtype, threads, prompt, subject, target, target_true, method, layer, settings_file,
+                 paraphrase, corpus, stats_tokens, seed, save):
+    """Rewrite one fact with ROME and show the model before and after."""
+    from ..edit import EditRequest, EditStack, edit, get_method
+    from ..generate import greedy_continuation, sample_texts
+    from ..scoring import target_probs
+
+    lm = _load(model, device, dtype, threads)
+    request = EditRequest.create(prompt, subject, target, target_true)
+    if request.target_true is None:
+        top = greedy_continuation(lm, request.text, 1)
+        request = EditRequest.create(request.prompt, subject, target, top.strip() or top)
+    spec = get_method(method)
+    if settings_file:
+        settings = spec.settings_type.load(settings_file)
+    else:
+        settings = spec.defaults(lm, layer, **_applicable(spec.settings_type, stats_corpus=corpus,
+                                                          stats_tokens=stats_tokens, prefix_seed=seed))
+    where = getattr(settings, "layer", None) if hasattr(settings, "layer") else getattr(settings, "layers", None)
+    click.echo(f"editing layer(s) {where} ({getattr(settings, 'layer_rule', '')}) with {method}: "
+               f"{request.text!r}: {request.target_true!r} -> {request.target_new!r}")
+    prefixes = sample_texts(lm, ["The", "In"], 1, 8, top_k=5, seed=seed + 7)  # not the templates ROME uses
+    checks = [request.text] + [f"{p.strip()}. {request.text}" for p in prefixes] + list(paraphrase)
+    labels = ["prompt"] + ["prefixed (sampled)"] * len(prefixes) + ["paraphrase"] * len(paraphrase)
+
+    def table():
+        new = target_probs(lm, checks, [request.target_new] * len(checks))
+        old = target_probs(lm, checks, [request.target_true] * len(checks))
+        return new, old
+
+    before = table()
+    generation_before = greedy_continuation(lm, request.text, 20)
+    with tqdm(desc="editing", unit="step", file=sys.stderr) as bar, \
+            tqdm(desc="key statistics", unit="tok", file=sys.stderr, disable=None) as stats_bar:
+        delta, diagnostics = edit(lm, request, method, settings, progress=bar.update, stats_progress=stats_bar.update)
+    stack = EditStack(lm)
+    stack.apply(delta)
+    after = table()
+    generation_after = greedy_continuation(lm, request.text, 20)
+    click.echo(f"{'':22} {'p(' + request.target_true.strip() + ')':>22} {'p(' + request.target_new.strip() + ')':>22}")
+    for i, (label, text) in enumerate(zip(labels, checks)):
+        click.echo(f"{label:22} {before[1][i]:9.4f} -> {after[1][i]:<9.4f} {before[0][i]:9.4f} -> {after[0][i]:<9.4f}"
+                   f"  {text!r}")
+    click.echo(f"before: {request.text}{generation_before}".replace("\n", " / "))
+    click.echo(f"after:  {request.text}{generation_after}".replace("\n", " / "))
+    info = diagnostics[0]
+    if "losses" in info:
+        click.echo(f"optimisation: {info['steps']} steps, final loss {info['losses'][-1]:.4f}")
+    if save:
+        delta.save(save)
+        click.echo(f"saved the edit to {save}")
+
+
+@main.command()
+@_model_options
+@click.option("--edits", "-e", multiple=True, type=click.Path(dir_okay=False), help="edit files to apply")
+@click.option("--prompt", "-p", required=True, multiple=True)
+@click.option("--max-new", type=int, default=20, show_default=True)
+def generate(model, device, dtype, threads, edits, prompt, max_new):
+    """Greedy continuation of prompts, with edit files applied."""
+    from ..generate import greedy_continuation
+
+    lm = _load(model, device, dtype, threads)
+    _load_edits(lm, edits)
+    for text in prompt:
+        click.echo(f"{text}{greedy_continuation(lm, text, max_new)}")
+
+
+@main.command()
+@_model_options
+@click.option("--edits", "-e", multiple=True, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
+def export(model, device, dtype, threads, edits, out):
+    """Write the edited model as a Hugging Face folder (save_pretrained)."""
+    lm = _load(model, device, dtype, threads)
+    _load_edits(lm, edits)
+    lm.model.save_pretrained(out)
+    lm.tokenizer.save_pretrained(out)
+    click.echo(f"wrote the edited model to {out}")
+
+
+@main.command()
+@_model_options
+@click.option("--layer", type=int, required=True)
+@_stats_options
+def stats(model, device, dtype, threads, layer, corpus, stats_tokens):
+    """Compute (or load from the cache) the MLP key second moment at a layer."""
+    from ..edit import RomeSettings
+    from ..edit.rome import key_statistics
+
+    lm = _load(model, device, dtype, threads)
+    settings = RomeSettings.defaults_for(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
+    with tqdm(total=stats_tokens, desc="key statistics", unit="tok", file=sys.stderr) as bar:
+        result, path, hit = key_statistics(lm, settings, progress=bar.update)
+    click.echo(f"{'loaded' if hit else 'computed'} C at layer {layer}: {result.count} keys, "
+               f"d_mlp {result.sum_outer.shape[0]}, {path}")
+
+
+@main.command("suggest-layer")
+@_model_options
+@click.option("--facts", type=click.Path(dir_okay=False), default=None)
+@click.option("--n", type=int, default=20, show_default=True, help="correctly predicted facts to trace")
+@click.option("--samples", type=int, default=10, show_default=True)
+@click.option("--window", type=int, default=10, show_default=True)
+def suggest_layer(model, device, dtype, threads, facts, n, samples, window):
+    """Suggest the layer to edit: the peak average MLP effect on the subject's tokens."""
+    from ..data.known import load_known_facts
+    from ..trace.average import average_effects
+
+    lm = _load(model, device, dtype, threads)
+    with tqdm(total=n, desc="facts traced", unit="fact", file=sys.stderr) as bar:
+        result = average_effects(lm, load_known_facts(facts), "mlp", n=n, samples=samples, window=window,
+                                 on_fact=lambda r: bar.update(1 if r["correct"] else 0))
+    if result.n_correct == 0:
+        raise ValueError("the model predicted none of the facts correctly; cannot suggest a layer")
+    best = max(((result.peak("mlp", c), c) for c in ("first_subject", "middle_subject", "last_subject")
+                if c in result.effects["mlp"]), key=lambda x: x[0][1])
+    (layer, value), token_class = best
+    click.echo(f"suggested layer {layer}: average MLP indirect effect {value:.3f} at the {token_class.replace('_', ' ')} "
+               f"token, over {result.n_correct} facts ({result.n_skipped} skipped as wrong)")

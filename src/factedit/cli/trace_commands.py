@@ -1,0 +1,97 @@
+"""`factedit trace` and `factedit trace-avg`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from . import _load, _model_options, main
+
+
+@main.command()
+@_model_options
+@click.option("--prompt", "-p", required=True, help='e.g. "The Eiffel Tower is located in the city of"')
+@click.option("--subject", "-s", required=True, help="the subject as it occurs in the prompt")
+@click.option("--kind", default="all", show_default=True,
+              help="hidden, mlp, attn, hidden_no_mlp, hidden_no_attn, a comma list, or all (= hidden,mlp,attn)")
+@click.option("--sever", is_flag=True, help="also compute the severed kinds (hidden_no_mlp, hidden_no_attn)")
+@click.option("--noise", type=float, default=None, help="noise std (default: 3 x embedding std)")
+@click.option("--samples", type=int, default=10, show_default=True)
+@click.option("--window", type=int, default=10, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--answer", default=None, help="trace this answer's first token instead of the top prediction")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default="trace-out", show_default=True)
+def trace(model, device, dtype, threads, prompt, subject, kind, sever, noise, samples, window, seed, answer, out):
+    """Causal tracing of one fact: heatmaps of where the model recalls it."""
+    from ..trace.heatmap import expand_kinds, heatmap
+    from ..trace.plot import plot_heatmap
+    from ..trace.runs import prepare
+
+    lm = _load(model, device, dtype, threads)
+    kinds = expand_kinds(kind) + (["hidden_no_mlp", "hidden_no_attn"] if sever else [])
+    run = prepare(lm, prompt, subject, samples=samples, noise=noise, seed=seed, answer=answer)
+    click.echo(f"answer {run.answer!r}  p_clean {run.p_clean:.4f}  p_corrupt {run.p_corrupt:.4f}  "
+               f"(noise std {run.noise_std:.4f}, {samples} samples, seed {seed})")
+    start, end = run.tokenized.subject_range
+    click.echo(f"subject tokens {start}..{end - 1}: {run.tokenized.tokens[start:end]}")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells = len(kinds) * run.n_tokens * lm.n_layers
+    with tqdm(total=cells, desc="tracing", unit="cell", file=sys.stderr) as bar:
+        results = {k: heatmap(run, k, window=window, progress=bar.update) for k in kinds}
+    for k, result in results.items():
+        result.save(out_dir / f"trace_{k}.json")
+        plot_heatmap(result, out_dir / f"trace_{k}")
+        click.echo(result.summary())
+    click.echo(f"wrote {', '.join(f'trace_{k}.json/.png/.svg' for k in kinds)} to {out_dir}")
+
+
+@main.command("trace-avg")
+@_model_options
+@click.option("--facts", type=click.Path(dir_okay=False), default=None,
+              help="known-facts JSON (default: $FACTEDIT_DATA_DIR/known_1000.json or the published file)")
+@click.option("--n", type=int, default=100, show_default=True, help="number of correctly predicted facts to trace")
+@click.option("--kind", default="all", show_default=True)
+@click.option("--noise", type=float, default=None, help="noise std (default: 3 x std of subject embeddings)")
+@click.option("--samples", type=int, default=10, show_default=True)
+@click.option("--window", type=int, default=10, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "-o", type=click.Path(file_okay=False), default="trace-avg-out", show_default=True)
+def trace_avg(model, device, dtype, threads, facts, n, kind, noise, samples, window, seed, out):
+    """Average indirect effects over many known facts (resumable: reruns skip traced facts)."""
+    from ..data.known import load_known_facts
+    from ..trace.average import average_effects
+    from ..trace.plot import plot_average
+
+    lm = _load(model, device, dtype, threads)
+    records = load_known_facts(facts)
+    with tqdm(total=n, desc="facts traced", unit="fact", file=sys.stderr) as bar:
+        def on_fact(record):
+            if record["correct"]:
+                bar.update(1)
+            bar.set_postfix(seen=on_fact.seen + 1, wrong=on_fact.wrong + (not record["correct"]))
+            on_fact.seen += 1
+            on_fact.wrong += not record["correct"]
+        on_fact.seen = on_fact.wrong = 0
+        result = average_effects(lm, records, kind, n=n, samples=samples, window=window, seed=seed,
+                                 noise=noise, out_dir=out, on_fact=on_fact)
+    out_dir = Path(out)
+    (out_dir / "average.json").write_text(json.dumps(result.to_dict(), indent=1))
+    if result.n_correct == 0:
+        raise ValueError(f"the model predicted none of the {result.n_facts} facts read correctly; nothing to average")
+    plot_average(result, out_dir / "average")
+    (out_dir / "average.md").write_text(result.markdown() + "\n")
+    click.echo(f"{result.n_correct} facts traced, {result.n_skipped} skipped because the model's top token was "
+               f"wrong, of {result.n_facts} read; noise std {result.settings.noise_std:.4f}")
+    click.echo(f"average total effect {float(result.total_effect.mean):.3f} "
+               f"(+- {float(result.total_effect.ci95):.3f})")
+    for k in result.effects:
+        for token_class in ("last_subject", "last"):
+            if token_class in result.effects[k]:
+                layer, value = result.peak(k, token_class)
+                click.echo(f"{k:>6} at {token_class:>12}: peak layer {layer}, average indirect effect {value:.3f}")
+    click.echo(f"wrote average.json, average.md, average.png/.svg and facts.jsonl to {out_dir}")
