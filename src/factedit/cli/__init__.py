@@ -3,12 +3,9 @@ beside this one, grouped by what they do (trace, edit, evaluate, serve)."""
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from ..arch import ArchitectureError
 from ..data.known import DatasetError
