@@ -43,7 +43,8 @@ def main():
         stack.apply(delta)
         probs = target_probs(lm, [p for p, _ in CHECKS], [t for _, t in CHECKS])
         stack.revert()
-        where = sorted({int(n.split(".")[2]) for n in delta.changes}) if delta.changes else "-"
+        prefix = len(lm.arch.blocks_name) + 1
+        where = sorted({int(n[prefix:].split(".")[0]) for n in delta.changes}) if delta.changes else "-"
         print(f"| {name} | {where} | " + " | ".join(f"{p:.3f}" for p in probs) + f" | {seconds:.1f} |", flush=True)
 
 
