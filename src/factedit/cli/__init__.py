@@ -67,14 +67,6 @@ def _load_edits(lm, paths):
     return stack
 
 
-def _applicable(settings_type, **options) -> dict:
-    """The options that this settings dataclass has fields for."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(settings_type)}
-    return {key: value for key, value in options.items() if key in names}
-
-
 def _stats_options(command):
     command = click.option("--tokens", "stats_tokens", type=int, default=100_000, show_default=True,
                            help="corpus tokens for the key statistics")(command)

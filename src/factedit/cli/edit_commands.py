@@ -7,7 +7,7 @@ import sys
 import click
 from tqdm import tqdm
 
-from . import _applicable, _load, _load_edits, _model_options, _stats_options, main
+from . import _load, _load_edits, _model_options, _stats_options, main
 
 
 @main.command()
@@ -50,8 +50,7 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
     if settings_file:
         settings = spec.settings_type.load(settings_file)
     else:
-        settings = spec.defaults(lm, layer, **_applicable(spec.settings_type, stats_corpus=corpus,
-                                                          stats_tokens=stats_tokens, prefix_seed=seed))
+        settings = spec.settings_with(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens, prefix_seed=seed)
     where = getattr(settings, "layer", None) if hasattr(settings, "layer") else getattr(settings, "layers", None)
     click.echo(f"editing layer(s) {where} ({getattr(settings, 'layer_rule', '')}) with {method}: "
                f"{request.text!r}: {request.target_true!r} -> {request.target_new!r}")

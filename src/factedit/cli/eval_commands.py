@@ -68,19 +68,21 @@ def sequential(model, device, dtype, threads, data, n, every, methods, layer, co
 @click.option("--edits-per-batch", type=int, default=1, show_default=True)
 @click.option("--layer", type=int, default=None)
 @click.option("--settings", "settings_file", type=click.Path(dir_okay=False), default=None)
+@_stats_options
 @click.option("--generation", is_flag=True, help="also score fluency (GE) and consistency (RS*) of generations")
 @click.option("--sequential", is_flag=True, help="keep every edit: each batch is edited on top of the earlier ones")
 @click.option("--generation-tokens", type=int, default=100, show_default=True)
 @click.option("--out", "-o", type=click.Path(file_okay=False), required=True)
 def eval_command(model, device, dtype, threads, method, dataset, data, n, edits_per_batch, layer, settings_file,
-                 generation, generation_tokens, sequential, out):
+                 corpus, stats_tokens, generation, generation_tokens, sequential, out):
     """Evaluate an editing method with the paper's metrics (resumable: finished cases are kept)."""
     from ..edit import get_method
     from ..evaluate.runner import markdown_table, run_evaluation
 
     lm = _load(model, device, dtype, threads)
     spec = get_method(method)
-    settings = spec.settings_type.load(settings_file) if settings_file else spec.defaults(lm, layer)
+    settings = (spec.settings_type.load(settings_file) if settings_file
+                else spec.settings_with(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens))
     with tqdm(total=n, desc=f"{method} on {dataset}", unit="case", file=sys.stderr) as bar:
         summary = run_evaluation(lm, method, dataset, out, data=data, n=n, edits_per_batch=edits_per_batch,
                                  settings=settings, generation=generation, generation_tokens=generation_tokens,

@@ -28,6 +28,14 @@ class Method:
     defaults: Callable[..., object]  # (lm, layer=None, **overrides) -> settings
     compute: Callable[..., tuple[EditDelta, list[dict]]]  # (lm, requests, settings, cache_dir, progress)
 
+    def settings_with(self, lm: LoadedModel, layer: int | None = None, **options):
+        """Per-model defaults with those `options` that this method's settings have (e.g. a statistics
+        corpus, which fine-tuning does not use)."""
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(self.settings_type)}
+        return self.defaults(lm, layer, **{k: v for k, v in options.items() if k in names})
+
 
 def _rome(key_mode: str, name: str):
     def compute(lm, requests, settings, cache_dir=None, progress=None, stats_progress=None):

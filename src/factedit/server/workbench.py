@@ -144,11 +144,7 @@ class Workbench:
                 return new, old
 
             before, gen_before = table(), greedy_continuation(self.lm, request.text, 20)
-            options = {"stats_corpus": self.stats_corpus, "stats_tokens": self.stats_tokens}
-            import dataclasses
-
-            names = {f.name for f in dataclasses.fields(spec.settings_type)}
-            settings = spec.defaults(self.lm, layer, **{k: v for k, v in options.items() if k in names})
+            settings = spec.settings_with(self.lm, layer, stats_corpus=self.stats_corpus, stats_tokens=self.stats_tokens)
 
             def stats_step(n):
                 job.phase, job.total = "key statistics (first time only)", self.stats_tokens
