@@ -98,7 +98,11 @@ def corpus_from(source: str) -> Corpus:
     `wikitext` (wikitext-103 through the `datasets` library, for users who are online)."""
     if source in ("wikitext", "wikitext-103"):
         def wikitext():
-            from datasets import load_dataset
+            try:
+                from datasets import load_dataset
+            except ImportError:
+                raise ValueError("the wikitext corpus needs the `datasets` package (pip install datasets) and "
+                                 "network access; or give a local text or .jsonl file") from None
 
             for record in load_dataset("wikitext", "wikitext-103-raw-v1", split="train", streaming=True):
                 if record["text"].strip():

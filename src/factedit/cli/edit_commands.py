@@ -78,6 +78,9 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
                    f"  {text!r}")
     click.echo(f"before: {request.text}{generation_before}".replace("\n", " / "))
     click.echo(f"after:  {request.text}{generation_after}".replace("\n", " / "))
+    if "stats_file" in delta.info:
+        click.echo(f"key statistics: {delta.info['stats_keys']} keys ({delta.info['stats_file']}; 'model-sampled' "
+                   f"in the name means text sampled from the model, as no corpus was given)")
     info = diagnostics[0]
     if "losses" in info:
         click.echo(f"optimisation: {info['steps']} steps, final loss {info['losses'][-1]:.4f}")

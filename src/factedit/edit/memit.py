@@ -19,10 +19,10 @@ import torch
 
 from ..models import LoadedModel
 from ..settings import JsonSettings
-from ..stats import corpus_from, model_sampled_corpus, second_moments
+from ..stats import second_moments
 from .delta import EditDelta, EditStack
 from .request import EditRequest
-from .rome import RomeSettings, context_templates, io_at_subject
+from .rome import RomeSettings, context_templates, io_at_subject, statistics_corpus
 from .value import compute_value_deltas
 
 
@@ -55,10 +55,7 @@ class MemitSettings(JsonSettings):
 
 
 def _statistics(lm: LoadedModel, settings: MemitSettings, cache_dir, progress):
-    import os
-
-    source = settings.stats_corpus or os.environ.get("FACTEDIT_STATS_CORPUS")
-    corpus = corpus_from(source) if source else model_sampled_corpus(lm, seed=settings.prefix_seed)
+    corpus = statistics_corpus(lm, settings)
     found = second_moments(lm, settings.layers, corpus, settings.stats_tokens, cache_dir=cache_dir, progress=progress)
     return {layer: stats.matrix.to(lm.device) for layer, (stats, _, _) in found.items()}
 

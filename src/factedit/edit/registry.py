@@ -41,7 +41,7 @@ def _rome(key_mode: str, name: str):
     def compute(lm, requests, settings, cache_dir=None, progress=None, stats_progress=None):
         if settings.key_mode != key_mode:
             raise ValueError(f"method {name} uses key_mode {key_mode!r}, the settings say {settings.key_mode!r}")
-        stats, _, _ = key_statistics(lm, settings, cache_dir=cache_dir, progress=stats_progress)
+        stats, path, _ = key_statistics(lm, settings, cache_dir=cache_dir, progress=stats_progress)
         C = stats.matrix.to(lm.device)
         templates = context_templates(lm, settings, cache_dir)
         stack, total, diagnostics = EditStack(lm), None, []
@@ -54,7 +54,7 @@ def _rome(key_mode: str, name: str):
                 total = delta if total is None else total.compose(delta)
         finally:
             stack.revert_all()
-        total.info.update({"diagnostics": diagnostics, "stats_keys": stats.count})
+        total.info.update({"diagnostics": diagnostics, "stats_keys": stats.count, "stats_file": path.name})
         return total, diagnostics
 
     def defaults(lm, layer=None, **overrides):

@@ -28,7 +28,7 @@ import torch
 from ..hooks import Hook
 from ..models import LoadedModel, default_cache_dir
 from ..settings import JsonSettings
-from ..stats import corpus_from, model_sampled_corpus, second_moment
+from ..stats import Corpus, corpus_from, model_sampled_corpus, second_moment
 from ..tokens import span_token_range
 from .delta import EditDelta
 from .request import EditRequest
@@ -173,12 +173,18 @@ def solve_rank_one(C: torch.Tensor, k_direction: torch.Tensor, k_residual: torch
 
 # -------------------------------------------------------------------------------------- the editor
 
-def key_statistics(lm: LoadedModel, settings: RomeSettings, *, cache_dir: Path | None = None,
-                   progress: Callable[[int], None] | None = None):
+def statistics_corpus(lm: LoadedModel, settings) -> Corpus:
+    """The corpus for the key statistics: the settings' source, else $FACTEDIT_STATS_CORPUS, else
+    text sampled from the model itself (its name says so: model-sampled-seedN)."""
     import os
 
     source = settings.stats_corpus or os.environ.get("FACTEDIT_STATS_CORPUS")
-    corpus = corpus_from(source) if source else model_sampled_corpus(lm, seed=settings.prefix_seed)
+    return corpus_from(source) if source else model_sampled_corpus(lm, seed=settings.prefix_seed)
+
+
+def key_statistics(lm: LoadedModel, settings: RomeSettings, *, cache_dir: Path | None = None,
+                   progress: Callable[[int], None] | None = None):
+    corpus = statistics_corpus(lm, settings)
     return second_moment(lm, settings.layer, corpus, settings.stats_tokens, cache_dir=cache_dir, progress=progress)
 
 
