@@ -98,7 +98,7 @@ def test_gemma3_embedding_scale_is_corrupted_and_batched_equals_naive():
     run = prepare(lm, "The Eiffel Tower is located in the city of", "The Eiffel Tower", samples=4, seed=0)
     assert run.answer == " Paris" and run.p_clean > 0.5 and run.p_corrupt < 0.1
     # Gemma multiplies embeddings by sqrt(d) inside the embedding module: the noise follows that scale.
-    raw_std = float(lm.arch.embed.weight.std())
+    raw_std = float(lm.arch.embed.weight.detach().std())
     assert run.noise_std == pytest.approx(3 * raw_std * lm.arch.d_model**0.5, rel=0.05)
     assert run.tokenized.subject_range == (1, 4)  # after <bos>
     cells = [c for c in heatmap_cells("hidden", run.n_tokens, lm.n_layers) if c.layer in (1, 3, 9, 17)]
