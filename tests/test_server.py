@@ -47,6 +47,7 @@ def test_page_and_openapi(client):
     assert {"/api/trace", "/api/edit", "/api/edits", "/api/edits/upload", "/api/jobs/{job_id}"} <= set(schema["paths"])
     info = client.get("/api/model").json()
     assert info["n_layers"] == 3 and "rome" in info["methods"] and "none" not in info["methods"]
+    assert info["architecture"]["mlp_out"] == "model.layers.N.mlp.down_proj"
 
 
 def test_trace_job_reports_heatmaps(client):

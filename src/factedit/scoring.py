@@ -46,9 +46,10 @@ def target_probs(lm: LoadedModel, prompts: list[str], targets: list[str]) -> lis
 
 
 @torch.no_grad()
-def teacher_forced_hits(lm: LoadedModel, prompts: list[str], targets: list[str]) -> list[list[int]]:
-    """For each (prompt, target): 1/0 per target token, whether the model's argmax given the prompt
-    and the target's previous tokens is that token (zsRE's token accuracy)."""
+def teacher_forced_predictions(lm: LoadedModel, prompts: list[str], targets: list[str]
+                               ) -> list[tuple[list[int], list[int]]]:
+    """For each (prompt, target): the model's argmax token at every target position given the prompt
+    and the target's previous tokens, and the target's tokens (inputs of zsRE's token accuracy)."""
     ids, spans = prompt_target_batch(lm, prompts, targets)
     predicted = lm.model(input_ids=ids, use_cache=False).logits.argmax(-1).tolist()
-    return [[int(predicted[i][n - 1 + j] == t) for j, t in enumerate(t_ids)] for i, (n, t_ids) in enumerate(spans)]
+    return [(predicted[i][n - 1:n - 1 + len(t_ids)], t_ids) for i, (n, t_ids) in enumerate(spans)]

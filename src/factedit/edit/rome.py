@@ -94,7 +94,6 @@ def context_templates(lm: LoadedModel, settings: RomeSettings, cache_dir: Path |
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (B, T) right-padded: causal attention never looks at the padding
-    lengths: list[int]
     subject_last: list[int]  # index of the subject's last token per row
 
 
@@ -117,7 +116,7 @@ def prompt_batch(lm: LoadedModel, texts: list[tuple[str, tuple[int, int]]],
     width = max(len(r) for r in rows)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=lm.device)
-    return Batch(ids, [len(r) for r in rows], last)
+    return Batch(ids, last)
 
 
 def request_texts(request: EditRequest, templates: list[str]) -> list[tuple[str, tuple[int, int]]]:

@@ -23,9 +23,9 @@ from ..data.counterfact import CounterFactRecord, load_counterfact
 from ..edit import EditDelta, EditStack, edit, get_method
 from ..models import LoadedModel
 from ..data.zsre import ZsreRecord, load_zsre
-from ..scoring import target_logprobs, teacher_forced_hits
+from ..scoring import target_logprobs, teacher_forced_predictions
 from ..generate import generate_ids
-from .metrics import aggregate, counterfact_record_scores, generation_entropy, tfidf_consistency
+from .metrics import aggregate, counterfact_record_scores, generation_entropy, tfidf_consistency, token_accuracy
 
 
 @dataclass(frozen=True)
@@ -55,19 +55,19 @@ def counterfact_probabilities(lm: LoadedModel, record: CounterFactRecord) -> dic
     return out
 
 
-def zsre_hits(lm: LoadedModel, record: ZsreRecord) -> dict:
-    """Token hits of the new answer on the question and its rephrasing, and of the unrelated
-    question's answer (specificity), in one batch."""
+def zsre_predictions(lm: LoadedModel, record: ZsreRecord) -> dict:
+    """Teacher-forced predictions of the new answer on the question and its rephrasing, and of the
+    unrelated question's answer (specificity), in one batch."""
     new = record.request.target_new
-    hits = teacher_forced_hits(lm, [record.request.text, record.paraphrase, record.loc],
-                               [new, new, " " + record.loc_ans.strip()])
-    return {"rewrite": hits[0], "paraphrase": hits[1], "neighborhood": hits[2]}
+    pairs = teacher_forced_predictions(lm, [record.request.text, record.paraphrase, record.loc],
+                                       [new, new, " " + record.loc_ans.strip()])
+    return {group: {"predicted": predicted, "target": target}
+            for group, (predicted, target) in zip(("rewrite", "paraphrase", "neighborhood"), pairs)}
 
 
 def zsre_scores(raw: dict) -> dict[str, float]:
-    return {"efficacy": sum(raw["rewrite"]) / len(raw["rewrite"]),
-            "paraphrase": sum(raw["paraphrase"]) / len(raw["paraphrase"]),
-            "specificity": sum(raw["neighborhood"]) / len(raw["neighborhood"])}
+    return {name: token_accuracy(raw[group]["predicted"], raw[group]["target"])
+            for name, group in (("efficacy", "rewrite"), ("paraphrase", "paraphrase"), ("specificity", "neighborhood"))}
 
 
 DATASETS: dict[str, Dataset] = {
@@ -75,7 +75,7 @@ DATASETS: dict[str, Dataset] = {
                            lambda raw: counterfact_record_scores(raw["p_new"], raw["p_true"]),
                            generation_prompts=lambda r: r.generation_prompts,
                            reference_prompts=lambda r: r.attribute_prompts),
-    "zsre": Dataset("zsre", load_zsre, zsre_hits, zsre_scores),
+    "zsre": Dataset("zsre", load_zsre, zsre_predictions, zsre_scores),
 }
 
 

@@ -92,7 +92,7 @@ class Workbench:
     # ----------------------------------------------------------------------------- model reads
     def info(self) -> dict:
         return {"model": self.lm.name, "fingerprint": self.lm.fingerprint, "n_layers": self.lm.n_layers,
-                "d_model": self.lm.arch.d_model, "edits": self.list_edits()}
+                "d_model": self.lm.arch.d_model, "architecture": self.lm.arch.describe(), "edits": self.list_edits()}
 
     def predictions(self, prompt: str, k: int = 10) -> list[dict]:
         with self.lock:
