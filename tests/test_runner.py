@@ -108,6 +108,20 @@ def test_runner_generation_metrics(env, tmp_path):
     assert 0 < summary["post"]["GE"]["mean"] < 1000 and 0 <= summary["post"]["RS*"]["mean"] <= 100
 
 
+def test_reference_generations_are_cached_across_runs(env, tmp_path, monkeypatch):
+    lm, data = env
+    run_evaluation(lm, "none", "counterfact", tmp_path / "a", data=str(data), n=1, generation=True,
+                   generation_tokens=8)
+    calls = []
+    real = runner_module.generations
+    monkeypatch.setattr(runner_module, "generations", lambda lm, prompts, *a: calls.append(prompts) or real(lm, prompts, *a))
+    run_evaluation(lm, "none", "counterfact", tmp_path / "b", data=str(data), n=1, generation=True,
+                   generation_tokens=8)
+    assert calls == [["The Eiffel Tower is", "The city of The Eiffel Tower is"]]  # only the edited model's texts
+    first, second = (json.loads((tmp_path / d / "cases" / "10.json").read_text()) for d in "ab")
+    assert first["references"] == second["references"] and first["generated"] == second["generated"]
+
+
 def test_sequential_runner_accumulates_resumes_and_restores(env, tmp_path, monkeypatch):
     lm, data = env
     weights = {k: v.clone() for k, v in lm.model.state_dict().items()}

@@ -20,16 +20,29 @@ def _encode(lm: LoadedModel, text: str) -> list[int]:
 
 
 @torch.no_grad()
-def generate_ids(lm: LoadedModel, prompt_ids: list[int], n_new: int, *, copies: int = 1, top_k: int | None = None,
-                 seed: int = 0) -> torch.Tensor:
-    """Continue `prompt_ids` by `n_new` tokens in `copies` rows: greedy when top_k is None, otherwise
-    top-k sampling from a torch.Generator seeded with `seed`. Returns (copies, len + n_new) ids."""
+def generate_batch(lm: LoadedModel, prompts_ids: list[list[int]], n_new: int, *, top_k: int | None = None,
+                   seed: int = 0) -> torch.Tensor:
+    """Continue several prompts of any lengths at once by `n_new` tokens: greedy when top_k is None,
+    otherwise top-k sampling from a torch.Generator seeded with `seed`. Prompts are left-padded and
+    masked, with positions counted from each prompt's first real token, so every row continues as
+    it would alone. Returns the (len(prompts_ids), n_new) new ids."""
+    if not prompts_ids or any(len(ids) == 0 for ids in prompts_ids):
+        raise ValueError("cannot generate from an empty prompt")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     names = forward_kwargs(lm.model)
-    ids = torch.tensor([prompt_ids] * copies, device=lm.device)
-    out, cache, step_input = ids, None, ids
+    width = max(len(ids) for ids in prompts_ids)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    step_input = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in prompts_ids], device=lm.device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts_ids], device=lm.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    padded = bool((mask == 0).any())
+    cache, new_ids = None, []
     for _ in range(n_new):
         kwargs = {"use_cache": True}
+        if names["position_ids"]:
+            kwargs["position_ids"] = positions
+        if padded:  # without padding the causal mask alone is right (and faster)
+            kwargs["attention_mask"] = mask
         if cache is not None:
             kwargs[names["cache"]] = cache
         if names["logits_to_keep"]:
@@ -43,9 +56,19 @@ def generate_ids(lm: LoadedModel, prompt_ids: list[int], n_new: int, *, copies: 
             values, indices = logits.topk(top_k, dim=-1)
             choice = torch.multinomial(torch.softmax(values, -1), 1, generator=generator)
             next_ids = indices.gather(-1, choice)
+        new_ids.append(next_ids)
         step_input = next_ids.to(lm.device)
-        out = torch.cat([out, step_input], dim=1)
-    return out
+        mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)
+        positions = positions[:, -1:] + 1
+    return torch.cat(new_ids, dim=1) if new_ids else torch.zeros((len(prompts_ids), 0), dtype=torch.long)
+
+
+def generate_ids(lm: LoadedModel, prompt_ids: list[int], n_new: int, *, copies: int = 1, top_k: int | None = None,
+                 seed: int = 0) -> torch.Tensor:
+    """Continue `prompt_ids` by `n_new` tokens in `copies` rows (see generate_batch).
+    Returns (copies, len + n_new) ids."""
+    new = generate_batch(lm, [prompt_ids] * copies, n_new, top_k=top_k, seed=seed).to(lm.device)
+    return torch.cat([torch.tensor([prompt_ids] * copies, device=lm.device), new], dim=1)
 
 
 def greedy_continuation(lm: LoadedModel, prompt: str, n_new: int = 20) -> str:

@@ -62,7 +62,7 @@ def sequential(model, device, dtype, threads, data, n, every, methods, layer, co
 @main.command("eval")
 @_model_options
 @click.option("--method", required=True, help="an editing method (see factedit methods)")
-@click.option("--dataset", required=True, help="counterfact")
+@click.option("--dataset", required=True, help="counterfact or zsre")
 @click.option("--data", type=click.Path(dir_okay=False), default=None, help="dataset file (default: from $FACTEDIT_DATA_DIR)")
 @click.option("--n", type=int, default=None, help="first N records")
 @click.option("--edits-per-batch", type=int, default=1, show_default=True)

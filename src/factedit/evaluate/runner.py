@@ -13,6 +13,7 @@ Layout of an output folder:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -21,10 +22,10 @@ from typing import Callable
 
 from ..data.counterfact import CounterFactRecord, load_counterfact
 from ..edit import EditDelta, EditStack, edit, get_method
-from ..models import LoadedModel
+from ..models import LoadedModel, default_cache_dir
 from ..data.zsre import ZsreRecord, load_zsre
 from ..scoring import target_logprobs, teacher_forced_predictions
-from ..generate import generate_ids
+from ..generate import generate_batch
 from .metrics import aggregate, counterfact_record_scores, generation_entropy, tfidf_consistency, token_accuracy
 
 
@@ -90,13 +91,13 @@ def _chunks(items: list, size: int) -> list[list]:
 
 
 def generations(lm: LoadedModel, prompts: list[str], seed: int, n_new: int = 100, top_k: int = 5) -> list[str]:
-    """Sampled continuations (top-k, seeded per prompt), as the paper generated its fluency texts."""
-    texts = []
-    for i, prompt in enumerate(prompts):
-        ids = list(lm.tokenizer(prompt)["input_ids"])
-        out = generate_ids(lm, ids, n_new, top_k=top_k, seed=seed * 1000 + i)[0, len(ids):]
-        texts.append(lm.tokenizer.decode(out, skip_special_tokens=True))
-    return texts
+    """Sampled continuations (top-k, seeded), as the paper generated its fluency texts; all prompts
+    in one batch."""
+    if not prompts:
+        return []
+    prompt_ids = [list(lm.tokenizer(prompt)["input_ids"]) for prompt in prompts]
+    out = generate_batch(lm, prompt_ids, n_new, top_k=top_k, seed=seed)
+    return [lm.tokenizer.decode(row, skip_special_tokens=True) for row in out]
 
 
 def generation_scores(generated: list[str], references: list[str]) -> dict[str, float]:
@@ -169,7 +170,20 @@ def _case_path(out: Path, record) -> Path:
 
 
 def _references(lm, ds: Dataset, record, generation: bool, tokens: int) -> list[str]:
-    return generations(lm, ds.reference_prompts(record), record.case_id, tokens) if generation else []
+    """The unedited model's generations for the reference prompts. They do not depend on the method,
+    so they are cached on disk, keyed by the model's weights, the prompts, the seed and the length."""
+    if not generation:
+        return []
+    prompts = ds.reference_prompts(record)
+    key = hashlib.sha256(json.dumps([prompts, record.case_id, tokens]).encode()).hexdigest()[:16]
+    path = default_cache_dir() / "references" / lm.fingerprint / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    texts = generations(lm, prompts, record.case_id, tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".part").write_text(json.dumps(texts))
+    path.with_suffix(".part").rename(path)
+    return texts
 
 
 def _score_and_write(lm, ds: Dataset, out: Path, batch, pre, references, generation, tokens, edit_seconds) -> None:

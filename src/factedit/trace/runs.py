@@ -55,6 +55,7 @@ def forward_kwargs(model) -> dict[str, str]:
     return {
         "cache": "cache" if "cache" in params else "past_key_values",
         "logits_to_keep": "logits_to_keep" if "logits_to_keep" in params else "",
+        "position_ids": "position_ids" if "position_ids" in params else "",
     }
 
 
