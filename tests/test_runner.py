@@ -70,8 +70,10 @@ def test_cli_eval_and_summarize(env, tmp_path):
                                       "--data", str(data), "--n", "3", "--edits-per-batch", "2", "--layer", "1",
                                       "--out", str(tmp_path / method)])
         assert result.exit_code == 0, result.output
-    result = runner.invoke(main, ["summarize", str(tmp_path / "none"), str(tmp_path / "ft-l")])
+    result = runner.invoke(main, ["summarize", str(tmp_path / "none"), str(tmp_path / "ft-l"),
+                                  "--plot-by-edits", str(tmp_path / "by_edits")])
     assert result.exit_code == 0 and "| unedited |" in result.output and "| ft-l |" in result.output
+    assert (tmp_path / "by_edits.png").stat().st_size > 0 and (tmp_path / "by_edits.svg").exists()
     bad = runner.invoke(main, ["eval", "--model", str(folder), "--method", "none", "--dataset", "nope",
                                "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "unknown dataset" in bad.output
@@ -134,6 +136,9 @@ def test_sequential_runner_accumulates_resumes_and_restores(env, tmp_path, monke
     # Case 11 was edited on top of case 10: its pre scores are the unedited model's, as for case 10.
     case_10 = json.loads((out / "cases" / "10.json").read_text())
     assert case_11["pre"]["p_new"]["neighborhood"] == case_10["pre"]["p_new"]["neighborhood"]
+    # Scored again once all edits are in: the last case's numbers cannot have moved, the first's did.
+    assert case_11["final"] == case_11["post"] and case_10["final"] != case_10["post"]
+    assert "final" in first and "after all 2 edits" in runner_module.markdown_table([first])
     calls = []
     original = runner_module.edit
     monkeypatch.setattr(runner_module, "edit", lambda *a, **k: calls.append(1) or original(*a, **k))

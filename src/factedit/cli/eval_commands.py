@@ -93,8 +93,14 @@ def eval_command(model, device, dtype, threads, method, dataset, data, n, edits_
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
-def summarize(runs):
+@click.option("--plot-by-edits", "plot_stem", default=None,
+              help="also plot ES/PS/NS against the number of edits per run to PLOT.png/.svg (mass editing)")
+def summarize(runs, plot_stem):
     """Print several evaluation runs side by side."""
-    from ..evaluate.runner import markdown_table, summarize as summarize_run
+    from ..evaluate.runner import markdown_table, plot_by_number_of_edits, summarize as summarize_run
 
-    click.echo(markdown_table([summarize_run(run) for run in runs]))
+    summaries = [summarize_run(run) for run in runs]
+    click.echo(markdown_table(summaries))
+    if plot_stem:
+        for path in plot_by_number_of_edits(summaries, plot_stem):
+            click.echo(f"wrote {path}")

@@ -229,8 +229,21 @@ def _run_sequential(lm, method, ds: Dataset, records, out: Path, edits_per_batch
                                  [references[r.case_id] for r in batch], generation, tokens, edit_seconds)
             if progress:
                 progress(len(batch))
+        _score_after_all(lm, ds, out, records)
     finally:
         stack.revert_all()
+
+
+def _score_after_all(lm, ds: Dataset, out: Path, records) -> None:
+    """Score every case again on the model that holds all the edits ("final"): an early edit may be
+    undone or damaged by later ones, which the scores taken right after each edit cannot show."""
+    for record in records:
+        path = _case_path(out, record)
+        case = json.loads(path.read_text())
+        case["final"] = ds.probabilities(lm, record)
+        case["final_scores"] = ds.scores(case["final"])
+        path.with_suffix(".part").write_text(json.dumps(case))
+        path.with_suffix(".part").rename(path)
 
 
 def summarize(out_dir: str | Path) -> dict:
@@ -240,6 +253,8 @@ def summarize(out_dir: str | Path) -> dict:
     summary = {"method": info["method"], "dataset": info["dataset"], "model": info["model"], "cases": len(cases),
                "pre": aggregate([c["pre_scores"] for c in cases]), "post": aggregate([c["post_scores"] for c in cases]),
                "edit_seconds_mean": sum(c["edit_seconds"] for c in cases) / max(len(cases), 1)}
+    if cases and all("final_scores" in c for c in cases):
+        summary["final"] = aggregate([c["final_scores"] for c in cases])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(markdown_table([summary]) + "\n")
     return summary
@@ -268,4 +283,42 @@ def markdown_table(summaries: list[dict],
         lines.append(row("unedited", first["model"], first["cases"], first["pre"]))
     for s in summaries:
         lines.append(row(s["method"], s["model"], s["cases"], s["post"]))
+        if "final" in s:
+            lines.append(row(f"{s['method']}, after all {s['cases']} edits", s["model"], s["cases"], s["final"]))
     return "\n".join(lines)
+
+
+def plot_by_number_of_edits(summaries: list[dict], path_stem: str | Path,
+                            keys: tuple[str, ...] = ("ES", "PS", "NS")) -> list[Path]:
+    """Scores against the number of edits a model holds, one line per method, from runs that edit
+    their N cases together (`--edits-per-batch N`) or one after another (`--sequential`, scored
+    after all edits). Writes PNG and SVG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), sharey=True)
+    by_method: dict[str, list[tuple[int, dict]]] = {}
+    for s in summaries:
+        label = f"{s['method']} ({'one after another' if 'final' in s else 'all at once'})"
+        by_method.setdefault(label, []).append((s["cases"], s.get("final", s["post"])))
+    for ax, key in zip(axes, keys):
+        for label, points in by_method.items():
+            points = sorted((n, scores[key]) for n, scores in points if key in scores)
+            ax.errorbar([n for n, _ in points], [v["mean"] for _, v in points],
+                        yerr=[v["ci95"] or 0 for _, v in points], marker="o", capsize=3, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("number of edits held by the model")
+        ax.set_title(key)
+        ax.set_ylim(0, 100)
+    axes[0].set_ylabel("score (%)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    written = []
+    for suffix in (".png", ".svg"):
+        target = Path(f"{path_stem}{suffix}")
+        fig.savefig(target, dpi=120)
+        written.append(target)
+    plt.close(fig)
+    return written
