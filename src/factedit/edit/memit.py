@@ -26,6 +26,9 @@ from .rome import RomeSettings, context_templates, io_at_subject, statistics_cor
 from .value import compute_value_deltas
 
 
+GPTJ_D_MLP = 16384  # the MLP width of GPT-J, where MEMIT's lambda = 15,000 was tuned
+
+
 @dataclass
 class MemitSettings(JsonSettings):
     layers: list[int]
@@ -38,7 +41,7 @@ class MemitSettings(JsonSettings):
     essence_prompt: str = "{} is a"
     prefix_lengths: list[list[int]] = field(default_factory=lambda: [[10, 5]])  # [tokens, count]
     prefix_seed: int = 0
-    mom2_update_weight: float = 15000.0  # lambda: weight of the existing keys' statistics
+    mom2_update_weight: float = 15000.0  # lambda: weight of the existing keys' statistics (see defaults_for)
     batch_requests: int = 16  # requests whose targets are optimised together (same result, faster)
     stats_corpus: str | None = None
     stats_tokens: int = 100_000
@@ -46,11 +49,17 @@ class MemitSettings(JsonSettings):
 
     @classmethod
     def defaults_for(cls, lm: LoadedModel, layer: int | None = None, **overrides) -> "MemitSettings":
-        """Five layers ending one above ROME's default layer (or ending at `layer`)."""
+        """Five layers ending one above ROME's default layer (or ending at `layer`), and lambda scaled
+        from GPT-J's 15,000 by the MLP width: a typical key has k^T C^-1 k close to d_mlp, so the share
+        of the residual one layer's update achieves, about s / (1 + s) with s = k^T C^-1 k / lambda,
+        stays what MEMIT tuned only when lambda grows with d_mlp. (On SmolLM2, d_mlp 1,536, the
+        unscaled 15,000 leaves a tenth of the fact written per layer: efficacy 0.8 against 1.0 on the
+        first 10 CounterFact records.)"""
         top = layer if layer is not None else min(lm.n_layers - 1, RomeSettings.defaults_for(lm).layer + 1)
         if not 0 <= top < lm.n_layers:
             raise ValueError(f"layer {top} out of range: the model has {lm.n_layers} layers")
         rule = "given top layer" if layer is not None else "5 layers ending one above ROME's default layer"
+        overrides.setdefault("mom2_update_weight", round(15000.0 * lm.arch.d_mlp / GPTJ_D_MLP, 1))
         return cls(layers=list(range(max(0, top - 4), top + 1)), layer_rule=rule, **overrides)
 
 
