@@ -58,7 +58,12 @@ def test_method_contract(setup, name):
         assert touched == sorted(n for _, n in neurons)
         embed = lm.arch.embed.weight
         new, old = (lm.tokenizer(t, add_special_tokens=False).input_ids[0] for t in (" Rome", " Paris"))
-        assert torch.allclose(change[:, touched[0]], 2 * (embed[new] - embed[old]), atol=1e-6)
+        for neuron in touched:  # +-2 (e_new - e_old), the sign of the neuron's activation
+            assert (torch.allclose(change[:, neuron], 2 * (embed[new] - embed[old]), atol=1e-6)
+                    or torch.allclose(change[:, neuron], -2 * (embed[new] - embed[old]), atol=1e-6))
+        plain = edit(lm, request, name, method.defaults(lm, 1, follow_activation_sign=False))[0]
+        assert torch.allclose(plain.weight_change(next(iter(plain.changes)))[:, touched[0]],
+                              2 * (embed[new] - embed[old]), atol=1e-6)  # the reference rule
     elif name == "ft":
         assert p_after > 0.2 > p_before
     else:  # a tiny random model resists a one-layer edit; SmolLM2 tests check real behaviour

@@ -6,7 +6,8 @@
 2. Neurons: those whose attribution exceeds `threshold` x the largest one (at most `max_neurons`).
 3. Edit: each selected neuron's value vector (its column of the output projection) gets
    `scale` x (embedding(new) - embedding(old)) added, the rewrite of the knowledge-neurons
-   reference implementation (scale 2, input word embeddings).
+   reference implementation (scale 2, input word embeddings), times the sign of the neuron's
+   activation at the prompt (see `follow_activation_sign`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class KnSettings(JsonSettings):
     threshold: float = 0.2  # keep neurons with attribution > threshold x max
     max_neurons: int = 20
     scale: float = 2.0
+    # The reference rule adds the change whatever the sign of the neuron's activation: right for
+    # GPT-2's GELU neurons (almost never negative), backwards for a gated MLP's negative ones, which
+    # then push towards the old object. True: multiply by the sign of the activation at the prompt.
+    follow_activation_sign: bool = True
     layers: list[int] | None = None  # None: every layer
 
     @classmethod
@@ -36,13 +41,19 @@ class KnSettings(JsonSettings):
         return cls(layers=[layer] if layer is not None else None, **overrides)
 
 
+def last_token_activations(lm: LoadedModel, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, tuple | None]:
+    """The layer's MLP neuron activations (the keys entering the output projection) at the last
+    position (d_mlp,), and the shape the hook sees when the model flattens tokens (OPT), else None."""
+    with Hook(lm.arch.blocks[layer].mlp_out, keep_input=True, stop=True) as hook, torch.no_grad():
+        lm.model(input_ids=ids, use_cache=False)
+    return hook.input.reshape(1, ids.shape[1], -1)[0, -1], hook.input.dim() != 3
+
+
 def neuron_attributions(lm: LoadedModel, prompt: str, target_token: int, layer: int, steps: int) -> torch.Tensor:
     """Integrated-gradients attribution of each of the layer's MLP neurons (d_mlp,)."""
     ids = lm.tokenizer(prompt, return_tensors="pt").input_ids.to(lm.device)
     module = lm.arch.blocks[layer].mlp_out
-    with Hook(module, keep_input=True, stop=True) as hook, torch.no_grad():
-        lm.model(input_ids=ids, use_cache=False)
-    activation = hook.input.reshape(1, ids.shape[1], -1)[0, -1]  # the last position's keys
+    activation, flattened = last_token_activations(lm, ids, layer)
     alphas = torch.linspace(0, 1, steps + 1, device=lm.device)[1:]  # right Riemann sum
     scaled = (alphas[:, None] * activation[None]).requires_grad_(True)
 
@@ -51,7 +62,7 @@ def neuron_attributions(lm: LoadedModel, prompt: str, target_token: int, layer: 
         keys[:, -1] = scaled.to(keys.dtype)
         return keys.reshape(hook_shape) if hook_shape is not None else keys
 
-    hook_shape = None if hook.input.dim() == 3 else (steps * ids.shape[1], -1)  # OPT flattens tokens
+    hook_shape = (steps * ids.shape[1], -1) if flattened else None  # OPT flattens tokens
     flags = {p: p.requires_grad for p in lm.model.parameters()}
     try:
         for p in lm.model.parameters():
@@ -82,11 +93,15 @@ def kn_delta(lm: LoadedModel, requests: list[EditRequest], settings: KnSettings,
         keep = keep[flat[keep].argsort(descending=True)][:settings.max_neurons]
         direction = settings.scale * (embed[new] - embed[old]).detach().float().cpu()
         changes = {}
+        ids = lm.tokenizer(request.text, return_tensors="pt").input_ids.to(lm.device)
         for index in keep.tolist():
-            layer = layers[index // scores.shape[1]]
+            layer, neuron = layers[index // scores.shape[1]], index % scores.shape[1]
+            sign = 1.0
+            if settings.follow_activation_sign:
+                sign = 1.0 if float(last_token_activations(lm, ids, layer)[0][neuron]) >= 0 else -1.0
             name = f"{lm.arch.blocks_name}.{layer}.{lm.arch.blocks[layer].mlp_out_name}"
             down = changes.setdefault(name, {"up": direction.unsqueeze(1), "down": torch.zeros(1, lm.arch.d_mlp)})["down"]
-            down[0, index % scores.shape[1]] = 1.0
+            down[0, neuron] = sign
         delta = EditDelta("kn", lm.fingerprint, changes, settings.to_dict(), [request.to_dict()])
         total = delta if total is None else total.compose(delta)
         diagnostics.append({"neurons": [(layers[i // scores.shape[1]], i % scores.shape[1]) for i in keep.tolist()]})
