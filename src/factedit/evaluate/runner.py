@@ -250,7 +250,8 @@ def summarize(out_dir: str | Path) -> dict:
     out = Path(out_dir)
     cases = [json.loads(p.read_text()) for p in sorted((out / "cases").glob("*.json"))]
     info = json.loads((out / "settings.json").read_text())
-    summary = {"method": info["method"], "dataset": info["dataset"], "model": info["model"], "cases": len(cases),
+    summary = {"run": out.resolve().name, "method": info["method"], "dataset": info["dataset"], "model": info["model"],
+               "cases": len(cases),
                "pre": aggregate([c["pre_scores"] for c in cases]), "post": aggregate([c["post_scores"] for c in cases]),
                "edit_seconds_mean": sum(c["edit_seconds"] for c in cases) / max(len(cases), 1)}
     if cases and all("final_scores" in c for c in cases):
@@ -265,9 +266,10 @@ def markdown_table(summaries: list[dict],
                          "specificity")) -> str:
     """One row per run (edited), plus the unedited row of the first run, means +- 95% CI."""
     present = [k for k in keys if any(k in s["post"] for s in summaries)]
-    lines = ["| model | method | cases | " + " | ".join(present) + " |", "|---|---|---|" + "---|" * len(present)]
+    lines = ["| run | model | method | cases | " + " | ".join(present) + " |",
+             "|---|---|---|---|" + "---|" * len(present)]
 
-    def row(label, model, cases, scores):
+    def row(label, run, model, cases, scores):
         cells = []
         for k in present:
             if k not in scores:
@@ -276,15 +278,16 @@ def markdown_table(summaries: list[dict],
                 cells.append(f"{scores[k]['mean']:.1f}")
             else:
                 cells.append(f"{scores[k]['mean']:.1f} +- {scores[k]['ci95']:.1f}")
-        return f"| {model} | {label} | {cases} | " + " | ".join(cells) + " |"
+        return f"| {run} | {model} | {label} | {cases} | " + " | ".join(cells) + " |"
 
     if summaries:
         first = summaries[0]
-        lines.append(row("unedited", first["model"], first["cases"], first["pre"]))
+        lines.append(row("unedited", first.get("run", ""), first["model"], first["cases"], first["pre"]))
     for s in summaries:
-        lines.append(row(s["method"], s["model"], s["cases"], s["post"]))
+        lines.append(row(s["method"], s.get("run", ""), s["model"], s["cases"], s["post"]))
         if "final" in s:
-            lines.append(row(f"{s['method']}, after all {s['cases']} edits", s["model"], s["cases"], s["final"]))
+            lines.append(row(f"{s['method']}, after all {s['cases']} edits", s.get("run", ""), s["model"], s["cases"],
+                             s["final"]))
     return "\n".join(lines)
 
 
