@@ -71,9 +71,10 @@ def test_cli_eval_and_summarize(env, tmp_path):
                                       "--out", str(tmp_path / method)])
         assert result.exit_code == 0, result.output
     result = runner.invoke(main, ["summarize", str(tmp_path / "none"), str(tmp_path / "ft-l"),
-                                  "--plot-by-edits", str(tmp_path / "by_edits")])
+                                  "--plot-by-edits", str(tmp_path / "by_edits"), "--plot", str(tmp_path / "bars")])
     assert result.exit_code == 0 and "| unedited |" in result.output and "| ft-l |" in result.output
     assert (tmp_path / "by_edits.png").stat().st_size > 0 and (tmp_path / "by_edits.svg").exists()
+    assert (tmp_path / "bars.png").stat().st_size > 0
     bad = runner.invoke(main, ["eval", "--model", str(folder), "--method", "none", "--dataset", "nope",
                                "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "unknown dataset" in bad.output

@@ -93,14 +93,17 @@ def eval_command(model, device, dtype, threads, method, dataset, data, n, edits_
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
-@click.option("--plot-by-edits", "plot_stem", default=None,
+@click.option("--plot", "bars_stem", default=None, help="also plot ES/PS/NS per run as bars to PLOT.png/.svg")
+@click.option("--plot-by-edits", "edits_stem", default=None,
               help="also plot ES/PS/NS against the number of edits per run to PLOT.png/.svg (mass editing)")
-def summarize(runs, plot_stem):
+def summarize(runs, bars_stem, edits_stem):
     """Print several evaluation runs side by side."""
-    from ..evaluate.runner import markdown_table, plot_by_number_of_edits, summarize as summarize_run
+    from ..evaluate.plots import plot_by_number_of_edits, plot_score_bars
+    from ..evaluate.runner import markdown_table, summarize as summarize_run
 
     summaries = [summarize_run(run) for run in runs]
     click.echo(markdown_table(summaries))
-    if plot_stem:
-        for path in plot_by_number_of_edits(summaries, plot_stem):
-            click.echo(f"wrote {path}")
+    for stem, plot in ((bars_stem, plot_score_bars), (edits_stem, plot_by_number_of_edits)):
+        if stem:
+            for path in plot(summaries, stem):
+                click.echo(f"wrote {path}")

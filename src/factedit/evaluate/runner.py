@@ -289,39 +289,3 @@ def markdown_table(summaries: list[dict],
             lines.append(row(f"{s['method']}, after all {s['cases']} edits", s.get("run", ""), s["model"], s["cases"],
                              s["final"]))
     return "\n".join(lines)
-
-
-def plot_by_number_of_edits(summaries: list[dict], path_stem: str | Path,
-                            keys: tuple[str, ...] = ("ES", "PS", "NS")) -> list[Path]:
-    """Scores against the number of edits a model holds, one line per method, from runs that edit
-    their N cases together (`--edits-per-batch N`) or one after another (`--sequential`, scored
-    after all edits). Writes PNG and SVG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), sharey=True)
-    by_method: dict[str, list[tuple[int, dict]]] = {}
-    for s in summaries:
-        label = f"{s['method']} ({'one after another' if 'final' in s else 'all at once'})"
-        by_method.setdefault(label, []).append((s["cases"], s.get("final", s["post"])))
-    for ax, key in zip(axes, keys):
-        for label, points in by_method.items():
-            points = sorted((n, scores[key]) for n, scores in points if key in scores)
-            ax.errorbar([n for n, _ in points], [v["mean"] for _, v in points],
-                        yerr=[v["ci95"] or 0 for _, v in points], marker="o", capsize=3, label=label)
-        ax.set_xscale("log")
-        ax.set_xlabel("number of edits held by the model")
-        ax.set_title(key)
-        ax.set_ylim(0, 100)
-    axes[0].set_ylabel("score (%)")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    written = []
-    for suffix in (".png", ".svg"):
-        target = Path(f"{path_stem}{suffix}")
-        fig.savefig(target, dpi=120)
-        written.append(target)
-    plt.close(fig)
-    return written
