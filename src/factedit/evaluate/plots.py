@@ -56,11 +56,13 @@ def plot_by_number_of_edits(summaries: list[dict], path_stem: str | Path,
     for s in summaries:
         label = f"{s['method']} ({'one after another' if 'final' in s else 'all at once'})"
         by_method.setdefault(label, []).append((s["cases"], s.get("final", s["post"])))
+    by_method["unedited (same records)"] = list({s["cases"]: (s["cases"], s["pre"]) for s in summaries}.values())
     for ax, key in zip(axes, keys):
         for label, points in by_method.items():
             points = sorted((n, scores[key]) for n, scores in points if key in scores)
+            style = {"color": "grey", "linestyle": "--"} if label.startswith("unedited") else {}
             ax.errorbar([n for n, _ in points], [v["mean"] for _, v in points],
-                        yerr=[v["ci95"] or 0 for _, v in points], marker="o", capsize=3, label=label)
+                        yerr=[v["ci95"] or 0 for _, v in points], marker="o", capsize=3, label=label, **style)
         ax.set_xscale("log")
         ax.set_xlabel("number of edits held by the model")
         ax.set_title(key)
