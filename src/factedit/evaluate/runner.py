@@ -264,7 +264,8 @@ def summarize(out_dir: str | Path) -> dict:
 def markdown_table(summaries: list[dict],
                    keys=("S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS*", "efficacy", "paraphrase",
                          "specificity")) -> str:
-    """One row per run (edited), plus the unedited row of the first run, means +- 95% CI."""
+    """One row per run (edited), and an unedited row before the first run of each model, dataset
+    and number of cases; means +- 95% CI."""
     present = [k for k in keys if any(k in s["post"] for s in summaries)]
     lines = ["| run | model | method | cases | " + " | ".join(present) + " |",
              "|---|---|---|---|" + "---|" * len(present)]
@@ -280,10 +281,12 @@ def markdown_table(summaries: list[dict],
                 cells.append(f"{scores[k]['mean']:.1f} +- {scores[k]['ci95']:.1f}")
         return f"| {run} | {model} | {label} | {cases} | " + " | ".join(cells) + " |"
 
-    if summaries:
-        first = summaries[0]
-        lines.append(row("unedited", first.get("run", ""), first["model"], first["cases"], first["pre"]))
+    baselines = set()  # one unedited row per model, dataset and number of cases (runs take the first N records)
     for s in summaries:
+        key = (s["model"], s["dataset"], s["cases"])
+        if key not in baselines:
+            baselines.add(key)
+            lines.append(row("unedited", s.get("run", ""), s["model"], s["cases"], s["pre"]))
         lines.append(row(s["method"], s.get("run", ""), s["model"], s["cases"], s["post"]))
         if "final" in s:
             lines.append(row(f"{s['method']}, after all {s['cases']} edits", s.get("run", ""), s["model"], s["cases"],
