@@ -145,3 +145,11 @@ def test_sequential_runner_accumulates_resumes_and_restores(env, tmp_path, monke
     monkeypatch.setattr(runner_module, "edit", lambda *a, **k: calls.append(1) or original(*a, **k))
     resumed = run_evaluation(lm, "ft", "counterfact", out, data=str(data), n=3, settings=settings, sequential=True)
     assert resumed["cases"] == 3 and len(calls) == 1  # only the new case is edited; the others re-applied
+
+
+def test_resuming_with_other_settings_is_refused_and_says_what_differs(env, tmp_path):
+    lm, data = env
+    run_evaluation(lm, "none", "counterfact", tmp_path / "r", data=str(data), n=1)
+    with pytest.raises(ValueError, match="method: 'none' -> 'ft-l'"):
+        run_evaluation(lm, "ft-l", "counterfact", tmp_path / "r", data=str(data), n=1)
+    run_evaluation(lm, "none", "counterfact", tmp_path / "r", data=str(data), n=2)  # only n may change

@@ -136,8 +136,9 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
     info_path = out / "settings.json"
     if info_path.exists():
         previous = json.loads(info_path.read_text())
-        if {k: v for k, v in previous.items() if k != "n"} != {k: v for k, v in run_info.items() if k != "n"}:
-            raise ValueError(f"{out} holds a run with other settings; use another --out")
+        differ = _differences(previous, run_info)
+        if differ:
+            raise ValueError(f"{out} holds a run with other settings ({'; '.join(differ)}); use another --out")
     info_path.write_text(json.dumps(run_info, indent=1))
 
     if sequential:
@@ -163,6 +164,20 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
         if progress:
             progress(len(batch))
     return summarize(out)
+
+
+def _differences(previous: dict, current: dict) -> list[str]:
+    """'key: old -> new' for each run setting (and method setting) that changed; the count n may."""
+    differ = []
+    for key in sorted(set(previous) | set(current)):
+        old, new = previous.get(key), current.get(key)
+        if key == "n" or old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            differ += [f"{key}.{d}" for d in _differences(old, new)]
+        else:
+            differ.append(f"{key}: {old!r} -> {new!r}")
+    return differ
 
 
 def _case_path(out: Path, record) -> Path:
