@@ -41,9 +41,9 @@ class KnSettings(JsonSettings):
         return cls(layers=[layer] if layer is not None else None, **overrides)
 
 
-def last_token_activations(lm: LoadedModel, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, tuple | None]:
+def last_token_activations(lm: LoadedModel, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, bool]:
     """The layer's MLP neuron activations (the keys entering the output projection) at the last
-    position (d_mlp,), and the shape the hook sees when the model flattens tokens (OPT), else None."""
+    position (d_mlp,), and whether the model flattens tokens before that projection (OPT)."""
     with Hook(lm.arch.blocks[layer].mlp_out, keep_input=True, stop=True) as hook, torch.no_grad():
         lm.model(input_ids=ids, use_cache=False)
     return hook.input.reshape(1, ids.shape[1], -1)[0, -1], hook.input.dim() != 3
@@ -94,17 +94,17 @@ def kn_delta(lm: LoadedModel, requests: list[EditRequest], settings: KnSettings,
         direction = settings.scale * (embed[new] - embed[old]).detach().float().cpu()
         changes = {}
         ids = lm.tokenizer(request.text, return_tensors="pt").input_ids.to(lm.device)
-        for index in keep.tolist():
-            layer, neuron = layers[index // scores.shape[1]], index % scores.shape[1]
-            sign = 1.0
-            if settings.follow_activation_sign:
-                sign = 1.0 if float(last_token_activations(lm, ids, layer)[0][neuron]) >= 0 else -1.0
+        kept = [(layers[index // scores.shape[1]], index % scores.shape[1]) for index in keep.tolist()]
+        activations = ({layer: last_token_activations(lm, ids, layer)[0] for layer in {layer for layer, _ in kept}}
+                       if settings.follow_activation_sign else {})
+        for layer, neuron in kept:
+            sign = 1.0 if not activations or float(activations[layer][neuron]) >= 0 else -1.0
             name = f"{lm.arch.blocks_name}.{layer}.{lm.arch.blocks[layer].mlp_out_name}"
             down = changes.setdefault(name, {"up": direction.unsqueeze(1), "down": torch.zeros(1, lm.arch.d_mlp)})["down"]
             down[0, neuron] = sign
         delta = EditDelta("kn", lm.fingerprint, changes, settings.to_dict(), [request.to_dict()])
         total = delta if total is None else total.compose(delta)
-        diagnostics.append({"neurons": [(layers[i // scores.shape[1]], i % scores.shape[1]) for i in keep.tolist()]})
+        diagnostics.append({"neurons": kept})
         if progress:
             progress(1)
     return total, diagnostics

@@ -180,6 +180,12 @@ def _differences(previous: dict, current: dict) -> list[str]:
     return differ
 
 
+def _write_json(path: Path, value) -> None:
+    """Write through a temporary file and rename: a crash never leaves half a file."""
+    path.with_suffix(".part").write_text(json.dumps(value))
+    path.with_suffix(".part").rename(path)
+
+
 def _case_path(out: Path, record) -> Path:
     return out / "cases" / f"{record.case_id}.json"
 
@@ -196,8 +202,7 @@ def _references(lm, ds: Dataset, record, generation: bool, tokens: int) -> list[
         return json.loads(path.read_text())
     texts = generations(lm, prompts, record.case_id, tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".part").write_text(json.dumps(texts))
-    path.with_suffix(".part").rename(path)
+    _write_json(path, texts)
     return texts
 
 
@@ -213,8 +218,7 @@ def _score_and_write(lm, ds: Dataset, out: Path, batch, pre, references, generat
                 "pre_scores": ds.scores(before), "post_scores": post_scores, "generated": texts, "references": refs,
                 "edit_seconds": edit_seconds / len(batch), "batch_size": len(batch)}
         path = _case_path(out, record)
-        path.with_suffix(".part").write_text(json.dumps(case))
-        path.with_suffix(".part").rename(path)  # atomic: a crash never leaves half a case
+        _write_json(path, case)
 
 
 def _run_sequential(lm, method, ds: Dataset, records, out: Path, edits_per_batch, settings, generation, tokens,
@@ -257,8 +261,7 @@ def _score_after_all(lm, ds: Dataset, out: Path, records) -> None:
         case = json.loads(path.read_text())
         case["final"] = ds.probabilities(lm, record)
         case["final_scores"] = ds.scores(case["final"])
-        path.with_suffix(".part").write_text(json.dumps(case))
-        path.with_suffix(".part").rename(path)
+        _write_json(path, case)
 
 
 def summarize(out_dir: str | Path) -> dict:
