@@ -24,7 +24,10 @@ FAMILIES = {
                                   num_key_value_heads=2, intermediate_size=D_MLP, max_position_embeddings=64)),
     "gemma3": ("Gemma3TextConfig", dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                         num_key_value_heads=1, head_dim=16, intermediate_size=D_MLP,
-                                        max_position_embeddings=64, sliding_window=4)),
+                                        max_position_embeddings=64, sliding_window=4,
+                                        # Gemma 3 interleaves local and global layers; with only local
+                                        # ones, what an edit adds 4 tokens back would not reach the prediction.
+                                        layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
     "opt": ("OPTConfig", dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, ffn_dim=D_MLP,
                               word_embed_proj_dim=D, max_position_embeddings=64)),
     "falcon": ("FalconConfig", dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,

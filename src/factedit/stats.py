@@ -214,7 +214,7 @@ def collect_second_moment(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens:
 def stats_cache_path(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int, cache_dir: Path | None = None) -> Path:
     digest = hashlib.sha256(corpus.identity.encode()).hexdigest()[:10]
     slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in corpus.name)[:40]
-    root = cache_dir or default_cache_dir()
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
     return root / "stats" / lm.fingerprint / f"layer{layer}_{slug}-{digest}_{n_tokens}tok.safetensors"
 
 

@@ -6,21 +6,27 @@
    K = keys at l (averaged over the context templates), R = (z - current block-L output) / (layers
    left), and Delta W_l = R K^T (lambda C_l + K K^T)^-1, a least-squares update that keeps the
    existing keys' outputs (weighted by lambda) while mapping the new keys to their residuals.
+   R is a change of the block's output; where a norm follows the MLP (Gemma) it is first turned into
+   the change of the MLP projection's output that produces it (mlp_change.py).
 As in the reference code, the residual uses the plain prompt's hidden state while the keys are
 averaged over templates.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..models import LoadedModel
+from ..models import LoadedModel, default_cache_dir, weights_fingerprint
 from ..settings import JsonSettings
 from ..stats import second_moments
 from .delta import EditDelta, EditStack
+from .mlp_change import mlp_change
 from .request import EditRequest
 from .rome import RomeSettings, context_templates, io_at_subject, statistics_corpus
 from .value import compute_value_deltas
@@ -69,6 +75,73 @@ def _statistics(lm: LoadedModel, settings: MemitSettings, cache_dir, progress):
     return {layer: stats.matrix.to(lm.device) for layer, (stats, _, _) in found.items()}
 
 
+# The settings that determine a request's target z (with the weights, the device and the top layer).
+TARGET_FIELDS = ("v_lr", "v_steps", "v_weight_decay", "clamp_norm_factor", "kl_factor", "early_stop_loss",
+                 "essence_prompt", "prefix_lengths", "prefix_seed")
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class TargetCache:
+    """Each request's target z on disk, so that a long batch (1,000 edits: hours on a CPU) resumes
+    where it stopped. Keyed by the current weights (an earlier edit changes them), the device, the
+    top layer and the value-step settings; one file per request."""
+
+    def __init__(self, lm: LoadedModel, settings: MemitSettings, top: int, cache_dir: Path | None):
+        key = {"weights": weights_fingerprint(lm.model), "device": str(lm.device), "layer": top,
+               "settings": {name: getattr(settings, name) for name in TARGET_FIELDS}}
+        self.folder = Path(cache_dir or default_cache_dir()) / "memit_targets" / _digest(key)
+
+    def _path(self, request: EditRequest) -> Path:
+        return self.folder / f"{_digest(request.to_dict())}.pt"
+
+    def get(self, request: EditRequest) -> dict | None:
+        path = self._path(request)
+        return torch.load(path, weights_only=True) if path.exists() else None
+
+    def put(self, request: EditRequest, found: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = self._path(request).with_suffix(".part")
+        torch.save(found, partial)
+        partial.replace(self._path(request))  # atomic: an interruption never leaves a half-written target
+
+
+def _targets(lm: LoadedModel, requests: list[EditRequest], settings: MemitSettings, top: int, templates: list[str],
+             cache: TargetCache, progress) -> list[dict]:
+    """Step 1 for every request, optimised `batch_requests` at a time; cached targets are reused."""
+    found = [cache.get(r) for r in requests]
+    if progress and sum(f is not None for f in found):
+        progress(sum(f is not None for f in found))
+    missing = [i for i, f in enumerate(found) if f is None]
+    for start in range(0, len(missing), settings.batch_requests):
+        chunk = missing[start:start + settings.batch_requests]
+        chunk_requests = [requests[i] for i in chunk]
+        hidden = torch.stack([io_at_subject(lm, "hidden", top, r, templates[:1])[1][0] for r in chunk_requests])
+        values = compute_value_deltas(lm, top, chunk_requests, templates, settings, hidden, kind="hidden")
+        for i, h, value in zip(chunk, hidden, values):
+            found[i] = {"z": (h + value.delta.to(h.device)).cpu(), "losses": value.losses, "steps": value.steps,
+                        "delta_norm": float(value.delta.norm())}
+            cache.put(requests[i], found[i])
+        if progress:
+            progress(len(chunk))
+    return found
+
+
+def _as_mlp_change(lm: LoadedModel, layer: int, requests: list[EditRequest], wanted: torch.Tensor, template: str,
+                   diagnostics: list[dict], chunk: int = 64) -> torch.Tensor:
+    """`wanted` (d, n) as changes of the MLP projection's output (see mlp_change); the share each
+    request reaches goes to its diagnostics."""
+    columns = []
+    for start in range(0, len(requests), chunk):
+        found = mlp_change(lm, layer, requests[start:start + chunk], wanted[:, start:start + chunk].T, template)
+        columns.append(found.change.T.double())
+        for d, reached in zip(diagnostics[start:start + chunk], found.reached.tolist()):
+            d.setdefault("mlp_reached", {})[layer] = round(reached, 4)
+    return torch.cat(columns, 1)
+
+
 def memit_delta(lm: LoadedModel, requests: list[EditRequest], settings: MemitSettings, *, cache_dir=None,
                 progress: Callable[[int], None] | None = None, stats_progress=None) -> tuple[EditDelta, list[dict]]:
     layers = sorted(settings.layers)
@@ -76,16 +149,9 @@ def memit_delta(lm: LoadedModel, requests: list[EditRequest], settings: MemitSet
     C = _statistics(lm, settings, cache_dir, stats_progress)
     templates = context_templates(lm, settings, cache_dir)
     # 1. target hidden states z at the top layer, optimised for several requests at once
-    targets, diagnostics = [], []
-    for start in range(0, len(requests), settings.batch_requests):
-        chunk = requests[start:start + settings.batch_requests]
-        hidden = torch.stack([io_at_subject(lm, "hidden", top, r, templates[:1])[1][0] for r in chunk])
-        for h, value in zip(hidden, compute_value_deltas(lm, top, chunk, templates, settings, hidden, kind="hidden")):
-            targets.append(h + value.delta.to(h.device))
-            diagnostics.append({"losses": value.losses, "steps": value.steps, "delta_norm": float(value.delta.norm())})
-        if progress:
-            progress(len(chunk))
-    z = torch.stack(targets, 1).double()  # (d, n)
+    found = _targets(lm, requests, settings, top, templates, TargetCache(lm, settings, top, cache_dir), progress)
+    z = torch.stack([f["z"] for f in found], 1).to(lm.device).double()  # (d, n)
+    diagnostics = [{key: f[key] for key in ("losses", "steps", "delta_norm")} for f in found]
     # 2. spread the change over the layers, lowest first, each on the model updated so far
     stack, total = EditStack(lm), None
     try:
@@ -93,7 +159,8 @@ def memit_delta(lm: LoadedModel, requests: list[EditRequest], settings: MemitSet
             keys = torch.stack([io_at_subject(lm, "mlp", layer, r, templates)[0].mean(0) for r in requests], 1)
             current = torch.stack([io_at_subject(lm, "hidden", top, r, templates[:1])[1][0] for r in requests], 1)
             K = keys.double()
-            residual = (z - current.double()) / (len(layers) - i)
+            wanted = (z - current.double()) / (len(layers) - i)  # this layer's share of the block-output change
+            residual = _as_mlp_change(lm, layer, requests, wanted, templates[0], diagnostics)
             A = settings.mom2_update_weight * C[layer].double() + K @ K.T
             down = torch.linalg.solve(A, K).T  # (n, d_mlp): Delta W = residual @ down
             name = f"{lm.arch.blocks_name}.{layer}.{lm.arch.blocks[layer].mlp_out_name}"

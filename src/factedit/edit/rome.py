@@ -75,7 +75,7 @@ def context_templates(lm: LoadedModel, settings: RomeSettings, cache_dir: Path |
     from ..generate import sample_texts
 
     spec = "-".join(f"{n}x{length}" for length, n in settings.prefix_lengths)
-    path = (cache_dir or default_cache_dir()) / "prefixes" / f"{lm.fingerprint}_seed{settings.prefix_seed}_{spec}.json"
+    path = (Path(cache_dir) if cache_dir else default_cache_dir()) / "prefixes" / f"{lm.fingerprint}_seed{settings.prefix_seed}_{spec}.json"
     if path.exists():
         return json.loads(path.read_text())
     starts = ["The", "Therefore", "Because", "I", "You"]

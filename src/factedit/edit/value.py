@@ -48,6 +48,11 @@ class ValueRows:
     def rewrite_rows(self, request: int) -> list[int]:
         return [row for row, r in enumerate(self.row_request) if r == request and row in self.target_positions]
 
+    def loss_entries(self) -> list[tuple[int, int]]:
+        """(row, suffix position) of every logit the loss reads, in the order the forwards return
+        them: a rewrite row's target positions, an essence row's subject token."""
+        return [(row, p) for row in range(len(self.prefixes)) for p in self.target_positions.get(row, [0])]
+
 
 def value_rows(lm: LoadedModel, requests: list[EditRequest], templates: list[str], essence_prompt: str) -> ValueRows:
     from ..tokens import span_token_range
@@ -90,14 +95,14 @@ class FullForward:
         self.offsets = [len(p) for p in rows.prefixes]
         self.module = lm.arch.module(kind, layer)
 
-    def __call__(self, delta: torch.Tensor) -> list[torch.Tensor]:
-        """Log-probabilities at each row's loss positions: a rewrite row's target positions, an
-        essence row's subject token. `delta`: (rows, d), one vector per row."""
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (entries, vocab) at `rows.loss_entries()`; `delta`: (rows, d), one
+        vector per row."""
         n = self.input_ids.shape[0]
         with Hook(self.module, edit_output=_adder(delta, n, self.edit_positions)):
             logits = self.lm.model(input_ids=self.input_ids, use_cache=False).logits.float()
         log_probs = torch.log_softmax(logits, -1)
-        return [log_probs[i, [self.offsets[i] + p for p in self.rows.target_positions.get(i, [0])]] for i in range(n)]
+        return torch.stack([log_probs[row, self.offsets[row] + p] for row, p in self.rows.loss_entries()])
 
 
 class CachedForward:
@@ -123,11 +128,9 @@ class CachedForward:
                 out = lm.model(input_ids=torch.tensor(prefix_ids, device=lm.device), attention_mask=self.mask[:, :P],
                                position_ids=positions[:, :P], use_cache=True)
             self.cache = out.get("cache") if "cache" in out else out.get("past_key_values")
-        needed = sorted({p for ps in rows.target_positions.values() for p in ps} | {0})
-        self.column = {p: i for i, p in enumerate(needed)}
-        self.keep = torch.tensor(needed, device=lm.device) if self.names["logits_to_keep"] else None
-        if self.keep is None:
-            self.column = {p: p for p in needed}
+        entries = rows.loss_entries()
+        self.entry_rows = torch.tensor([row for row, _ in entries], device=lm.device)
+        self.entry_positions = torch.tensor([p for _, p in entries], device=lm.device)
         self.edit_positions = torch.zeros(n, dtype=torch.long, device=lm.device)
         self.below = None  # output of block layer-1 for the suffixes, captured on the first call
 
@@ -135,13 +138,17 @@ class CachedForward:
         kwargs = {"attention_mask": self.mask, "position_ids": self.suffix_positions, "use_cache": self.cache is not None}
         if self.cache is not None:
             kwargs[self.names["cache"]] = copy.deepcopy(self.cache)  # a forward appends to the cache
-        if self.keep is not None:
-            kwargs[self.names["logits_to_keep"]] = self.keep
         return kwargs
 
-    def __call__(self, delta: torch.Tensor) -> list[torch.Tensor]:
+    def _only_needed_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output embedding's input, cut to the loss entries: logits cost a vocabulary-wide
+        product per position, and the loss reads one or two positions of each row."""
+        return hidden[self.entry_rows, self.entry_positions].unsqueeze(0)
+
+    def __call__(self, delta: torch.Tensor) -> torch.Tensor:
         blocks, n = self.lm.arch.blocks, self.suffix_ids.shape[0]
-        hooks = [Hook(self.lm.arch.module(self.kind, self.layer), edit_output=_adder(delta, n, self.edit_positions))]
+        hooks = [Hook(self.lm.arch.module(self.kind, self.layer), edit_output=_adder(delta, n, self.edit_positions)),
+                 Hook(self.lm.model.get_output_embeddings(), edit_input=self._only_needed_logits)]
         capture = self.layer > 0 and self.below is None
         if capture:  # first call: run the lower blocks once and keep what block layer-1 returns
             captured = []
@@ -157,8 +164,7 @@ class CachedForward:
                 handle.remove()
         if capture:
             self.below = captured[0]
-        log_probs = torch.log_softmax(logits, -1)
-        return [log_probs[i, [self.column[p] for p in self.rows.target_positions.get(i, [0])]] for i in range(n)]
+        return torch.log_softmax(logits[0], -1)
 
 
 def _adder(delta: torch.Tensor, n_rows: int, positions: torch.Tensor) -> Callable:
@@ -173,6 +179,33 @@ def _adder(delta: torch.Tensor, n_rows: int, positions: torch.Tensor) -> Callabl
     return add
 
 
+@dataclass
+class LossIndex:
+    """Where the loss reads the log-probabilities, as flat index tensors, so that one gather serves
+    every row (indexing row by row costs a full-size gradient buffer per row in the backward pass)."""
+
+    entry: torch.Tensor  # one per (rewrite row, target token): where in the forward's log-probabilities
+    token: torch.Tensor
+    request: torch.Tensor
+    weight: torch.Tensor  # 1 / (target length x rewrite rows): the NLL is a mean over both
+    essence_entry: torch.Tensor  # per request, its essence row's entry
+
+
+def loss_index(rows: ValueRows, n_requests: int, device) -> LossIndex:
+    where = {entry: i for i, entry in enumerate(rows.loss_entries())}
+    entries = []
+    for r in range(n_requests):
+        rewrite = rows.rewrite_rows(r)
+        for row in rewrite:
+            positions = rows.target_positions[row]
+            entries += [(where[row, p], rows.targets[r][j], r, 1.0 / (len(positions) * len(rewrite)))
+                        for j, p in enumerate(positions)]
+    entry, token, request, weight = zip(*entries)
+    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return LossIndex(as_long(entry), as_long(token), as_long(request), torch.tensor(weight, device=device),
+                     as_long([where[row, 0] for row in rows.essence_rows]))
+
+
 def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest], templates: list[str], settings,
                          target_inits: torch.Tensor, *, forward: str = "cached", kind: str = "mlp",
                          progress: Callable[[int], None] | None = None) -> list[ValueResult]:
@@ -184,48 +217,43 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
     rows = value_rows(lm, requests, templates, settings.essence_prompt)
     runner = {"cached": CachedForward, "full": FullForward}[forward](lm, rows, layer, kind)
     n = len(requests)
+    index = loss_index(rows, n, lm.device)
     target_inits = target_inits.to(lm.device)
     init_norms = target_inits.norm(dim=1)
     delta = torch.zeros_like(target_inits, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=settings.v_lr)
     row_request = torch.tensor(rows.row_request, device=lm.device)
-    targets = [torch.tensor(t, device=lm.device) for t in rows.targets]
-    rewrite_rows = [rows.rewrite_rows(r) for r in range(n)]
     requires_grad = {p: p.requires_grad for p in lm.model.parameters()}
     for p in lm.model.parameters():
         p.requires_grad_(False)
-    losses, steps, active = [[] for _ in range(n)], [0] * n, [True] * n
+    losses, steps = [[] for _ in range(n)], [0] * n
+    active = torch.ones(n, dtype=torch.bool, device=lm.device)
     initial_essence = None
     try:
         for step in range(settings.v_steps):
-            picked = runner(delta[row_request])
-            essence = torch.stack([picked[row][0] for row in rows.essence_rows])  # (n, vocab)
+            log_probs = runner(delta[row_request])
+            picked = log_probs[index.entry, index.token]
+            nll = torch.zeros(n, device=lm.device).index_add(0, index.request, -index.weight * picked)
+            essence = log_probs[index.essence_entry]  # (n, vocab)
             if initial_essence is None:
                 initial_essence = essence.detach().clone()
-            total = 0
-            for r in range(n):
-                if not active[r]:
-                    continue
-                nll = torch.stack([-picked[row][torch.arange(len(targets[r])), targets[r]].mean()
-                                   for row in rewrite_rows[r]]).mean()
-                kl = settings.kl_factor * torch.nn.functional.kl_div(initial_essence[r:r + 1], essence[r:r + 1],
-                                                                      log_target=True, reduction="batchmean")
-                # The reference's weight decay: ||delta|| / ||v||^2.
-                loss = nll + kl + settings.v_weight_decay * (delta[r].norm() / init_norms[r] ** 2)
-                losses[r].append(loss.item())
-                steps[r] = step + 1
-                if losses[r][-1] < settings.early_stop_loss or step == settings.v_steps - 1:
-                    active[r] = False
-                else:
-                    total = total + loss
+            kl = (essence.exp() * (essence - initial_essence)).sum(-1)  # KL(now || before), per request
+            # The reference's weight decay: ||delta|| / ||v||^2.
+            loss = nll + settings.kl_factor * kl + settings.v_weight_decay * delta.norm(dim=1) / init_norms ** 2
+            for r, value in enumerate(loss.tolist()):
+                if active[r]:
+                    losses[r].append(value)
+                    steps[r] = step + 1
+            finished = loss.detach() < settings.early_stop_loss
+            active = active & ~finished if step < settings.v_steps - 1 else torch.zeros_like(active)
             if progress:
                 progress(1)
-            if not any(active):
+            if not active.any():
                 break
-            frozen = torch.tensor([not a for a in active], device=lm.device)
+            frozen = ~active
             kept = delta.detach()[frozen].clone()
             optimizer.zero_grad()
-            total.backward()
+            loss[active].sum().backward()
             optimizer.step()
             with torch.no_grad():
                 delta[frozen] = kept  # Adam's momentum must not move a finished request

@@ -1,0 +1,112 @@
+"""MEMIT step 2's residuals, moved from the block's output to the MLP output projection's output.
+
+MEMIT asks each layer's MLP to add r to the residual stream. In GPT-2 or Llama the MLP output
+projection's output m is added to the stream as is, so m must change by r. Where something follows
+the projection (Gemma's post-feed-forward RMSNorm) it must change by some other x with
+f(m + x) = f(m) + r, f being the block's output as a function of m. Which case holds is measured,
+not looked up: if f(m + r) - f(m) = r the residual is returned unchanged; otherwise x is found by
+Levenberg-Marquardt (damped Gauss-Newton) on f's Jacobian. A norm's output has a fixed size, so r may be out of reach; x is
+then the least-squares best, and `reached` reports the share of r achieved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..hooks import Hook, Hooks
+from ..models import LoadedModel
+from .request import EditRequest
+from .rome import prompt_batch, request_texts
+
+
+@dataclass
+class MlpChange:
+    change: torch.Tensor  # (n, d): what to add to the MLP output projection's output
+    passthrough: bool  # the block adds the projection's output to its output unchanged
+    reached: torch.Tensor  # (n,): 1 - |f(m + x) - f(m) - r| / |r|
+
+
+class BlockOfMlp:
+    """f: the block's output at each prompt's subject token, given the MLP projection's output there."""
+
+    def __init__(self, lm: LoadedModel, layer: int, requests: list[EditRequest], template: str):
+        self.lm, self.layer = lm, layer
+        self.batch = prompt_batch(lm, [request_texts(r, [template])[0] for r in requests])
+        self.rows = torch.arange(len(requests), device=lm.device)
+        self.positions = torch.tensor(self.batch.subject_last, device=lm.device)
+
+    def __call__(self, m: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m as it is, block output) with the projection's output at the subject replaced by `m`."""
+        n, width = self.batch.input_ids.shape
+        seen = {}
+
+        def replace(output: torch.Tensor) -> torch.Tensor:
+            view = output.reshape(n, width, -1)  # OPT flattens the batch
+            seen["m"] = view[self.rows, self.positions].detach()
+            if m is None:
+                return output
+            view = view.clone()
+            view[self.rows, self.positions] = m.to(view.dtype)
+            return view.reshape(output.shape)
+
+        hooks = Hooks({"mlp": Hook(self.lm.arch.module("mlp", self.layer), edit_output=replace),
+                       "block": Hook(self.lm.arch.module("hidden", self.layer), keep_output=True, detach=False,
+                                     stop=True)})
+        with hooks:
+            self.lm.model(input_ids=self.batch.input_ids, use_cache=False)
+        out = hooks["block"].output.reshape(n, width, -1)[self.rows, self.positions]
+        return seen["m"].float(), out.float()
+
+
+def _jacobians(f: BlockOfMlp, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """f(m) and the per-row Jacobians (n, d_out, d_in); rows never interact, so one batched
+    backward pass per output coordinate serves every row."""
+    m = m.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        _, y = f(m)
+        d_out = y.shape[1]
+        basis = torch.eye(d_out, device=y.device).unsqueeze(1).expand(d_out, y.shape[0], d_out)
+        (grads,) = torch.autograd.grad(y, m, grad_outputs=basis, is_grads_batched=True)
+    return y.detach(), grads.permute(1, 0, 2)  # grads: (d_out, n, d_in)
+
+
+def mlp_change(lm: LoadedModel, layer: int, requests: list[EditRequest], residuals: torch.Tensor, template: str,
+               *, iterations: int = 8, tolerance: float = 1e-3) -> MlpChange:
+    """The changes x of the MLP projection's output (n, d) that move block `layer`'s output at each
+    request's subject token (prompt filled into `template`) by `residuals` (n, d)."""
+    f = BlockOfMlp(lm, layer, requests, template)
+    residuals = residuals.to(lm.device).float()
+    with torch.no_grad():
+        m0, y0 = f()
+        _, y1 = f(m0 + residuals)
+    r_norm = residuals.norm(dim=1).clamp(min=1e-12)
+    if ((y1 - y0 - residuals).norm(dim=1) / r_norm).max() < tolerance:
+        return MlpChange(residuals, True, torch.ones(len(requests)))
+    target = y0 + residuals
+    # Levenberg-Marquardt per row: a step that lowers the error is taken and the damping relaxed,
+    # one that does not is refused and the damping raised.
+    m, error = m0.clone(), residuals.clone()
+    damping = None
+    for _ in range(iterations):
+        if (error.norm(dim=1) / r_norm).max() < tolerance:
+            break
+        y, J = _jacobians(f, m)
+        J = J.double()  # a norm's Jacobian is singular along its input: keep the damped system accurate
+        JtJ = J.transpose(1, 2) @ J
+        if damping is None:
+            scale = JtJ.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-12)
+            damping = 1e-3 * scale
+        eye = torch.eye(JtJ.shape[1], device=JtJ.device, dtype=JtJ.dtype)
+        # The damped system is symmetric positive definite: Cholesky (batched LU in MKL 2.13 with two
+        # threads failed on exactly these matrices, "Pivots given to lu_solve must all be >= 1").
+        factor = torch.linalg.cholesky(JtJ + damping[:, None, None] * eye)
+        step = torch.cholesky_solve(J.transpose(1, 2) @ (target - y).double().unsqueeze(2), factor).squeeze(2).float()
+        with torch.no_grad():
+            _, y_new = f(m + step)
+        new_error = target - y_new
+        better = new_error.norm(dim=1) < error.norm(dim=1)
+        m[better], error[better] = (m + step)[better], new_error[better]
+        damping = torch.where(better, (damping / 3).clamp(min=1e-9 * scale), damping * 4)
+    return MlpChange((m - m0).detach(), False, (1 - error.norm(dim=1) / r_norm).cpu())
