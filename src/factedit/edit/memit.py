@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..models import LoadedModel, default_cache_dir, weights_fingerprint
+from ..models import LoadedModel, cache_root, weights_fingerprint
 from ..settings import JsonSettings
 from ..stats import second_moments
 from .delta import EditDelta, EditStack
@@ -92,7 +92,7 @@ class TargetCache:
     def __init__(self, lm: LoadedModel, settings: MemitSettings, top: int, cache_dir: Path | None):
         key = {"weights": weights_fingerprint(lm.model), "device": str(lm.device), "layer": top,
                "settings": {name: getattr(settings, name) for name in TARGET_FIELDS}}
-        self.folder = Path(cache_dir or default_cache_dir()) / "memit_targets" / _digest(key)
+        self.folder = cache_root(cache_dir) / "memit_targets" / _digest(key)
 
     def _path(self, request: EditRequest) -> Path:
         return self.folder / f"{_digest(request.to_dict())}.pt"
@@ -112,9 +112,9 @@ def _targets(lm: LoadedModel, requests: list[EditRequest], settings: MemitSettin
              cache: TargetCache, progress) -> list[dict]:
     """Step 1 for every request, optimised `batch_requests` at a time; cached targets are reused."""
     found = [cache.get(r) for r in requests]
-    if progress and sum(f is not None for f in found):
-        progress(sum(f is not None for f in found))
     missing = [i for i, f in enumerate(found) if f is None]
+    if progress and len(missing) < len(requests):
+        progress(len(requests) - len(missing))
     for start in range(0, len(missing), settings.batch_requests):
         chunk = missing[start:start + settings.batch_requests]
         chunk_requests = [requests[i] for i in chunk]

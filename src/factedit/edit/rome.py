@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from ..hooks import Hook
-from ..models import LoadedModel, default_cache_dir
+from ..models import LoadedModel, cache_root
 from ..settings import JsonSettings
 from ..stats import Corpus, corpus_from, model_sampled_corpus, second_moment
 from ..tokens import span_token_range
@@ -75,7 +75,7 @@ def context_templates(lm: LoadedModel, settings: RomeSettings, cache_dir: Path |
     from ..generate import sample_texts
 
     spec = "-".join(f"{n}x{length}" for length, n in settings.prefix_lengths)
-    path = (Path(cache_dir) if cache_dir else default_cache_dir()) / "prefixes" / f"{lm.fingerprint}_seed{settings.prefix_seed}_{spec}.json"
+    path = cache_root(cache_dir) / "prefixes" / f"{lm.fingerprint}_seed{settings.prefix_seed}_{spec}.json"
     if path.exists():
         return json.loads(path.read_text())
     starts = ["The", "Therefore", "Because", "I", "You"]
