@@ -21,7 +21,8 @@ from timing import timed
 from factedit import load
 from factedit.data import load_counterfact
 from factedit.edit import edit, get_method
-from factedit.evaluate.runner import counterfact_probabilities, run_evaluation
+from factedit.evaluate.datasets import counterfact_probabilities
+from factedit.evaluate.runner import run_evaluation
 from factedit.scoring import target_logprobs
 
 

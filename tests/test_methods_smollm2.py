@@ -6,7 +6,7 @@ import torch
 
 from factedit.data import load_counterfact
 from factedit.edit import EditStack, edit, get_method
-from factedit.evaluate.runner import counterfact_probabilities
+from factedit.evaluate.datasets import counterfact_probabilities
 
 pytestmark = pytest.mark.slow
 

@@ -2,8 +2,9 @@ import math
 
 import pytest
 
-from factedit.evaluate.metrics import (aggregate, counterfact_record_scores, generation_entropy, harmonic_mean,
-                                       ngram_entropy, tfidf_consistency, token_accuracy)
+from factedit.evaluate.metrics import (aggregate, counterfact_record_scores, generation_entropy, generative_scores,
+                                       harmonic_mean, ngram_entropy, starts_with_object, tfidf_consistency,
+                                       token_accuracy)
 
 
 def test_counterfact_scores_on_a_hand_made_record():
@@ -48,3 +49,15 @@ def test_token_accuracy():
     assert token_accuracy([1, 2, 3], [1, 5, 3]) == pytest.approx(2 / 3)
     with pytest.raises(ValueError):
         token_accuracy([1], [1, 2])
+
+
+def test_generative_success_reads_what_the_continuation_starts_with():
+    assert starts_with_object(" Rome, Italy. It is", " Rome")
+    assert starts_with_object("\n\nrome is", "Rome")  # leading newlines and case do not matter
+    assert not starts_with_object(" Romeo and Juliet", " Rome")  # whole words only
+    assert not starts_with_object(" Paris, not Rome", " Rome")
+    assert starts_with_object(" New York City", " New York")
+    scores = generative_scores({"rewrite": [" Rome, not Paris"], "paraphrase": [" Rome.", " Paris and Rome", " Lyon"]},
+                               " Rome", " Paris", {"rewrite": "GenES", "paraphrase": "GenPS"}, "GenOld")
+    assert scores == {"GenES": 1.0, "GenPS": pytest.approx(1 / 3), "GenOld": 0.5}
+    assert "GenOld" not in generative_scores({"rewrite": [" Rome"]}, " Rome", None, {"rewrite": "GenES"}, "GenOld")

@@ -58,3 +58,30 @@ def test_edit_rewrites_the_fact_generalises_and_stays_specific(smollm2, data_dir
         stack.revert_all()
     assert all(torch.equal(weights[k], v) for k, v in smollm2.model.state_dict().items())
     assert info[0]["steps"] >= 1 and delta.method == method
+
+
+def test_paper_settings_by_name_reproduce_the_committed_run_on_one_record(smollm2, data_dir, tmp_path):
+    """docs/results/eval/smollm2-cf-rome was run with the reference's 20 value steps (then the default);
+    `--settings paper` must give its numbers again."""
+    import json
+    from pathlib import Path
+
+    from factedit.evaluate.runner import run_evaluation
+
+    committed = Path(__file__).parents[1] / "docs" / "results" / "eval" / "smollm2-cf-rome"
+    then = json.loads((committed / "settings.json").read_text())["settings"]
+    settings = get_method("rome").settings_with(smollm2, preset="paper", stats_tokens=then["stats_tokens"],
+                                                stats_corpus=str(data_dir / "wiki" / "enwiki_sample.jsonl"))
+    now = settings.to_dict()
+    assert {k: v for k, v in now.items() if k not in ("stats_corpus", "preset")} == \
+        {k: v for k, v in then.items() if k != "stats_corpus"}
+    data = data_dir / "counterfact" / "counterfact_dev.json"
+    run_evaluation(smollm2, "rome", "counterfact", tmp_path / "run", data=str(data), n=1, settings=settings)
+    (case_file,) = (tmp_path / "run" / "cases").iterdir()
+    new, old = json.loads(case_file.read_text()), json.loads((committed / "cases" / case_file.name).read_text())
+    for group in ("rewrite", "paraphrase", "neighborhood"):
+        for which in ("p_new", "p_true"):
+            assert new["post"][which][group] == pytest.approx(old["post"][which][group], rel=1e-3, abs=1e-5)
+    assert {k: v for k, v in new["post_scores"].items() if k in old["post_scores"]} == \
+        pytest.approx(old["post_scores"], rel=1e-3, abs=1e-5)
+    assert new["edit"]["steps"] <= 20

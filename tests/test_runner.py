@@ -153,3 +153,22 @@ def test_resuming_with_other_settings_is_refused_and_says_what_differs(env, tmp_
     with pytest.raises(ValueError, match="method: 'none' -> 'ft-l'"):
         run_evaluation(lm, "ft-l", "counterfact", tmp_path / "r", data=str(data), n=1)
     run_evaluation(lm, "none", "counterfact", tmp_path / "r", data=str(data), n=2)  # only n may change
+
+
+def test_generative_scores_come_from_greedy_continuations_of_each_prompt(env, tmp_path):
+    from factedit.evaluate.datasets import greedy_groups
+    from factedit.generate import greedy_continuation
+
+    lm, data = env
+    groups = {"rewrite": ["The Eiffel Tower is located in the city of"],
+              "paraphrase": ["Paris", "The city of Berlin . The Space Needle is located in the city of"]}
+    found = greedy_groups(lm, groups, [" Rome", " Paris"])  # one batch, prompts of different lengths
+    for group, prompts in groups.items():
+        assert found[group] == [greedy_continuation(lm, p, 1 + 5) for p in prompts]
+    summary = run_evaluation(lm, "ft", "counterfact", tmp_path / "run", data=str(data), n=1,
+                             settings=get_method("ft").defaults(lm, 1, lr=1e-2))
+    case = json.loads((tmp_path / "run" / "cases" / "10.json").read_text())
+    texts = case["post"]["greedy"]["rewrite"] + case["post"]["greedy"]["paraphrase"]
+    assert case["post_scores"]["GenES"] == float(case["post"]["greedy"]["rewrite"][0].lstrip().startswith("Rome"))
+    assert case["post_scores"]["GenOld"] == sum("Paris" in t for t in texts) / len(texts)
+    assert {"GenES", "GenPS", "GenOld"} <= set(summary["post"])

@@ -78,14 +78,23 @@ def greedy_continuation(lm: LoadedModel, prompt: str, n_new: int = 20) -> str:
 
 
 def sample_texts(lm: LoadedModel, starts: list[str], n_per_start: int, length: int, *, top_k: int = 5,
-                 seed: int = 0) -> list[str]:
+                 seed: int = 0, context: str = "") -> list[str]:
     """Short texts sampled from the model: `n_per_start` for each start word, `length` tokens each
-    (counting the start), as the ROME reference sampled its context prefixes."""
+    (counting the start), as the ROME reference sampled its context prefixes.
+
+    The start word is preceded by the tokenizer's start-of-text token if it adds one, else by
+    `context` (which the texts do not include). Without either the start word sits at position 0,
+    which some models (SmolLM2) use as an attention sink: their prediction there ignores the word
+    ("The", "I", "Because" all continue with "-" 40% of the time) and the samples degenerate
+    ("The-199."); after a newline they are ordinary sentences."""
     texts = []
     for i, start in enumerate(starts):
         ids = list(lm.tokenizer(start, add_special_tokens=False)["input_ids"])
         bos = lm.tokenizer.bos_token_id
-        prefix = [bos] if bos is not None and _encode(lm, start)[0] == bos else []
+        if bos is not None and _encode(lm, start)[0] == bos:
+            prefix = [bos]
+        else:
+            prefix = list(lm.tokenizer(context, add_special_tokens=False)["input_ids"]) if context else []
         out = generate_ids(lm, prefix + ids, max(0, length - len(ids)), copies=n_per_start, top_k=top_k,
                            seed=seed * 1000 + i)
         texts += [lm.tokenizer.decode(row[len(prefix):], skip_special_tokens=True) for row in out]

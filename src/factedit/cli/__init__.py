@@ -76,6 +76,22 @@ def _stats_options(command):
     return command
 
 
+SETTINGS_HELP = ("named settings ('default', or 'paper': the reference implementation's protocol, e.g. ROME's "
+                 "20 value steps) or a settings JSON file (as written next to results)")
+
+
+def _settings(spec, lm, name_or_file: str | None, layer: int | None, **options):
+    """The method's settings: per-model defaults, a named preset, or a JSON file."""
+    from pathlib import Path
+
+    if name_or_file is None or name_or_file in spec.preset_names():
+        return spec.settings_with(lm, layer, preset=name_or_file or "default", **options)
+    if not Path(name_or_file).is_file():
+        raise ValueError(f"--settings {name_or_file!r} is neither a settings file nor a name for method {spec.name} "
+                         f"({', '.join(spec.preset_names())})")
+    return spec.settings_type.load(name_or_file)
+
+
 def _register_commands() -> None:
     # Imported for their @main.command side effect; at the bottom to avoid an import cycle.
     from . import edit_commands, eval_commands, serve_command, trace_commands  # noqa: F401

@@ -7,7 +7,7 @@ import sys
 import click
 from tqdm import tqdm
 
-from . import _load, _load_edits, _model_options, _stats_options, main
+from . import SETTINGS_HELP, _load, _load_edits, _model_options, _settings, _stats_options, main
 
 
 @main.command()
@@ -28,8 +28,7 @@ def methods():
 @click.option("--method", default="rome", show_default=True,
               help="rome, rome-original, memit, ft, ft-l or kn (see factedit methods)")
 @click.option("--layer", type=int, default=None, help="layer to edit (default: per-model structural default)")
-@click.option("--settings", "settings_file", type=click.Path(dir_okay=False), default=None,
-              help="ROME settings JSON (as written next to results)")
+@click.option("--settings", "settings_file", default=None, help=SETTINGS_HELP)
 @click.option("--paraphrase", multiple=True, help="extra prompts to check (repeatable)")
 @_stats_options
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the sampled context prefixes")
@@ -47,14 +46,11 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
         top = greedy_continuation(lm, request.text, 1)
         request = EditRequest.create(request.prompt, subject, target, top.strip() or top)
     spec = get_method(method)
-    if settings_file:
-        settings = spec.settings_type.load(settings_file)
-    else:
-        settings = spec.settings_with(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens, prefix_seed=seed)
+    settings = _settings(spec, lm, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens, prefix_seed=seed)
     where = getattr(settings, "layer", None) if hasattr(settings, "layer") else getattr(settings, "layers", None)
     click.echo(f"editing layer(s) {where} ({getattr(settings, 'layer_rule', '')}) with {method}: "
                f"{request.text!r}: {request.target_true!r} -> {request.target_new!r}")
-    prefixes = sample_texts(lm, ["The", "In"], 1, 8, top_k=5, seed=seed + 7)  # not the templates ROME uses
+    prefixes = sample_texts(lm, ["The", "In"], 1, 8, top_k=5, seed=seed + 7, context="\n")  # not ROME's templates
     checks = [request.text] + [f"{p.strip()}. {request.text}" for p in prefixes] + list(paraphrase)
     labels = ["prompt"] + ["prefixed (sampled)"] * len(prefixes) + ["paraphrase"] * len(paraphrase)
 
@@ -81,12 +77,22 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
     if "stats_file" in delta.info:
         click.echo(f"key statistics: {delta.info['stats_keys']} keys ({delta.info['stats_file']}; 'model-sampled' "
                    f"in the name means text sampled from the model, as no corpus was given)")
-    info = diagnostics[0]
-    if "losses" in info:
-        click.echo(f"optimisation: {info['steps']} steps, final loss {info['losses'][-1]:.4f}")
+    for info in diagnostics[:1]:
+        click.echo(optimisation_report(info, settings))
     if save:
         delta.save(save)
         click.echo(f"saved the edit to {save}")
+
+
+def optimisation_report(info: dict, settings) -> str:
+    """One line on how the edit's optimisation ended; says so loudly when it did not converge."""
+    if "converged" not in info:
+        return f"optimisation: {info['steps']} steps, final loss {info['losses'][-1]:.4f}" if info.get("losses") else ""
+    line = f"optimisation: {info['steps']} steps, final loss {info['final_loss']:.4f}"
+    if info["converged"]:
+        return line + f" (converged: below {settings.early_stop_loss})"
+    return (line + f" -- NOT CONVERGED: still above the early-stop loss {settings.early_stop_loss} after the "
+            f"maximum of {settings.v_steps} steps; the edit may not hold (raise it with a settings file)")
 
 
 @main.command()

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from . import _load, _model_options, _stats_options, main
+from . import SETTINGS_HELP, _load, _model_options, _settings, _stats_options, main
 
 
 @main.command()
@@ -67,7 +67,7 @@ def sequential(model, device, dtype, threads, data, n, every, methods, layer, co
 @click.option("--n", type=int, default=None, help="first N records")
 @click.option("--edits-per-batch", type=int, default=1, show_default=True)
 @click.option("--layer", type=int, default=None)
-@click.option("--settings", "settings_file", type=click.Path(dir_okay=False), default=None)
+@click.option("--settings", "settings_file", default=None, help=SETTINGS_HELP)
 @_stats_options
 @click.option("--generation", is_flag=True, help="also score fluency (GE) and consistency (RS*) of generations")
 @click.option("--sequential", is_flag=True, help="keep every edit: each batch is edited on top of the earlier ones")
@@ -81,8 +81,7 @@ def eval_command(model, device, dtype, threads, method, dataset, data, n, edits_
 
     lm = _load(model, device, dtype, threads)
     spec = get_method(method)
-    settings = (spec.settings_type.load(settings_file) if settings_file
-                else spec.settings_with(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens))
+    settings = _settings(spec, lm, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
     with tqdm(total=n, desc=f"{method} on {dataset}", unit="case", file=sys.stderr) as bar:
         summary = run_evaluation(lm, method, dataset, out, data=data, n=n, edits_per_batch=edits_per_batch,
                                  settings=settings, generation=generation, generation_tokens=generation_tokens,
@@ -96,14 +95,17 @@ def eval_command(model, device, dtype, threads, method, dataset, data, n, edits_
 @click.option("--plot", "bars_stem", default=None, help="also plot ES/PS/NS per run as bars to PLOT.png/.svg")
 @click.option("--plot-by-edits", "edits_stem", default=None,
               help="also plot ES/PS/NS against the number of edits per run to PLOT.png/.svg (mass editing)")
-def summarize(runs, bars_stem, edits_stem):
+@click.option("--plot-by-layer", "layer_stem", default=None,
+              help="also plot ES/PS/NS against the edited layer to PLOT.png/.svg (one line per model and method)")
+def summarize(runs, bars_stem, edits_stem, layer_stem):
     """Print several evaluation runs side by side."""
-    from ..evaluate.plots import plot_by_number_of_edits, plot_score_bars
+    from ..evaluate.plots import plot_by_layer, plot_by_number_of_edits, plot_score_bars
     from ..evaluate.runner import markdown_table, summarize as summarize_run
 
     summaries = [summarize_run(run) for run in runs]
     click.echo(markdown_table(summaries))
-    for stem, plot in ((bars_stem, plot_score_bars), (edits_stem, plot_by_number_of_edits)):
+    for stem, plot in ((bars_stem, plot_score_bars), (edits_stem, plot_by_number_of_edits),
+                       (layer_stem, plot_by_layer)):
         if stem:
             for path in plot(summaries, stem):
                 click.echo(f"wrote {path}")

@@ -7,7 +7,15 @@
 3. Edit: each selected neuron's value vector (its column of the output projection) gets
    `scale` x (embedding(new) - embedding(old)) added, the rewrite of the knowledge-neurons
    reference implementation (scale 2, input word embeddings), times the sign of the neuron's
-   activation at the prompt (see `follow_activation_sign`).
+   activation at the prompt (see `follow_activation_sign`), divided by the activation's size at the
+   prompt (see `per_unit_activation`).
+
+The reference's scale is absolute: what a neuron adds is its activation times the change, so the
+same scale adds 2 x (e_new - e_old) through a GPT-2 neuron (activations of order 1) and 380 x that
+through SmolLM2's late neurons (activations up to +-190), which then push the new object after every
+prompt. The default divides by the activation at the prompt, so that each kept neuron adds
+`scale` x (e_new - e_old) there whatever the model's activation scale; the "paper" preset is the
+reference rule (absolute, sign ignored).
 """
 
 from __future__ import annotations
@@ -34,7 +42,10 @@ class KnSettings(JsonSettings):
     # GPT-2's GELU neurons (almost never negative), backwards for a gated MLP's negative ones, which
     # then push towards the old object. True: multiply by the sign of the activation at the prompt.
     follow_activation_sign: bool = True
+    # True: divide each neuron's change by |its activation at the prompt| (scale-aware, see above).
+    per_unit_activation: bool = True
     layers: list[int] | None = None  # None: every layer
+    preset: str = "default"
 
     @classmethod
     def defaults_for(cls, lm: LoadedModel, layer: int | None = None, **overrides) -> "KnSettings":
@@ -77,6 +88,20 @@ def neuron_attributions(lm: LoadedModel, prompt: str, target_token: int, layer: 
     return (activation * grad.mean(0)).detach()
 
 
+# The reference rule (knowledge-neurons code as the ROME paper ran it), by name.
+PAPER_SETTINGS = {"scale": 2.0, "follow_activation_sign": False, "per_unit_activation": False, "ig_steps": 20,
+                  "threshold": 0.2}
+
+
+def neuron_weight(activation: float, settings: KnSettings) -> float:
+    """How much of scale x (e_new - e_old) goes into one neuron's value vector, given its activation
+    at the prompt."""
+    weight = -1.0 if settings.follow_activation_sign and activation < 0 else 1.0
+    if settings.per_unit_activation:
+        weight /= max(abs(activation), 1e-6)
+    return weight
+
+
 def kn_delta(lm: LoadedModel, requests: list[EditRequest], settings: KnSettings,
              progress: Callable[[int], None] | None = None) -> tuple[EditDelta, list[dict]]:
     embed = lm.arch.embed.weight
@@ -95,13 +120,11 @@ def kn_delta(lm: LoadedModel, requests: list[EditRequest], settings: KnSettings,
         changes = {}
         ids = lm.tokenizer(request.text, return_tensors="pt").input_ids.to(lm.device)
         kept = [(layers[index // scores.shape[1]], index % scores.shape[1]) for index in keep.tolist()]
-        activations = ({layer: last_token_activations(lm, ids, layer)[0] for layer in {layer for layer, _ in kept}}
-                       if settings.follow_activation_sign else {})
+        activations = {layer: last_token_activations(lm, ids, layer)[0] for layer in {layer for layer, _ in kept}}
         for layer, neuron in kept:
-            sign = 1.0 if not activations or float(activations[layer][neuron]) >= 0 else -1.0
             name = f"{lm.arch.blocks_name}.{layer}.{lm.arch.blocks[layer].mlp_out_name}"
             down = changes.setdefault(name, {"up": direction.unsqueeze(1), "down": torch.zeros(1, lm.arch.d_mlp)})["down"]
-            down[0, neuron] = sign
+            down[0, neuron] = neuron_weight(float(activations[layer][neuron]), settings)
         delta = EditDelta("kn", lm.fingerprint, changes, settings.to_dict(), [request.to_dict()])
         total = delta if total is None else total.compose(delta)
         diagnostics.append({"neurons": kept})

@@ -39,7 +39,7 @@ GPTJ_D_MLP = 16384  # the MLP width of GPT-J, where MEMIT's lambda = 15,000 was 
 class MemitSettings(JsonSettings):
     layers: list[int]
     v_lr: float = 0.5
-    v_steps: int = 25
+    v_steps: int = 100  # at most; each target's optimisation stops at early_stop_loss (reference: 25)
     v_weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
@@ -47,11 +47,13 @@ class MemitSettings(JsonSettings):
     essence_prompt: str = "{} is a"
     prefix_lengths: list[list[int]] = field(default_factory=lambda: [[10, 5]])  # [tokens, count]
     prefix_seed: int = 0
+    prefix_context: str = "\n"  # see RomeSettings
     mom2_update_weight: float = 15000.0  # lambda: weight of the existing keys' statistics (see defaults_for)
     batch_requests: int = 16  # requests whose targets are optimised together (same result, faster)
     stats_corpus: str | None = None
     stats_tokens: int = 100_000
     layer_rule: str = ""
+    preset: str = "default"
 
     @classmethod
     def defaults_for(cls, lm: LoadedModel, layer: int | None = None, **overrides) -> "MemitSettings":
@@ -69,6 +71,13 @@ class MemitSettings(JsonSettings):
         return cls(layers=list(range(max(0, top - 4), top + 1)), layer_rule=rule, **overrides)
 
 
+# The reference implementation's settings for GPT-J (hparams/MEMIT/EleutherAI_gpt-j-6B.json), by name;
+# its lambda is not scaled with the MLP width.
+PAPER_SETTINGS = {"v_lr": 0.5, "v_steps": 25, "v_weight_decay": 0.5, "clamp_norm_factor": 0.75, "kl_factor": 0.0625,
+                  "early_stop_loss": 0.05, "prefix_lengths": [[10, 5]], "prefix_context": "",
+                  "mom2_update_weight": 15000.0}
+
+
 def _statistics(lm: LoadedModel, settings: MemitSettings, cache_dir, progress):
     corpus = statistics_corpus(lm, settings)
     found = second_moments(lm, settings.layers, corpus, settings.stats_tokens, cache_dir=cache_dir, progress=progress)
@@ -77,7 +86,7 @@ def _statistics(lm: LoadedModel, settings: MemitSettings, cache_dir, progress):
 
 # The settings that determine a request's target z (with the weights, the device and the top layer).
 TARGET_FIELDS = ("v_lr", "v_steps", "v_weight_decay", "clamp_norm_factor", "kl_factor", "early_stop_loss",
-                 "essence_prompt", "prefix_lengths", "prefix_seed")
+                 "essence_prompt", "prefix_lengths", "prefix_seed", "prefix_context")
 
 
 def _digest(value) -> str:
@@ -151,7 +160,9 @@ def memit_delta(lm: LoadedModel, requests: list[EditRequest], settings: MemitSet
     # 1. target hidden states z at the top layer, optimised for several requests at once
     found = _targets(lm, requests, settings, top, templates, TargetCache(lm, settings, top, cache_dir), progress)
     z = torch.stack([f["z"] for f in found], 1).to(lm.device).double()  # (d, n)
-    diagnostics = [{key: f[key] for key in ("losses", "steps", "delta_norm")} for f in found]
+    diagnostics = [{"steps": f["steps"], "final_loss": f["losses"][-1], "losses": f["losses"],
+                    "converged": f["losses"][-1] < settings.early_stop_loss, "delta_norm": f["delta_norm"]}
+                   for f in found]
     # 2. spread the change over the layers, lowest first, each on the model updated so far
     stack, total = EditStack(lm), None
     try:

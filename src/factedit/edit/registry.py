@@ -5,19 +5,21 @@ settings dataclass with per-model defaults."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ..models import LoadedModel
 from .delta import EditDelta, EditStack
-from .finetune import FinetuneSettings, finetune_delta
+from . import kn, memit, rome
+from .finetune import FT_L_PAPER_SETTINGS, FinetuneSettings, finetune_delta
 from .kn import KnSettings, kn_delta
 from .memit import MemitSettings, memit_delta
 from .request import EditRequest
 from .rome import RomeSettings, context_templates, key_statistics, rome_delta
 
 Progress = Callable[[int], None] | None
+DEFAULT_PRESET = "default"
 
 
 @dataclass(frozen=True)
@@ -27,14 +29,27 @@ class Method:
     settings_type: type
     defaults: Callable[..., object]  # (lm, layer=None, **overrides) -> settings
     compute: Callable[..., tuple[EditDelta, list[dict]]]  # (lm, requests, settings, cache_dir, progress)
+    # Named settings beside the defaults: field values applied on top of the per-model defaults.
+    # "paper" is the reference implementation's protocol (e.g. ROME's 20 value steps for GPT-2 XL).
+    presets: dict[str, dict] = field(default_factory=dict)
 
-    def settings_with(self, lm: LoadedModel, layer: int | None = None, **options):
-        """Per-model defaults with those `options` that this method's settings have (e.g. a statistics
-        corpus, which fine-tuning does not use)."""
+    def settings_with(self, lm: LoadedModel, layer: int | None = None, preset: str = DEFAULT_PRESET, **options):
+        """Per-model defaults (or the named `preset`) with those `options` that this method's settings
+        have (e.g. a statistics corpus, which fine-tuning does not use)."""
         import dataclasses
 
         names = {f.name for f in dataclasses.fields(self.settings_type)}
-        return self.defaults(lm, layer, **{k: v for k, v in options.items() if k in names})
+        if preset != DEFAULT_PRESET and preset not in self.presets:
+            choices = ", ".join([DEFAULT_PRESET, *self.presets])
+            raise ValueError(f"method {self.name} has no settings named {preset!r}; choose from {choices} "
+                             "or give a settings JSON file")
+        overrides = {**self.presets.get(preset, {}), **{k: v for k, v in options.items() if k in names}}
+        if "preset" in names:
+            overrides["preset"] = preset
+        return self.defaults(lm, layer, **overrides)
+
+    def preset_names(self) -> list[str]:
+        return [DEFAULT_PRESET, *self.presets]
 
 
 def _rome(key_mode: str, name: str):
@@ -94,23 +109,25 @@ def register(method: Method) -> None:
 
 register(Method("none", "the unedited model (baseline)", NoSettings, lambda lm, layer=None, **kw: NoSettings(),
                 _none_compute))
-register(Method("rome", "ROME with consistent keys (the averaged key in every step)", RomeSettings, *_rome("consistent", "rome")))
+register(Method("rome", "ROME with consistent keys (the averaged key in every step)", RomeSettings, *_rome("consistent", "rome"),
+                presets={"paper": rome.PAPER_SETTINGS}))
 register(Method("rome-original", "ROME as in the reference code (plain-prompt key in the solve)", RomeSettings,
-                *_rome("original", "rome-original")))
-register(Method("ft", "fine-tune one MLP output matrix", FinetuneSettings, *_finetune("ft", False)))
-register(Method("ft-l", "fine-tune one MLP output matrix under an L-infinity constraint (FT+L)", FinetuneSettings,
-                *_finetune("ft-l", True)))
+                *_rome("original", "rome-original"), presets={"paper": rome.PAPER_SETTINGS}))
+register(Method("ft", "fine-tune one MLP output matrix", FinetuneSettings, *_finetune("ft", False),
+                presets={"paper": {"steps": 25, "lr": 5e-4}}))
+register(Method("ft-l", "fine-tune one MLP output matrix under an L-infinity constraint (FT+L), relative to its scale",
+                FinetuneSettings, *_finetune("ft-l", True), presets={"paper": FT_L_PAPER_SETTINGS}))
 
 register(Method("memit", "MEMIT: all requests at once, spread over a range of layers", MemitSettings,
                 lambda lm, layer=None, **kw: MemitSettings.defaults_for(lm, layer, **kw),
                 lambda lm, requests, settings, cache_dir=None, progress=None, stats_progress=None:
                 memit_delta(lm, requests, settings, cache_dir=cache_dir, progress=progress,
-                            stats_progress=stats_progress)))
+                            stats_progress=stats_progress), presets={"paper": memit.PAPER_SETTINGS}))
 
 register(Method("kn", "knowledge neurons: integrated-gradients attribution, then rewrite their value vectors",
                 KnSettings, lambda lm, layer=None, **kw: KnSettings.defaults_for(lm, layer, **kw),
                 lambda lm, requests, settings, cache_dir=None, progress=None, stats_progress=None:
-                kn_delta(lm, requests, settings, progress)))
+                kn_delta(lm, requests, settings, progress), presets={"paper": kn.PAPER_SETTINGS}))
 
 
 def get_method(name: str) -> Method:

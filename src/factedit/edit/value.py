@@ -32,6 +32,12 @@ class ValueResult:
     target_init: torch.Tensor  # the value it is added to
     losses: list[float]
     steps: int
+    converged: bool  # the loss fell below the early-stop loss within the step budget
+
+    def diagnostics(self) -> dict:
+        """What an edit reports about its optimisation: steps taken, final loss, whether it converged."""
+        return {"steps": self.steps, "final_loss": self.losses[-1] if self.losses else None,
+                "converged": self.converged, "losses": self.losses, "delta_norm": float(self.delta.norm())}
 
 
 @dataclass
@@ -213,7 +219,9 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
     MemitSettings). delta is added to the output of the MLP (`kind` "mlp", ROME) or of the whole
     block ("hidden", MEMIT's target z) at `layer`. Rows of different requests never interact and
     Adam works element-wise, so this equals optimising each request alone; a request that reaches
-    the early-stop loss is frozen. `forward`: "cached" (fast) or "full" (the reference)."""
+    the early-stop loss is frozen. Convergence is the criterion: each request runs until its loss is
+    below `settings.early_stop_loss`, for at most `settings.v_steps` steps, and its result says
+    whether it got there. `forward`: "cached" (fast) or "full" (the reference)."""
     rows = value_rows(lm, requests, templates, settings.essence_prompt)
     runner = {"cached": CachedForward, "full": FullForward}[forward](lm, rows, layer, kind)
     n = len(requests)
@@ -264,7 +272,8 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
     finally:
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
-    return [ValueResult(delta[r].detach(), target_inits[r].detach(), losses[r], steps[r]) for r in range(n)]
+    return [ValueResult(delta[r].detach(), target_inits[r].detach(), losses[r], steps[r],
+                        bool(losses[r]) and losses[r][-1] < settings.early_stop_loss) for r in range(n)]
 
 
 def compute_value_delta(lm: LoadedModel, layer: int, request: EditRequest, templates: list[str], settings,

@@ -99,3 +99,29 @@ def token_accuracy(predicted: list[int], target: list[int]) -> float:
     if len(predicted) != len(target) or not target:
         raise ValueError("predicted and target token lists must be equally long and non-empty")
     return float(np.mean([p == t for p, t in zip(predicted, target)]))
+
+
+def _names_object(text: str, obj: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(obj.strip())}(?!\w)", text, re.IGNORECASE) is not None
+
+
+def starts_with_object(continuation: str, obj: str) -> bool:
+    """Does a generated continuation begin with the object (leading whitespace, newlines included,
+    ignored; whole words; case-insensitive)?"""
+    return re.match(rf"{re.escape(obj.strip())}(?!\w)", continuation.lstrip(), re.IGNORECASE) is not None
+
+
+def generative_scores(continuations: dict[str, list[str]], new: str, old: str | None,
+                      names: dict[str, str], old_name: str) -> dict[str, float]:
+    """What a user sees: per prompt group (e.g. {"rewrite": "GenES"}), the share of greedy continuations
+    that start with the new object; `old_name`: the share of all of them in which the old object
+    still appears anywhere (left out when the old object is unknown)."""
+    scores = {}
+    for group, name in names.items():
+        texts = continuations.get(group, [])
+        if texts:
+            scores[name] = float(np.mean([starts_with_object(t, new) for t in texts]))
+    every = [t for group in names for t in continuations.get(group, [])]
+    if old and every:
+        scores[old_name] = float(np.mean([_names_object(t, old) for t in every]))
+    return scores

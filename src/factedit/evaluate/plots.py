@@ -71,3 +71,33 @@ def plot_by_number_of_edits(summaries: list[dict], path_stem: str | Path,
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path_stem)
+
+
+def plot_by_layer(summaries: list[dict], path_stem: str | Path, keys: tuple[str, ...] = ("ES", "PS", "NS")) -> list[Path]:
+    """Scores against the edited layer (the top one for methods that edit several), one line per
+    model and method, with each model's unedited score dashed: where along the depth an editor
+    writes the fact and where it starts to damage neighbours. Writes PNG and SVG."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), sharey=True)
+    lines: dict[str, list[tuple[int, dict]]] = {}
+    unedited: dict[str, dict] = {}
+    for s in summaries:
+        if s.get("layer") is None:
+            raise ValueError(f"run {s.get('run')} edits no single layer; plot it by run instead")
+        lines.setdefault(f"{s['model']}, {s['method']}", []).append((s["layer"], s["post"]))
+        unedited.setdefault(s["model"], s["pre"])
+    for ax, key in zip(axes, keys):
+        for label, points in lines.items():
+            points = sorted((layer, scores[key]) for layer, scores in points if key in scores)
+            drawn = ax.errorbar([x for x, _ in points], [v["mean"] for _, v in points],
+                                yerr=[v["ci95"] or 0 for _, v in points], marker="o", capsize=3, label=label)
+            model = label.split(",")[0]
+            if key in unedited[model]:
+                ax.axhline(unedited[model][key]["mean"], color=drawn[0].get_color(), linestyle="--", linewidth=1)
+        ax.set_xlabel("edited layer")
+        ax.set_title(f"{key} (dashed: unedited)")
+        ax.set_ylim(0, 100)
+    axes[0].set_ylabel("score (%)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path_stem)

@@ -4,7 +4,7 @@ Datasets come from one registry (`DATASETS`): each knows how to load its records
 score, and how to turn probabilities into the paper's per-record scores. The runner never branches
 on dataset or method names.
 
-Layout of an output folder:
+Datasets and their scoring: datasets.py. Layout of an output folder:
     settings.json        method, settings, model, data, options
     cases/<case_id>.json pre (unedited) and post (edited) probabilities and scores; resume skips these
     summary.json         means and 95% CIs, pre and post
@@ -16,74 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..data.counterfact import CounterFactRecord, load_counterfact
 from ..edit import EditDelta, EditStack, edit, get_method
-from ..models import LoadedModel, default_cache_dir
-from ..data.zsre import ZsreRecord, load_zsre
-from ..scoring import target_logprobs, teacher_forced_predictions
 from ..generate import generate_batch
-from .metrics import aggregate, counterfact_record_scores, generation_entropy, tfidf_consistency, token_accuracy
-
-
-@dataclass(frozen=True)
-class Dataset:
-    name: str
-    load: Callable[..., list]  # (path=None, n=None) -> records with .case_id and .request
-    probabilities: Callable[[LoadedModel, object], dict]  # (lm, record) -> raw numbers to score
-    scores: Callable[[dict], dict[str, float]]  # raw numbers -> per-record scores
-    # Fluency and consistency (optional): prompts to generate from on the edited model, and prompts
-    # whose generations on the unedited model serve as reference texts about the new object.
-    generation_prompts: Callable[[object], list[str]] | None = None
-    reference_prompts: Callable[[object], list[str]] | None = None
-
-
-def counterfact_probabilities(lm: LoadedModel, record: CounterFactRecord) -> dict:
-    """P(new) and P(true) for every prompt group, all prompts of the record in one batch."""
-    groups = {"rewrite": [record.request.text], "paraphrase": record.paraphrase_prompts,
-              "neighborhood": record.neighborhood_prompts}
-    prompts = [p for ps in groups.values() for p in ps]
-    targets = [record.request.target_new, record.request.target_true]
-    logp = target_logprobs(lm, prompts * 2, [targets[0]] * len(prompts) + [targets[1]] * len(prompts)).exp().tolist()
-    out, i = {"p_new": {}, "p_true": {}}, 0
-    for group, ps in groups.items():
-        out["p_new"][group] = logp[i:i + len(ps)]
-        out["p_true"][group] = logp[len(prompts) + i:len(prompts) + i + len(ps)]
-        i += len(ps)
-    return out
-
-
-def zsre_predictions(lm: LoadedModel, record: ZsreRecord) -> dict:
-    """Teacher-forced predictions of the new answer on the question and its rephrasing, and of the
-    unrelated question's answer (specificity), in one batch."""
-    new = record.request.target_new
-    pairs = teacher_forced_predictions(lm, [record.request.text, record.paraphrase, record.loc],
-                                       [new, new, " " + record.loc_ans.strip()])
-    return {group: {"predicted": predicted, "target": target}
-            for group, (predicted, target) in zip(("rewrite", "paraphrase", "neighborhood"), pairs)}
-
-
-def zsre_scores(raw: dict) -> dict[str, float]:
-    return {name: token_accuracy(raw[group]["predicted"], raw[group]["target"])
-            for name, group in (("efficacy", "rewrite"), ("paraphrase", "paraphrase"), ("specificity", "neighborhood"))}
-
-
-DATASETS: dict[str, Dataset] = {
-    "counterfact": Dataset("counterfact", load_counterfact, counterfact_probabilities,
-                           lambda raw: counterfact_record_scores(raw["p_new"], raw["p_true"]),
-                           generation_prompts=lambda r: r.generation_prompts,
-                           reference_prompts=lambda r: r.attribute_prompts),
-    "zsre": Dataset("zsre", load_zsre, zsre_predictions, zsre_scores),
-}
-
-
-def get_dataset(name: str) -> Dataset:
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    return DATASETS[name]
+from ..models import LoadedModel, default_cache_dir
+from .datasets import Dataset, get_dataset
+from .metrics import aggregate, generation_entropy, tfidf_consistency
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -154,11 +94,12 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
         pre = [ds.probabilities(lm, r) for r in batch]
         references = [_references(lm, ds, r, generation, generation_tokens) for r in batch]
         start = time.perf_counter()
-        delta, _ = edit(lm, [r.request for r in batch], method, settings)
+        delta, diagnostics = edit(lm, [r.request for r in batch], method, settings)
         edit_seconds = time.perf_counter() - start
         stack.apply(delta)
         try:
-            _score_and_write(lm, ds, out, batch, pre, references, generation, generation_tokens, edit_seconds)
+            _score_and_write(lm, ds, out, batch, pre, references, generation, generation_tokens, edit_seconds,
+                             diagnostics)
         finally:
             stack.revert()
         if progress:
@@ -206,9 +147,19 @@ def _references(lm, ds: Dataset, record, generation: bool, tokens: int) -> list[
     return texts
 
 
-def _score_and_write(lm, ds: Dataset, out: Path, batch, pre, references, generation, tokens, edit_seconds) -> None:
-    """Score the batch on the (edited) model as it is now and write one case file each."""
-    for record, before, refs in zip(batch, pre, references):
+def _per_case(diagnostics: list[dict], n: int) -> list[dict]:
+    """One diagnostics dict per case: methods report one per request, or one for the whole batch
+    (fine-tuning trains all requests together)."""
+    if len(diagnostics) == n:
+        return diagnostics
+    return [diagnostics[0] if diagnostics else {}] * n
+
+
+def _score_and_write(lm, ds: Dataset, out: Path, batch, pre, references, generation, tokens, edit_seconds,
+                     diagnostics: list[dict]) -> None:
+    """Score the batch on the (edited) model as it is now and write one case file each, with what the
+    editor reported about each edit (steps, final loss, whether the optimisation converged)."""
+    for record, before, refs, info in zip(batch, pre, references, _per_case(diagnostics, len(batch))):
         after = ds.probabilities(lm, record)
         texts = generations(lm, ds.generation_prompts(record), record.case_id, tokens) if generation else []
         post_scores = ds.scores(after)
@@ -216,7 +167,7 @@ def _score_and_write(lm, ds: Dataset, out: Path, batch, pre, references, generat
             post_scores.update(generation_scores(texts, refs))
         case = {"case_id": record.case_id, "request": record.request.to_dict(), "pre": before, "post": after,
                 "pre_scores": ds.scores(before), "post_scores": post_scores, "generated": texts, "references": refs,
-                "edit_seconds": edit_seconds / len(batch), "batch_size": len(batch)}
+                "edit_seconds": edit_seconds / len(batch), "batch_size": len(batch), "edit": info}
         path = _case_path(out, record)
         _write_json(path, case)
 
@@ -240,12 +191,12 @@ def _run_sequential(lm, method, ds: Dataset, records, out: Path, edits_per_batch
                 stack.apply(EditDelta.load(delta_path))
             else:
                 start = time.perf_counter()
-                delta, _ = edit(lm, [r.request for r in batch], method, settings)
+                delta, diagnostics = edit(lm, [r.request for r in batch], method, settings)
                 edit_seconds = time.perf_counter() - start
                 stack.apply(delta)
                 delta.save(delta_path)
                 _score_and_write(lm, ds, out, batch, [pre[r.case_id] for r in batch],
-                                 [references[r.case_id] for r in batch], generation, tokens, edit_seconds)
+                                 [references[r.case_id] for r in batch], generation, tokens, edit_seconds, diagnostics)
             if progress:
                 progress(len(batch))
         _score_after_all(lm, ds, out, records)
@@ -264,14 +215,31 @@ def _score_after_all(lm, ds: Dataset, out: Path, records) -> None:
         _write_json(path, case)
 
 
+def convergence_counts(cases: list[dict]) -> dict:
+    """How many edits optimised a value and how many of those did not reach the early-stop loss
+    within their step budget (cases of methods without such an optimisation are not counted)."""
+    reported = [c["edit"]["converged"] for c in cases if "converged" in c.get("edit", {})]
+    if not reported:
+        return {}
+    return {"edits_with_convergence": len(reported), "not_converged": sum(not ok for ok in reported)}
+
+
+def _edited_layer(settings: dict) -> int | None:
+    """The layer a method edits (the top one of a range), for plots against depth."""
+    layers = settings.get("layers")
+    return settings.get("layer", max(layers) if layers else None)
+
+
 def summarize(out_dir: str | Path) -> dict:
     out = Path(out_dir)
     cases = [json.loads(p.read_text()) for p in sorted((out / "cases").glob("*.json"))]
     info = json.loads((out / "settings.json").read_text())
     summary = {"run": out.resolve().name, "method": info["method"], "dataset": info["dataset"], "model": info["model"],
+               "preset": info.get("settings", {}).get("preset", "default"), "layer": _edited_layer(info.get("settings", {})),
                "cases": len(cases),
                "pre": aggregate([c["pre_scores"] for c in cases]), "post": aggregate([c["post_scores"] for c in cases]),
-               "edit_seconds_mean": sum(c["edit_seconds"] for c in cases) / max(len(cases), 1)}
+               "edit_seconds_mean": sum(c["edit_seconds"] for c in cases) / max(len(cases), 1),
+               **convergence_counts(cases)}
     if cases and all("final_scores" in c for c in cases):
         summary["final"] = aggregate([c["final_scores"] for c in cases])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -280,15 +248,17 @@ def summarize(out_dir: str | Path) -> dict:
 
 
 def markdown_table(summaries: list[dict],
-                   keys=("S", "ES", "PS", "NS", "EM", "PM", "NM", "GE", "RS*", "efficacy", "paraphrase",
-                         "specificity")) -> str:
+                   keys=("S", "ES", "PS", "NS", "EM", "PM", "NM", "GenES", "GenPS", "GenOld", "GE", "RS*", "efficacy",
+                         "paraphrase", "specificity", "gen_efficacy", "gen_paraphrase", "gen_old")) -> str:
     """One row per run (edited), and an unedited row before the first run of each model, dataset
-    and number of cases; means +- 95% CI."""
+    and number of cases; means +- 95% CI. A method run with named settings shows the name
+    ("rome (paper)"); "not conv." counts the edits whose value optimisation did not converge."""
     present = [k for k in keys if any(k in s["post"] for s in summaries)]
-    lines = ["| run | model | method | cases | " + " | ".join(present) + " |",
-             "|---|---|---|---|" + "---|" * len(present)]
+    convergence = any("not_converged" in s for s in summaries)
+    lines = ["| run | model | method | cases | " + " | ".join(present) + (" | not conv." if convergence else "") + " |",
+             "|---|---|---|---|" + "---|" * (len(present) + convergence)]
 
-    def row(label, run, model, cases, scores):
+    def row(label, run, model, cases, scores, summary=None):
         cells = []
         for k in present:
             if k not in scores:
@@ -297,6 +267,9 @@ def markdown_table(summaries: list[dict],
                 cells.append(f"{scores[k]['mean']:.1f}")
             else:
                 cells.append(f"{scores[k]['mean']:.1f} +- {scores[k]['ci95']:.1f}")
+        if convergence:
+            cells.append(f"{summary['not_converged']} of {summary['edits_with_convergence']}"
+                         if summary and "not_converged" in summary else "")
         return f"| {run} | {model} | {label} | {cases} | " + " | ".join(cells) + " |"
 
     baselines = set()  # one unedited row per model, dataset and number of cases (runs take the first N records)
@@ -305,8 +278,9 @@ def markdown_table(summaries: list[dict],
         if key not in baselines:
             baselines.add(key)
             lines.append(row("unedited", s.get("run", ""), s["model"], s["cases"], s["pre"]))
-        lines.append(row(s["method"], s.get("run", ""), s["model"], s["cases"], s["post"]))
+        method = s["method"] if s.get("preset", "default") == "default" else f"{s['method']} ({s['preset']})"
+        lines.append(row(method, s.get("run", ""), s["model"], s["cases"], s["post"], s))
         if "final" in s:
-            lines.append(row(f"{s['method']}, after all {s['cases']} edits", s.get("run", ""), s["model"], s["cases"],
+            lines.append(row(f"{method}, after all {s['cases']} edits", s.get("run", ""), s["model"], s["cases"],
                              s["final"]))
     return "\n".join(lines)

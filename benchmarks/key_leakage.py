@@ -1,0 +1,78 @@
+"""How much of a ROME edit reaches the neighbours' prompts, by layer: a diagnostic of specificity
+that needs no optimisation.
+
+    python benchmarks/key_leakage.py --model gemma3-270m --layers 1 3 5 7 9 11 --n 30
+
+A rank-one update W' = W + r u^T / (u^T k*), u = C^-1 k*, adds the fraction (u^T k) / (u^T k*) of
+the edit's change r to the MLP output at any token whose key is k. For each CounterFact record and
+layer this prints the largest such fraction over the tokens of each neighbourhood prompt (other
+subjects with the same relation, whose answers must not change), averaged over the prompts, and the
+same over the record's own paraphrase prompts (which should receive the edit). A layer whose
+neighbours receive a large share of the edit cannot stay specific, however well the value is
+optimised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from factedit import load
+from factedit.data import load_counterfact
+from factedit.edit import RomeSettings
+from factedit.edit.rome import compute_keys, context_templates, key_statistics
+from factedit.hooks import Hook
+
+
+@torch.no_grad()
+def token_keys(lm, layer: int, prompt: str) -> torch.Tensor:
+    """The MLP keys of every token of a prompt at a layer, (tokens, d_mlp)."""
+    ids = lm.tokenizer(prompt, return_tensors="pt").input_ids.to(lm.device)
+    with Hook(lm.arch.blocks[layer].mlp_out, keep_input=True, stop=True) as hook:
+        lm.model(input_ids=ids, use_cache=False)
+    return hook.input.reshape(ids.shape[1], -1).float()
+
+
+def largest_share(lm, layer, u, denominator, prompts) -> float:
+    return float(np.mean([float((token_keys(lm, layer, p) @ u).max() / denominator) for p in prompts]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--layers", type=int, nargs="+", required=True)
+    parser.add_argument("--n", type=int, default=30)
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--corpus", default=os.environ.get("FACTEDIT_STATS_CORPUS"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    lm = load(args.model)
+    records = load_counterfact(args.data, args.n)
+    print(f"{args.model}: {len(records)} CounterFact records; share of the edit received by a token "
+          "(max over each prompt's tokens, mean over prompts and records)")
+    print("| layer | neighbourhood prompts | paraphrase prompts | ratio |")
+    print("|---|---|---|---|")
+    for layer in args.layers:
+        settings = RomeSettings.defaults_for(lm, layer, stats_corpus=args.corpus)
+        stats, _, _ = key_statistics(lm, settings)
+        C = stats.matrix.double()
+        C = C + settings.ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
+        templates = context_templates(lm, settings)
+        neighbours, paraphrases = [], []
+        for record in records:
+            k = compute_keys(lm, layer, record.request, templates).k_avg.double()
+            u = torch.linalg.solve(C, k)
+            denominator = float(u @ k)
+            u = u.float()
+            neighbours.append(largest_share(lm, layer, u, denominator, record.neighborhood_prompts))
+            paraphrases.append(largest_share(lm, layer, u, denominator, record.paraphrase_prompts))
+        print(f"| {layer} | {np.mean(neighbours):.3f} | {np.mean(paraphrases):.3f} | "
+              f"{np.mean(neighbours) / np.mean(paraphrases):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
