@@ -46,18 +46,19 @@ def main():
     parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--early-stop-on", default="nll", help="nll (default) or total (the reference's criterion)")
     parser.add_argument("--out", default=None, help="write the per-record steps to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lm = load(args.model)
-    settings = RomeSettings.defaults_for(lm, args.layer, v_steps=args.max_steps,
+    settings = RomeSettings.defaults_for(lm, args.layer, v_steps=args.max_steps, early_stop_on=args.early_stop_on,
                                          stats_corpus=os.environ.get("FACTEDIT_STATS_CORPUS"))
     templates = context_templates(lm, settings)
     records = get_dataset(args.dataset).load(args.data, args.n)
     found = steps_to_converge(lm, records, settings, templates, args.batch)
     steps = np.array([f["steps"] if f["converged"] else np.inf for f in found])
-    print(f"{args.model} layer {settings.layer}, {args.dataset}, {len(found)} records, early-stop loss "
-          f"{settings.early_stop_loss}, at most {args.max_steps} steps")
+    print(f"{args.model} layer {settings.layer}, {args.dataset}, {len(found)} records, early stop when the "
+          f"{settings.early_stop_on} loss < {settings.early_stop_loss}, at most {args.max_steps} steps")
     for budget in (20, 25, 40, 60, 80, 100, 150, 200, 300):
         if budget <= args.max_steps:
             print(f"  converged within {budget:3d} steps: {np.mean(steps <= budget):6.1%}")

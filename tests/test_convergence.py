@@ -42,12 +42,21 @@ def test_a_one_step_budget_is_reported_as_not_converged():
     short = compute_value_delta(lm, 1, eiffel(), TEMPLATES, RomeSettings.defaults_for(lm, 1, v_steps=1), keys.v_avg)
     assert short.steps == 1 and not short.converged
     assert short.diagnostics()["final_loss"] == short.losses[-1] > 0.05
-    # Given room, it runs until the loss is below the criterion and stops there (a criterion this tiny
-    # random model reaches: its first loss minus 0.5).
-    criterion = short.losses[0] - 0.5
+    # Given room, it runs until the target's NLL is below the criterion and stops there (a criterion
+    # this tiny random model reaches: its first NLL minus 0.5).
+    criterion = short.nlls[0] - 0.5
     long = compute_value_delta(lm, 1, eiffel(), TEMPLATES, RomeSettings.defaults_for(
         lm, 1, v_steps=300, v_lr=2.0, clamp_norm_factor=10, early_stop_loss=criterion), keys.v_avg)
-    assert long.converged and long.losses[-1] < criterion and all(loss >= criterion for loss in long.losses[:-1])
+    assert long.converged and long.nlls[-1] < criterion and all(nll >= criterion for nll in long.nlls[:-1])
+    assert long.losses[-1] > long.nlls[-1]  # the objective adds the KL and weight-decay terms
+    # The reference's criterion, the whole objective, is met later or not at all.
+    total = compute_value_delta(lm, 1, eiffel(), TEMPLATES, RomeSettings.defaults_for(
+        lm, 1, v_steps=300, v_lr=2.0, clamp_norm_factor=10, early_stop_loss=criterion, early_stop_on="total"),
+        keys.v_avg)
+    assert total.steps > long.steps and total.nlls[:long.steps] == pytest.approx(long.nlls)
+    with pytest.raises(ValueError, match="early_stop_on"):
+        compute_value_delta(lm, 1, eiffel(), TEMPLATES, RomeSettings.defaults_for(lm, 1, early_stop_on="loss"),
+                            keys.v_avg)
     assert long.steps == len(long.losses) < 300
 
 
@@ -80,6 +89,7 @@ def test_named_settings_reach_the_reference_protocol():
     assert get_method("rome").settings_with(lm).v_steps > 20
     paper = get_method("rome").settings_with(lm, preset="paper")
     assert paper.v_steps == 20 and paper.preset == "paper" and paper.key_mode == "consistent"
+    assert paper.early_stop_on == "total" and paper.prefix_context == ""
     assert get_method("rome-original").settings_with(lm, preset="paper").key_mode == "original"
     memit = get_method("memit").settings_with(lm, preset="paper")
     assert memit.v_steps == 25 and memit.mom2_update_weight == 15000.0

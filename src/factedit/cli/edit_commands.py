@@ -88,11 +88,13 @@ def optimisation_report(info: dict, settings) -> str:
     """One line on how the edit's optimisation ended; says so loudly when it did not converge."""
     if "converged" not in info:
         return f"optimisation: {info['steps']} steps, final loss {info['losses'][-1]:.4f}" if info.get("losses") else ""
-    line = f"optimisation: {info['steps']} steps, final loss {info['final_loss']:.4f}"
+    line = (f"optimisation: {info['steps']} steps, final loss {info['final_loss']:.4f} "
+            f"(target NLL {info['final_nll']:.4f})")
+    criterion = "target NLL" if settings.early_stop_on == "nll" else "loss"
     if info["converged"]:
-        return line + f" (converged: below {settings.early_stop_loss})"
-    return (line + f" -- NOT CONVERGED: still above the early-stop loss {settings.early_stop_loss} after the "
-            f"maximum of {settings.v_steps} steps; the edit may not hold (raise it with a settings file)")
+        return line + f", converged: {criterion} below {settings.early_stop_loss}"
+    return (line + f" -- NOT CONVERGED: {criterion} still above {settings.early_stop_loss} after the maximum of "
+            f"{settings.v_steps} steps; the edit may not hold (raise v_steps with a settings file)")
 
 
 @main.command()

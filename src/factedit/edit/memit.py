@@ -44,6 +44,7 @@ class MemitSettings(JsonSettings):
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     early_stop_loss: float = 0.05
+    early_stop_on: str = "nll"  # "nll": the target's NLL; "total": the whole objective (reference; value.py)
     essence_prompt: str = "{} is a"
     prefix_lengths: list[list[int]] = field(default_factory=lambda: [[10, 5]])  # [tokens, count]
     prefix_seed: int = 0
@@ -74,7 +75,7 @@ class MemitSettings(JsonSettings):
 # The reference implementation's settings for GPT-J (hparams/MEMIT/EleutherAI_gpt-j-6B.json), by name;
 # its lambda is not scaled with the MLP width.
 PAPER_SETTINGS = {"v_lr": 0.5, "v_steps": 25, "v_weight_decay": 0.5, "clamp_norm_factor": 0.75, "kl_factor": 0.0625,
-                  "early_stop_loss": 0.05, "prefix_lengths": [[10, 5]], "prefix_context": "",
+                  "early_stop_loss": 0.05, "early_stop_on": "total", "prefix_lengths": [[10, 5]], "prefix_context": "",
                   "mom2_update_weight": 15000.0}
 
 
@@ -86,7 +87,7 @@ def _statistics(lm: LoadedModel, settings: MemitSettings, cache_dir, progress):
 
 # The settings that determine a request's target z (with the weights, the device and the top layer).
 TARGET_FIELDS = ("v_lr", "v_steps", "v_weight_decay", "clamp_norm_factor", "kl_factor", "early_stop_loss",
-                 "essence_prompt", "prefix_lengths", "prefix_seed", "prefix_context")
+                 "early_stop_on", "essence_prompt", "prefix_lengths", "prefix_seed", "prefix_context")
 
 
 def _digest(value) -> str:
@@ -131,6 +132,7 @@ def _targets(lm: LoadedModel, requests: list[EditRequest], settings: MemitSettin
         values = compute_value_deltas(lm, top, chunk_requests, templates, settings, hidden, kind="hidden")
         for i, h, value in zip(chunk, hidden, values):
             found[i] = {"z": (h + value.delta.to(h.device)).cpu(), "losses": value.losses, "steps": value.steps,
+                        "nlls": value.nlls, "converged": value.converged,
                         "delta_norm": float(value.delta.norm())}
             cache.put(requests[i], found[i])
         if progress:
@@ -160,9 +162,8 @@ def memit_delta(lm: LoadedModel, requests: list[EditRequest], settings: MemitSet
     # 1. target hidden states z at the top layer, optimised for several requests at once
     found = _targets(lm, requests, settings, top, templates, TargetCache(lm, settings, top, cache_dir), progress)
     z = torch.stack([f["z"] for f in found], 1).to(lm.device).double()  # (d, n)
-    diagnostics = [{"steps": f["steps"], "final_loss": f["losses"][-1], "losses": f["losses"],
-                    "converged": f["losses"][-1] < settings.early_stop_loss, "delta_norm": f["delta_norm"]}
-                   for f in found]
+    diagnostics = [{"steps": f["steps"], "final_loss": f["losses"][-1], "final_nll": f["nlls"][-1],
+                    "losses": f["losses"], "converged": f["converged"], "delta_norm": f["delta_norm"]} for f in found]
     # 2. spread the change over the layers, lowest first, each on the model updated so far
     stack, total = EditStack(lm), None
     try:

@@ -49,6 +49,7 @@ class RomeSettings(JsonSettings):
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 0.05
+    early_stop_on: str = "nll"  # "nll": the target's NLL; "total": the whole objective (reference; value.py)
     essence_prompt: str = "{} is a"
     prefix_lengths: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])  # [tokens, count]
     prefix_seed: int = 0
@@ -78,7 +79,8 @@ class RomeSettings(JsonSettings):
 
 # The reference implementation's settings for GPT-2 XL (hparams/ROME/gpt2-xl.json), by name.
 PAPER_SETTINGS = {"v_lr": 0.5, "v_steps": 20, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
-                  "early_stop_loss": 0.05, "prefix_lengths": [[5, 10], [10, 10]], "prefix_context": ""}
+                  "early_stop_loss": 0.05, "early_stop_on": "total", "prefix_lengths": [[5, 10], [10, 10]],
+                  "prefix_context": ""}
 
 
 # ------------------------------------------------------------------------------ 1. context templates

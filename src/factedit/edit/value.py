@@ -15,7 +15,7 @@ Two ways to run the forward passes give the same numbers:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -30,14 +30,24 @@ from .request import EditRequest, target_ids
 class ValueResult:
     delta: torch.Tensor  # (d,) the change to the MLP output
     target_init: torch.Tensor  # the value it is added to
-    losses: list[float]
+    losses: list[float]  # the whole objective at each step
     steps: int
-    converged: bool  # the loss fell below the early-stop loss within the step budget
+    converged: bool  # the early-stop criterion was met within the step budget
+    nlls: list[float] = field(default_factory=list)  # its prediction part: the target's mean NLL
 
     def diagnostics(self) -> dict:
         """What an edit reports about its optimisation: steps taken, final loss, whether it converged."""
         return {"steps": self.steps, "final_loss": self.losses[-1] if self.losses else None,
-                "converged": self.converged, "losses": self.losses, "delta_norm": float(self.delta.norm())}
+                "final_nll": self.nlls[-1] if self.nlls else None, "converged": self.converged,
+                "losses": self.losses, "delta_norm": float(self.delta.norm())}
+
+
+# What the early stop compares with early_stop_loss. "total" is the reference's: the whole objective,
+# whose weight-decay term grows with the size of delta (0.5 ||delta|| / ||v||^2, about 0.04 for an
+# edit that needs 3 x the value's norm), so that an edit needing a large change may never get below
+# 0.05 however well it predicts the target. "nll" compares the prediction part alone (the target's
+# mean negative log-likelihood over the prompts), which is what convergence should mean.
+EARLY_STOP_CRITERIA = ("nll", "total")
 
 
 @dataclass
@@ -219,9 +229,9 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
     MemitSettings). delta is added to the output of the MLP (`kind` "mlp", ROME) or of the whole
     block ("hidden", MEMIT's target z) at `layer`. Rows of different requests never interact and
     Adam works element-wise, so this equals optimising each request alone; a request that reaches
-    the early-stop loss is frozen. Convergence is the criterion: each request runs until its loss is
-    below `settings.early_stop_loss`, for at most `settings.v_steps` steps, and its result says
-    whether it got there. `forward`: "cached" (fast) or "full" (the reference)."""
+    the early-stop loss is frozen. Convergence is the criterion: each request runs until its loss
+    (`settings.early_stop_on`, see EARLY_STOP_CRITERIA) is below `settings.early_stop_loss`, for at
+    most `settings.v_steps` steps, and its result says whether it got there. `forward`: "cached" (fast) or "full" (the reference)."""
     rows = value_rows(lm, requests, templates, settings.essence_prompt)
     runner = {"cached": CachedForward, "full": FullForward}[forward](lm, rows, layer, kind)
     n = len(requests)
@@ -234,7 +244,9 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
     requires_grad = {p: p.requires_grad for p in lm.model.parameters()}
     for p in lm.model.parameters():
         p.requires_grad_(False)
-    losses, steps = [[] for _ in range(n)], [0] * n
+    if settings.early_stop_on not in EARLY_STOP_CRITERIA:
+        raise ValueError(f"early_stop_on must be one of {', '.join(EARLY_STOP_CRITERIA)}, not {settings.early_stop_on!r}")
+    losses, nlls, steps = [[] for _ in range(n)], [[] for _ in range(n)], [0] * n
     active = torch.ones(n, dtype=torch.bool, device=lm.device)
     initial_essence = None
     try:
@@ -248,11 +260,12 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
             kl = (essence.exp() * (essence - initial_essence)).sum(-1)  # KL(now || before), per request
             # The reference's weight decay: ||delta|| / ||v||^2.
             loss = nll + settings.kl_factor * kl + settings.v_weight_decay * delta.norm(dim=1) / init_norms ** 2
-            for r, value in enumerate(loss.tolist()):
+            for r, (value, fit) in enumerate(zip(loss.tolist(), nll.tolist())):
                 if active[r]:
                     losses[r].append(value)
+                    nlls[r].append(fit)
                     steps[r] = step + 1
-            finished = loss.detach() < settings.early_stop_loss
+            finished = (nll if settings.early_stop_on == "nll" else loss).detach() < settings.early_stop_loss
             active = active & ~finished if step < settings.v_steps - 1 else torch.zeros_like(active)
             if progress:
                 progress(1)
@@ -272,8 +285,9 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
     finally:
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
+    criterion = nlls if settings.early_stop_on == "nll" else losses
     return [ValueResult(delta[r].detach(), target_inits[r].detach(), losses[r], steps[r],
-                        bool(losses[r]) and losses[r][-1] < settings.early_stop_loss) for r in range(n)]
+                        bool(criterion[r]) and criterion[r][-1] < settings.early_stop_loss, nlls[r]) for r in range(n)]
 
 
 def compute_value_delta(lm: LoadedModel, layer: int, request: EditRequest, templates: list[str], settings,
