@@ -65,6 +65,7 @@ def test_trace_edit_undo_in_the_browser(server):
         old_after = float(page.locator("#edit-table tr:nth-child(2) [data-role=old-after]").inner_text())
         assert new_after > old_after, (new_after, old_after)
         expect(page.locator("#generation-after")).to_contain_text("Rome")
+        expect(page.locator("#optimisation")).to_contain_text("converged")
         expect(page.locator("#edits li")).to_have_count(1)
         docs = Path(__file__).parents[1] / "docs"
         page.screenshot(path=str(docs / "workbench.png"), full_page=True)

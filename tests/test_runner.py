@@ -172,3 +172,15 @@ def test_generative_scores_come_from_greedy_continuations_of_each_prompt(env, tm
     assert case["post_scores"]["GenES"] == float(case["post"]["greedy"]["rewrite"][0].lstrip().startswith("Rome"))
     assert case["post_scores"]["GenOld"] == sum("Paris" in t for t in texts) / len(texts)
     assert {"GenES", "GenPS", "GenOld"} <= set(summary["post"])
+
+
+def test_start_takes_a_later_slice_and_is_part_of_the_run(env, tmp_path):
+    lm, data = env
+    settings = get_method("ft").defaults(lm, 1, lr=1e-2)
+    summary = run_evaluation(lm, "ft", "counterfact", tmp_path / "run", data=str(data), n=2, start=1, settings=settings)
+    assert summary["cases"] == 2 and sorted(p.name for p in (tmp_path / "run" / "cases").iterdir()) == ["11.json",
+                                                                                                      "12.json"]
+    with pytest.raises(ValueError, match="start: 1 -> 0"):
+        run_evaluation(lm, "ft", "counterfact", tmp_path / "run", data=str(data), n=2, settings=settings)
+    with pytest.raises(ValueError, match="start must be 0 or more"):
+        run_evaluation(lm, "ft", "counterfact", tmp_path / "other", data=str(data), n=2, start=-1, settings=settings)

@@ -63,8 +63,11 @@ def sequential(model, device, dtype, threads, data, n, every, methods, layer, co
 @_model_options
 @click.option("--method", required=True, help="an editing method (see factedit methods)")
 @click.option("--dataset", required=True, help="counterfact or zsre")
-@click.option("--data", type=click.Path(dir_okay=False), default=None, help="dataset file (default: from $FACTEDIT_DATA_DIR)")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="dataset file (default: from $FACTEDIT_DATA_DIR)")
 @click.option("--n", type=int, default=None, help="first N records")
+@click.option("--start", type=int, default=0, show_default=True,
+              help="skip this many records first (e.g. a held-out slice for tuning)")
 @click.option("--edits-per-batch", type=int, default=1, show_default=True)
 @click.option("--layer", type=int, default=None)
 @click.option("--settings", "settings_file", default=None, help=SETTINGS_HELP)
@@ -73,7 +76,7 @@ def sequential(model, device, dtype, threads, data, n, every, methods, layer, co
 @click.option("--sequential", is_flag=True, help="keep every edit: each batch is edited on top of the earlier ones")
 @click.option("--generation-tokens", type=int, default=100, show_default=True)
 @click.option("--out", "-o", type=click.Path(file_okay=False), required=True)
-def eval_command(model, device, dtype, threads, method, dataset, data, n, edits_per_batch, layer, settings_file,
+def eval_command(model, device, dtype, threads, method, dataset, data, n, start, edits_per_batch, layer, settings_file,
                  corpus, stats_tokens, generation, generation_tokens, sequential, out):
     """Evaluate an editing method with the paper's metrics (resumable: finished cases are kept)."""
     from ..edit import get_method
@@ -83,7 +86,7 @@ def eval_command(model, device, dtype, threads, method, dataset, data, n, edits_
     spec = get_method(method)
     settings = _settings(spec, lm, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
     with tqdm(total=n, desc=f"{method} on {dataset}", unit="case", file=sys.stderr) as bar:
-        summary = run_evaluation(lm, method, dataset, out, data=data, n=n, edits_per_batch=edits_per_batch,
+        summary = run_evaluation(lm, method, dataset, out, data=data, n=n, start=start, edits_per_batch=edits_per_batch,
                                  settings=settings, generation=generation, generation_tokens=generation_tokens,
                                  sequential=sequential, progress=bar.update)
     click.echo(markdown_table([summary]))

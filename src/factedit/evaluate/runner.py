@@ -50,12 +50,13 @@ def generation_scores(generated: list[str], references: list[str]) -> dict[str, 
 
 
 def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Path, *, data: str | None = None,
-                   n: int | None = None, edits_per_batch: int = 1, settings=None, generation: bool = False,
+                   n: int | None = None, start: int = 0, edits_per_batch: int = 1, settings=None,
+                   generation: bool = False,
                    generation_tokens: int = 100, sequential: bool = False,
                    progress: Callable[[int], None] | None = None) -> dict:
-    """Evaluate `method` on the first `n` records. Each batch of records is edited together, scored,
-    and the edit reverted, so every case is measured against the unedited model. Finished cases
-    (cases/<id>.json) are skipped, so an interrupted run resumes. With `sequential`, edits accumulate
+    """Evaluate `method` on `n` records from the `start`-th (default: the first n). Each batch of
+    records is edited together, scored, and the edit reverted, so every case is measured against the
+    unedited model. Finished cases (cases/<id>.json) are skipped, so an interrupted run resumes. With `sequential`, edits accumulate
     instead (see `_run_sequential`).
 
     generation: also generate from the dataset's generation prompts on the edited model and score
@@ -64,18 +65,21 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
     Wikipedia reference texts, which are not available offline)."""
     spec, ds = get_method(method), get_dataset(dataset)
     settings = settings or spec.defaults(lm)
-    records = ds.load(data, n)
+    if start < 0:
+        raise ValueError(f"start must be 0 or more, not {start}")
+    records = ds.load(data, start + n if n else None)[start:]
     out = Path(out_dir)
     (out / "cases").mkdir(parents=True, exist_ok=True)
     if generation and ds.generation_prompts is None:
         raise ValueError(f"dataset {dataset} has no generation prompts")
     run_info = {"method": method, "dataset": dataset, "data": str(data) if data else "default", "n": len(records),
+                "start": start,
                 "edits_per_batch": edits_per_batch, "model": lm.name, "fingerprint": lm.fingerprint,
                 "settings": settings.to_dict(), "generation": generation, "sequential": sequential,
                 "generation_tokens": generation_tokens if generation else None}
     info_path = out / "settings.json"
     if info_path.exists():
-        previous = json.loads(info_path.read_text())
+        previous = {"start": 0, **json.loads(info_path.read_text())}  # runs from before --start began at 0
         differ = _differences(previous, run_info)
         if differ:
             raise ValueError(f"{out} holds a run with other settings ({'; '.join(differ)}); use another --out")

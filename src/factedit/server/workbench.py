@@ -162,8 +162,10 @@ class Workbench:
             rows = [{"label": label, "prompt": text, "old_before": before[1][i], "old_after": after[1][i],
                      "new_before": before[0][i], "new_after": after[0][i]}
                     for i, (label, text) in enumerate(zip(labels, checks))]
+            optimisation = {k: info[0][k] for k in ("steps", "final_nll", "converged") if k in info[0]}
             return {"edit": self._view(applied), "old": request.target_true, "new": request.target_new, "rows": rows,
-                    "generation_before": request.text + gen_before, "generation_after": request.text + gen_after}
+                    "generation_before": request.text + gen_before, "generation_after": request.text + gen_after,
+                    "optimisation": optimisation if "converged" in optimisation else None}
 
         return self.submit("edit", work)
 
