@@ -50,10 +50,11 @@ class FinetuneSettings(JsonSettings):
             else self.linf_constraint
 
 
-# FT+L's bound relative to the edited matrix's RMS entry: the value that maximised the score S on
-# CounterFact records 100-119 of counterfact_dev.json (outside the evaluated first 100) on SmolLM2;
-# see docs/results.md section 8.
-FT_L_RELATIVE_BOUND = 0.05
+# FT+L's bound relative to the edited matrix's RMS entry, by one rule: the smallest of 0.01, 0.02,
+# 0.05, 0.1 that writes at least 90% of the facts (ES >= 90) of CounterFact records 100-119 of
+# counterfact_dev.json (outside the evaluated first 100) on SmolLM2, as the paper's bound wrote 99%
+# on GPT-2 XL while keeping FT+L a minimal change (docs/results.md section 8, "FT+L and KN").
+FT_L_RELATIVE_BOUND = 0.02
 # The paper's FT+L (absolute bound), by name.
 FT_L_PAPER_SETTINGS = {"linf_constraint": 5e-4, "linf_relative": False, "steps": 25, "lr": 5e-4}
 

@@ -109,8 +109,8 @@ def register(method: Method) -> None:
 
 register(Method("none", "the unedited model (baseline)", NoSettings, lambda lm, layer=None, **kw: NoSettings(),
                 _none_compute))
-register(Method("rome", "ROME with consistent keys (the averaged key in every step)", RomeSettings, *_rome("consistent", "rome"),
-                presets={"paper": rome.PAPER_SETTINGS}))
+register(Method("rome", "ROME with consistent keys (the averaged key in every step)", RomeSettings,
+                *_rome("consistent", "rome"), presets={"paper": rome.PAPER_SETTINGS}))
 register(Method("rome-original", "ROME as in the reference code (plain-prompt key in the solve)", RomeSettings,
                 *_rome("original", "rome-original"), presets={"paper": rome.PAPER_SETTINGS}))
 register(Method("ft", "fine-tune one MLP output matrix", FinetuneSettings, *_finetune("ft", False),

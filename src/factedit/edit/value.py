@@ -231,7 +231,11 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
     Adam works element-wise, so this equals optimising each request alone; a request that reaches
     the early-stop loss is frozen. Convergence is the criterion: each request runs until its loss
     (`settings.early_stop_on`, see EARLY_STOP_CRITERIA) is below `settings.early_stop_loss`, for at
-    most `settings.v_steps` steps, and its result says whether it got there. `forward`: "cached" (fast) or "full" (the reference)."""
+    most `settings.v_steps` steps, and its result says whether it got there. `forward`: "cached"
+    (fast) or "full" (the reference)."""
+    if settings.early_stop_on not in EARLY_STOP_CRITERIA:
+        raise ValueError(f"early_stop_on must be one of {', '.join(EARLY_STOP_CRITERIA)}, "
+                         f"not {settings.early_stop_on!r}")
     rows = value_rows(lm, requests, templates, settings.essence_prompt)
     runner = {"cached": CachedForward, "full": FullForward}[forward](lm, rows, layer, kind)
     n = len(requests)
@@ -244,8 +248,6 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
     requires_grad = {p: p.requires_grad for p in lm.model.parameters()}
     for p in lm.model.parameters():
         p.requires_grad_(False)
-    if settings.early_stop_on not in EARLY_STOP_CRITERIA:
-        raise ValueError(f"early_stop_on must be one of {', '.join(EARLY_STOP_CRITERIA)}, not {settings.early_stop_on!r}")
     losses, nlls, steps = [[] for _ in range(n)], [[] for _ in range(n)], [0] * n
     active = torch.ones(n, dtype=torch.bool, device=lm.device)
     initial_essence = None
