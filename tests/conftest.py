@@ -32,3 +32,19 @@ def tiny_llama():
     from factedit.models import from_model
 
     return from_model(tiny_model("llama"), word_tokenizer(), name="tiny-llama")
+
+
+@pytest.fixture()
+def word_corpus(tmp_path, monkeypatch) -> Path:
+    """Random words of the tiny models' vocabulary (varied text: well-conditioned key statistics),
+    set as the statistics corpus, with a fresh cache folder."""
+    import random
+
+    from tiny import VOCAB_WORDS
+
+    path = tmp_path / "corpus.txt"
+    rng = random.Random(0)
+    path.write_text(" ".join(rng.choice(VOCAB_WORDS[3:]) for _ in range(3000)))
+    monkeypatch.setenv("FACTEDIT_STATS_CORPUS", str(path))
+    monkeypatch.setenv("FACTEDIT_CACHE_DIR", str(tmp_path / "cache"))
+    return path

@@ -2,11 +2,10 @@
 report about their optimisation: in the result, the runner's case files and summary, and the CLI."""
 
 import json
-import random
 
 import pytest
 from click.testing import CliRunner
-from tiny import VOCAB_WORDS, tiny_model, word_tokenizer
+from tiny import tiny_model, word_tokenizer
 
 from factedit.cli import main
 from factedit.edit import EditRequest, METHODS, RomeSettings, edit, get_method
@@ -24,16 +23,6 @@ def tiny():
 
 def eiffel():
     return EditRequest.create("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
-
-
-@pytest.fixture()
-def corpus(tmp_path, monkeypatch):
-    path = tmp_path / "corpus.txt"
-    rng = random.Random(0)
-    path.write_text(" ".join(rng.choice(VOCAB_WORDS[3:]) for _ in range(3000)))
-    monkeypatch.setenv("FACTEDIT_STATS_CORPUS", str(path))
-    monkeypatch.setenv("FACTEDIT_CACHE_DIR", str(tmp_path / "cache"))
-    return path
 
 
 def test_a_one_step_budget_is_reported_as_not_converged():
@@ -61,7 +50,7 @@ def test_a_one_step_budget_is_reported_as_not_converged():
 
 
 @pytest.mark.parametrize("method", ["rome", "memit"])
-def test_editors_report_convergence_per_request(corpus, method):
+def test_editors_report_convergence_per_request(word_corpus, method):
     lm = tiny()
     settings = get_method(method).defaults(lm, 1, v_steps=1, stats_tokens=500)
     requests = [eiffel(), EditRequest.create("{} is located in the city of", "The Space Needle", "Berlin", "Seattle")]
@@ -70,7 +59,7 @@ def test_editors_report_convergence_per_request(corpus, method):
     assert all(d["steps"] == 1 and d["converged"] is False and d["final_loss"] > 0.05 for d in diagnostics)
 
 
-def test_runner_stores_convergence_and_the_summary_counts_the_edits_that_did_not(corpus, tmp_path):
+def test_runner_stores_convergence_and_the_summary_counts_the_edits_that_did_not(word_corpus, tmp_path):
     from test_runner import counterfact_file
 
     lm = tiny()
@@ -115,7 +104,7 @@ def test_ft_l_bound_is_relative_to_the_weights_scale():
     assert edit(lm, eiffel(), "ft-l", paper)[1][0]["linf_bound"] == 5e-4
 
 
-def test_cli_says_when_an_edit_did_not_converge_and_takes_settings_by_name(tmp_path, corpus):
+def test_cli_says_when_an_edit_did_not_converge_and_takes_settings_by_name(tmp_path, word_corpus):
     folder = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)

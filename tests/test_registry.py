@@ -1,10 +1,9 @@
 """Every registered editing method honours the one contract on a tiny model."""
 
-import random
 
 import pytest
 import torch
-from tiny import VOCAB_WORDS, tiny_model, word_tokenizer
+from tiny import tiny_model, word_tokenizer
 
 from factedit.edit.kn import last_token_activations
 from factedit.edit import METHODS, EditRequest, EditStack, edit, get_method
@@ -13,13 +12,7 @@ from factedit.scoring import target_probs
 
 
 @pytest.fixture()
-def setup(tmp_path, monkeypatch):
-    corpus = tmp_path / "corpus.txt"
-    words = VOCAB_WORDS[3:]
-    rng = random.Random(0)  # varied text: well-conditioned key statistics
-    corpus.write_text(" ".join(rng.choice(words) for _ in range(3000)))
-    monkeypatch.setenv("FACTEDIT_STATS_CORPUS", str(corpus))
-    monkeypatch.setenv("FACTEDIT_CACHE_DIR", str(tmp_path / "cache"))
+def setup(word_corpus):
     lm = from_model(tiny_model("llama"), word_tokenizer(), name="tiny")
     return lm, EditRequest.create("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
 

@@ -1,10 +1,9 @@
 import json
-import random
 
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny import VOCAB_WORDS, tiny_model, word_tokenizer
+from tiny import tiny_model, word_tokenizer
 
 from factedit.cli import main
 from factedit.edit import get_method
@@ -28,12 +27,7 @@ def counterfact_file(tmp_path):
 
 
 @pytest.fixture()
-def env(tmp_path, monkeypatch):
-    corpus = tmp_path / "corpus.txt"
-    rng = random.Random(0)
-    corpus.write_text(" ".join(rng.choice(VOCAB_WORDS[3:]) for _ in range(3000)))
-    monkeypatch.setenv("FACTEDIT_STATS_CORPUS", str(corpus))
-    monkeypatch.setenv("FACTEDIT_CACHE_DIR", str(tmp_path / "cache"))
+def env(tmp_path, word_corpus):
     return from_model(tiny_model("llama"), word_tokenizer(), name="tiny"), counterfact_file(tmp_path)
 
 

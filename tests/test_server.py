@@ -1,13 +1,12 @@
 """The workbench's JSON API on a tiny model (FastAPI's test client)."""
 
 import io
-import random
 import time
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from tiny import VOCAB_WORDS, tiny_model, word_tokenizer
+from tiny import tiny_model, word_tokenizer
 
 from factedit.edit import EditDelta
 from factedit.models import from_model
@@ -18,13 +17,9 @@ PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Towe
 
 
 @pytest.fixture()
-def client(tmp_path, monkeypatch):
-    corpus = tmp_path / "corpus.txt"
-    rng = random.Random(0)
-    corpus.write_text(" ".join(rng.choice(VOCAB_WORDS[3:]) for _ in range(3000)))
-    monkeypatch.setenv("FACTEDIT_CACHE_DIR", str(tmp_path / "cache"))
+def client(word_corpus):
     lm = from_model(tiny_model("llama"), word_tokenizer(), name="tiny")
-    bench = Workbench(lm, stats_corpus=str(corpus), stats_tokens=500)
+    bench = Workbench(lm, stats_corpus=str(word_corpus), stats_tokens=500)
     with TestClient(create_app(bench)) as c:
         c.bench = bench
         yield c
