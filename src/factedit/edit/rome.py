@@ -59,6 +59,10 @@ class RomeSettings(JsonSettings):
     stats_corpus: str | None = None  # text/JSONL/folder/"wikitext"; None: $FACTEDIT_STATS_CORPUS or model text
     stats_tokens: int = 100_000
     ridge: float = 1e-4  # added to C's diagonal, relative to its mean diagonal (conditioning)
+    # True: the value step adds to each prompt the share of the change that the rank-one update will
+    # give it (update_shares), so it optimises what the edit will do; False: the same change at every
+    # prompt, as the reference (whose update then reaches prompts whose keys differ only in part).
+    value_through_update: bool = True
     layer_rule: str = ""  # how the layer was chosen, for the record
     preset: str = "default"  # the named settings these came from ("paper": the reference's protocol)
 
@@ -80,7 +84,7 @@ class RomeSettings(JsonSettings):
 # The reference implementation's settings for GPT-2 XL (hparams/ROME/gpt2-xl.json), by name.
 PAPER_SETTINGS = {"v_lr": 0.5, "v_steps": 20, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
                   "early_stop_loss": 0.05, "early_stop_on": "total", "prefix_lengths": [[5, 10], [10, 10]],
-                  "prefix_context": ""}
+                  "prefix_context": "", "value_through_update": False}
 
 
 # ------------------------------------------------------------------------------ 1. context templates
@@ -147,6 +151,7 @@ class Keys:
     v_avg: torch.Tensor  # (d,) mean MLP output there
     k_plain: torch.Tensor  # key of the plain prompt (template "{}")
     v_plain: torch.Tensor
+    k_each: torch.Tensor  # (n_templates, d_mlp) the key under each template
 
 
 @torch.no_grad()
@@ -166,15 +171,16 @@ def io_at_subject(lm: LoadedModel, kind: str, layer: int, request: EditRequest, 
 
 def compute_keys(lm: LoadedModel, layer: int, request: EditRequest, templates: list[str]) -> Keys:
     k, v = io_at_subject(lm, "mlp", layer, request, templates)
-    return Keys(k.mean(0), v.mean(0), k[0], v[0])
+    return Keys(k.mean(0), v.mean(0), k[0], v[0], k)
 
 
 # ------------------------------------------------------------------------------------ 4. the solve
 
-def solve_rank_one(C: torch.Tensor, k_direction: torch.Tensor, k_residual: torch.Tensor, v_current: torch.Tensor,
-                   v_target: torch.Tensor, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors of Delta W = right left^T with Delta W k_residual = v_target - v_current and the
-    update direction C^-1 k_direction. Solved in float64; `ridge` x mean(diag C) is added to C."""
+def update_left(C: torch.Tensor, k_direction: torch.Tensor, k_residual: torch.Tensor, ridge: float = 0.0
+                ) -> torch.Tensor:
+    """left = C^-1 k_direction / ((C^-1 k_direction)^T k_residual), in float64: Delta W = right left^T
+    changes the output at any key k by right x (left^T k), by exactly `right` at k_residual.
+    `ridge` x mean(diag C) is added to C."""
     C = C.double()
     if ridge:
         C = C + ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
@@ -182,7 +188,14 @@ def solve_rank_one(C: torch.Tensor, k_direction: torch.Tensor, k_residual: torch
     denominator = u @ k_residual.double().to(C.device)
     if denominator.abs() < 1e-12:
         raise ValueError("degenerate ROME update: (C^-1 k)^T k is zero")
-    left = u / denominator
+    return u / denominator
+
+
+def solve_rank_one(C: torch.Tensor, k_direction: torch.Tensor, k_residual: torch.Tensor, v_current: torch.Tensor,
+                   v_target: torch.Tensor, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of Delta W = right left^T with Delta W k_residual = v_target - v_current and the
+    update direction C^-1 k_direction (see update_left)."""
+    left = update_left(C, k_direction, k_residual, ridge)
     right = (v_target - v_current).double()
     return left.float(), right.float().to(left.device)
 
@@ -204,22 +217,34 @@ def key_statistics(lm: LoadedModel, settings: RomeSettings, *, cache_dir: Path |
     return second_moment(lm, settings.layer, corpus, settings.stats_tokens, cache_dir=cache_dir, progress=progress)
 
 
+def update_shares(lm: LoadedModel, request: EditRequest, settings: RomeSettings, C: torch.Tensor, keys: Keys,
+                  k_residual: torch.Tensor) -> torch.Tensor:
+    """The share of the edit's change each prompt of the value step will receive from the rank-one
+    update, left^T k at its key: one per template, then the essence prompt. Not 1 everywhere: on
+    SmolLM2 a subject at the very start of the text (position 0, which the model uses as an attention
+    sink) has a key that receives only 25-50% of an update made for the key averaged over contexts."""
+    essence = EditRequest.create(settings.essence_prompt, request.subject, request.target_new)
+    k_essence = io_at_subject(lm, "mlp", settings.layer, essence, ["{}"])[0]
+    left = update_left(C, keys.k_avg, k_residual, settings.ridge)
+    return (torch.cat([keys.k_each, k_essence]).double().to(left.device) @ left).float()
+
+
 def rome_delta(lm: LoadedModel, request: EditRequest, settings: RomeSettings, C: torch.Tensor,
                templates: list[str], *, progress: Callable[[int], None] | None = None,
                forward: str = "cached") -> tuple[EditDelta, dict]:
     """The rank-one edit for one request (the model is not modified)."""
     layer = settings.layer
     keys = compute_keys(lm, layer, request, templates)
-    target_init = keys.v_avg if settings.key_mode == "consistent" else keys.v_plain
-    value = compute_value_delta(lm, layer, request, templates, settings, target_init, forward=forward,
-                                progress=progress)
-    v_target = value.target_init + value.delta
-    if settings.key_mode == "consistent":
-        left, right = solve_rank_one(C, keys.k_avg, keys.k_avg, keys.v_avg, v_target, settings.ridge)
-    elif settings.key_mode == "original":
-        left, right = solve_rank_one(C, keys.k_avg, keys.k_plain, keys.v_plain, v_target, settings.ridge)
-    else:
+    if settings.key_mode not in ("consistent", "original"):
         raise ValueError(f"unknown key_mode {settings.key_mode!r}; expected consistent or original")
+    target_init = keys.v_avg if settings.key_mode == "consistent" else keys.v_plain
+    k_residual = keys.k_avg if settings.key_mode == "consistent" else keys.k_plain
+    shares = update_shares(lm, request, settings, C, keys, k_residual) if settings.value_through_update else None
+    value = compute_value_delta(lm, layer, request, templates, settings, target_init, forward=forward,
+                                row_scales=shares, progress=progress)
+    v_target = value.target_init + value.delta
+    v_current = keys.v_avg if settings.key_mode == "consistent" else keys.v_plain
+    left, right = solve_rank_one(C, keys.k_avg, k_residual, v_current, v_target, settings.ridge)
     name = f"{lm.arch.blocks_name}.{layer}.{lm.arch.blocks[layer].mlp_out_name}"
     method = "rome" if settings.key_mode == "consistent" else "rome-original"
     delta = EditDelta(method, lm.fingerprint, {name: {"up": right.unsqueeze(1).cpu(), "down": left.unsqueeze(0).cpu()}},

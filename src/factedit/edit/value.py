@@ -224,6 +224,7 @@ def loss_index(rows: ValueRows, n_requests: int, device) -> LossIndex:
 
 def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest], templates: list[str], settings,
                          target_inits: torch.Tensor, *, forward: str = "cached", kind: str = "mlp",
+                         row_scales: list[torch.Tensor] | None = None,
                          progress: Callable[[int], None] | None = None) -> list[ValueResult]:
     """Optimise one delta per request, all requests in one batch (settings: RomeSettings or
     MemitSettings). delta is added to the output of the MLP (`kind` "mlp", ROME) or of the whole
@@ -232,7 +233,9 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
     the early-stop loss is frozen. Convergence is the criterion: each request runs until its loss
     (`settings.early_stop_on`, see EARLY_STOP_CRITERIA) is below `settings.early_stop_loss`, for at
     most `settings.v_steps` steps, and its result says whether it got there. `forward`: "cached"
-    (fast) or "full" (the reference)."""
+    (fast) or "full" (the reference). `row_scales`: per request, one factor per prompt (its templates,
+    then its essence prompt) that delta is multiplied by there (ROME's `value_through_update`);
+    default 1 everywhere, as in the reference."""
     if settings.early_stop_on not in EARLY_STOP_CRITERIA:
         raise ValueError(f"early_stop_on must be one of {', '.join(EARLY_STOP_CRITERIA)}, "
                          f"not {settings.early_stop_on!r}")
@@ -245,6 +248,10 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
     delta = torch.zeros_like(target_inits, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=settings.v_lr)
     row_request = torch.tensor(rows.row_request, device=lm.device)
+    scales = (torch.cat([s.float() for s in row_scales]).to(lm.device)[:, None] if row_scales is not None
+              else torch.ones(len(rows.row_request), 1, device=lm.device))
+    if scales.shape[0] != len(rows.row_request):
+        raise ValueError(f"row_scales: {scales.shape[0]} factors for {len(rows.row_request)} prompts")
     requires_grad = {p: p.requires_grad for p in lm.model.parameters()}
     for p in lm.model.parameters():
         p.requires_grad_(False)
@@ -253,7 +260,7 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
     initial_essence = None
     try:
         for step in range(settings.v_steps):
-            log_probs = runner(delta[row_request])
+            log_probs = runner(delta[row_request] * scales)
             picked = log_probs[index.entry, index.token]
             nll = torch.zeros(n, device=lm.device).index_add(0, index.request, -index.weight * picked)
             essence = log_probs[index.essence_entry]  # (n, vocab)
@@ -294,7 +301,9 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
 
 def compute_value_delta(lm: LoadedModel, layer: int, request: EditRequest, templates: list[str], settings,
                         target_init: torch.Tensor, *, forward: str = "cached", kind: str = "mlp",
+                        row_scales: torch.Tensor | None = None,
                         progress: Callable[[int], None] | None = None) -> ValueResult:
     """One request's delta (see compute_value_deltas)."""
     return compute_value_deltas(lm, layer, [request], templates, settings, target_init.unsqueeze(0), forward=forward,
-                                kind=kind, progress=progress)[0]
+                                kind=kind, row_scales=None if row_scales is None else [row_scales],
+                                progress=progress)[0]
