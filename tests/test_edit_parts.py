@@ -6,8 +6,8 @@ import torch
 from tiny import tiny_model, word_tokenizer
 
 from factedit.edit import EditDelta, EditFileError, EditRequest, EditStack, RomeSettings
-from factedit.edit.rome import compute_keys, rome_delta, solve_rank_one
-from factedit.edit.value import compute_value_delta
+from factedit.edit.rome import compute_keys, io_at_subject, rome_delta, solve_rank_one, update_shares
+from factedit.edit.value import CachedForward, compute_value_delta
 from factedit.hooks import Hook
 from factedit.models import from_model
 from factedit.stats import Corpus, SecondMoment, collect_second_moment, corpus_from, second_moment, token_chunks
@@ -153,6 +153,37 @@ def test_rank_one_solve_matches_numpy():
     assert np.allclose(ridge_left.numpy(), u / (u @ k), rtol=1e-4)
 
 
+def test_value_step_optimises_what_the_rank_one_update_does_at_each_prompt(monkeypatch):
+    """With value_through_update, each prompt's MLP output moves during the value step by exactly what
+    the final update then adds there: share x delta, share = left^T k at the prompt's key."""
+    lm = tiny()
+    rng = torch.Generator().manual_seed(0)
+    A = torch.randn(lm.arch.d_mlp, 200, generator=rng)
+    C = A @ A.T / 200
+    settings = RomeSettings.defaults_for(lm, 1, v_steps=3)
+    keys = compute_keys(lm, 1, request(), TEMPLATES)
+    shares = update_shares(lm, request(), settings, C, keys, keys.k_avg)
+    assert shares.shape == (len(TEMPLATES) + 1,) and not torch.allclose(shares, torch.ones_like(shares))
+    assert float((shares[:-1]).mean()) == pytest.approx(1.0, abs=1e-4)  # the averaged key gets all of it
+    seen = []  # what the value step adds at each prompt, step by step
+    real_call = CachedForward.__call__
+    monkeypatch.setattr(CachedForward, "__call__", lambda self, rows: seen.append(rows.detach().clone())
+                        or real_call(self, rows))
+    delta, info = rome_delta(lm, request(), settings, C, TEMPLATES)
+    assert torch.allclose(seen[-1], shares[:, None] * seen[-1][0] / shares[0], atol=1e-5)
+    name = next(iter(delta.changes))
+    right = delta.changes[name]["up"][:, 0]
+    before = io_at_subject(lm, "mlp", 1, request(), TEMPLATES)[1]
+    stack = EditStack(lm)
+    stack.apply(delta)
+    try:
+        after = io_at_subject(lm, "mlp", 1, request(), TEMPLATES)[1]
+    finally:
+        stack.revert()
+    assert torch.allclose(after - before, shares[:-1, None] * right[None], atol=1e-4)
+    assert float(delta.changes[name]["up"].norm()) == pytest.approx(info["delta_norm"], rel=1e-4)
+
+
 # --------------------------------------------------------------------------------------- edit files
 
 def tiny_delta(lm, layer=1):
@@ -244,7 +275,7 @@ def test_failed_edit_leaves_the_model_unchanged(monkeypatch):
 
 
 def test_batched_value_optimisation_equals_one_request_at_a_time():
-    from factedit.edit.value import compute_value_deltas
+    from factedit.edit.value import CachedForward, compute_value_deltas
 
     lm = tiny()
     requests = [EditRequest.create("{} is located in the city of", s, t, "Paris")

@@ -72,9 +72,9 @@ def test_paper_settings_by_name_reproduce_the_committed_run_on_one_record(smollm
     then = json.loads((committed / "settings.json").read_text())["settings"]
     settings = get_method("rome").settings_with(smollm2, preset="paper", stats_tokens=then["stats_tokens"],
                                                 stats_corpus=str(data_dir / "wiki" / "enwiki_sample.jsonl"))
-    now = settings.to_dict()
-    assert {k: v for k, v in now.items() if k not in ("stats_corpus", "preset")} == \
-        {k: v for k, v in then.items() if k != "stats_corpus"}
+    now = settings.to_dict()  # every setting of then, the same; those added since at the reference's values
+    assert {k: now[k] for k in then if k != "stats_corpus"} == {k: v for k, v in then.items() if k != "stats_corpus"}
+    assert (now["early_stop_on"], now["prefix_context"], now["value_through_update"]) == ("total", "", False)
     data = data_dir / "counterfact" / "counterfact_dev.json"
     run_evaluation(smollm2, "rome", "counterfact", tmp_path / "run", data=str(data), n=1, settings=settings)
     (case_file,) = (tmp_path / "run" / "cases").iterdir()
