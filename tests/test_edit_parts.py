@@ -275,7 +275,7 @@ def test_failed_edit_leaves_the_model_unchanged(monkeypatch):
 
 
 def test_batched_value_optimisation_equals_one_request_at_a_time():
-    from factedit.edit.value import CachedForward, compute_value_deltas
+    from factedit.edit.value import compute_value_deltas
 
     lm = tiny()
     requests = [EditRequest.create("{} is located in the city of", s, t, "Paris")
