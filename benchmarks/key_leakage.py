@@ -9,7 +9,10 @@ layer this prints the largest such fraction over the tokens of each neighbourhoo
 subjects with the same relation, whose answers must not change), averaged over the prompts, and the
 same over the record's own paraphrase prompts (which should receive the edit). A layer whose
 neighbours receive a large share of the edit cannot stay specific, however well the value is
-optimised.
+optimised. The last columns: the share the plain rewrite prompt's subject token receives (k* is the
+key averaged over ROME's context prefixes), its smallest value, and how many records get less than
+60% of the edit there; a subject at the very start of the text can have a key unlike its key in
+context.
 """
 
 from __future__ import annotations
@@ -54,24 +57,27 @@ def main():
     records = load_counterfact(args.data, args.n)
     print(f"{args.model}: {len(records)} CounterFact records; share of the edit received by a token "
           "(max over each prompt's tokens, mean over prompts and records)")
-    print("| layer | neighbourhood prompts | paraphrase prompts | ratio |")
-    print("|---|---|---|---|")
+    print("| layer | neighbourhood prompts | paraphrase prompts | ratio | plain prompt | its minimum | below 0.6 |")
+    print("|---|---|---|---|---|---|---|")
     for layer in args.layers:
         settings = RomeSettings.defaults_for(lm, layer, stats_corpus=args.corpus)
         stats, _, _ = key_statistics(lm, settings)
         C = stats.matrix.double()
         C = C + settings.ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
         templates = context_templates(lm, settings)
-        neighbours, paraphrases = [], []
+        neighbours, paraphrases, plain = [], [], []
         for record in records:
-            k = compute_keys(lm, layer, record.request, templates).k_avg.double()
+            keys = compute_keys(lm, layer, record.request, templates)
+            k = keys.k_avg.double()
             u = torch.linalg.solve(C, k)
             denominator = float(u @ k)
+            plain.append(float(u @ keys.k_plain.double()) / denominator)
             u = u.float()
             neighbours.append(largest_share(lm, layer, u, denominator, record.neighborhood_prompts))
             paraphrases.append(largest_share(lm, layer, u, denominator, record.paraphrase_prompts))
         print(f"| {layer} | {np.mean(neighbours):.3f} | {np.mean(paraphrases):.3f} | "
-              f"{np.mean(neighbours) / np.mean(paraphrases):.2f} |", flush=True)
+              f"{np.mean(neighbours) / np.mean(paraphrases):.2f} | {np.mean(plain):.2f} | {np.min(plain):.2f} | "
+              f"{sum(p < 0.6 for p in plain)} of {len(plain)} |", flush=True)
 
 
 if __name__ == "__main__":
