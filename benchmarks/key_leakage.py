@@ -59,25 +59,30 @@ def main():
           "(max over each prompt's tokens, mean over prompts and records)")
     print("| layer | neighbourhood prompts | paraphrase prompts | ratio | plain prompt | its minimum | below 0.6 |")
     print("|---|---|---|---|---|---|---|")
+    lows = []
     for layer in args.layers:
         settings = RomeSettings.defaults_for(lm, layer, stats_corpus=args.corpus)
         stats, _, _ = key_statistics(lm, settings)
         C = stats.matrix.double()
         C = C + settings.ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
         templates = context_templates(lm, settings)
-        neighbours, paraphrases, plain = [], [], []
+        neighbours, paraphrases, plain, low = [], [], [], []
         for record in records:
             keys = compute_keys(lm, layer, record.request, templates)
             k = keys.k_avg.double()
             u = torch.linalg.solve(C, k)
             denominator = float(u @ k)
             plain.append(float(u @ keys.k_plain.double()) / denominator)
+            if plain[-1] < 0.6:
+                low.append(f"{record.case_id} {record.request.text!r}: {plain[-1]:.2f}")
             u = u.float()
             neighbours.append(largest_share(lm, layer, u, denominator, record.neighborhood_prompts))
             paraphrases.append(largest_share(lm, layer, u, denominator, record.paraphrase_prompts))
         print(f"| {layer} | {np.mean(neighbours):.3f} | {np.mean(paraphrases):.3f} | "
               f"{np.mean(neighbours) / np.mean(paraphrases):.2f} | {np.mean(plain):.2f} | {np.min(plain):.2f} | "
               f"{sum(p < 0.6 for p in plain)} of {len(plain)} |", flush=True)
+        lows.append(f"layer {layer}, plain prompts below 0.6: " + ("; ".join(low) or "none"))
+    print("\n" + "\n".join(lows))
 
 
 if __name__ == "__main__":
