@@ -1,0 +1,19 @@
+"""Evaluation plots from hand-made summaries."""
+
+import pytest
+
+from factedit.evaluate.plots import plot_by_layer
+
+
+def summary(layer, ns, model="m", method="rome"):
+    scores = {k: {"mean": v, "ci95": 1.0, "n": 20} for k, v in (("ES", 100.0), ("PS", 95.0), ("NS", ns))}
+    return {"run": f"{model}-{layer}", "model": model, "method": method, "layer": layer, "post": scores,
+            "pre": {k: {"mean": 50.0, "ci95": 1.0, "n": 20} for k in ("ES", "PS", "NS")}}
+
+
+def test_plot_by_layer_writes_png_and_svg_and_takes_runs_at_the_same_layer(tmp_path):
+    runs = [summary(9, 15.0), summary(3, 40.0), summary(3, 57.0), summary(5, 60.0, model="other")]
+    written = plot_by_layer(runs, tmp_path / "layers")
+    assert [p.suffix for p in written] == [".png", ".svg"] and all(p.stat().st_size > 1000 for p in written)
+    with pytest.raises(ValueError, match="edits no single layer"):
+        plot_by_layer([{**summary(3, 40.0), "layer": None}], tmp_path / "none")
