@@ -85,3 +85,29 @@ def test_paper_settings_by_name_reproduce_the_committed_run_on_one_record(smollm
     assert {k: v for k, v in new["post_scores"].items() if k in old["post_scores"]} == \
         pytest.approx(old["post_scores"], rel=1e-3, abs=1e-5)
     assert new["edit"]["steps"] <= 20
+
+
+def test_context_prefixes_are_sentences(smollm2, tmp_path):
+    """SmolLM2's tokenizer adds no start token, and the model's prediction at position 0 ignores the
+    word there: sampled from a bare start word, the reference's prefixes degenerate ("The-199. {}");
+    sampled after a newline (the default) they read as text."""
+    import torch
+
+    from factedit.edit.rome import context_templates
+
+    next_dash = []
+    for word in ("The", "I", "Because", "You"):
+        ids = torch.tensor([smollm2.tokenizer(word)["input_ids"]])
+        with torch.no_grad():
+            probs = smollm2.model(input_ids=ids).logits[0, -1].softmax(-1)
+        next_dash.append(float(probs[smollm2.tokenizer("-", add_special_tokens=False)["input_ids"][0]]))
+    assert min(next_dash) > 0.3, next_dash  # the same "-" whatever the word
+
+    def glued(templates):  # prefixes whose start word runs straight into "-", "_" or ","
+        return sum(t.split()[0].rstrip(".{}").count("-") + t.startswith(("The,", "I,", "You,", "Because,"))
+                   > 0 for t in templates[1:])
+
+    bare = context_templates(smollm2, get_method("rome").settings_with(smollm2, preset="paper"), tmp_path)
+    default = context_templates(smollm2, get_method("rome").settings_with(smollm2), tmp_path)
+    assert len(bare) == len(default) == 21 and bare != default
+    assert glued(bare) >= 10 and glued(default) <= 2, (bare, default)

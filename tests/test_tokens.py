@@ -70,3 +70,20 @@ def test_errors(tok):
 def test_answer_matches():
     assert answer_matches(" Par", "Paris") and answer_matches(" Paris", "Paris")
     assert not answer_matches(" London", "Paris") and not answer_matches(" ", "Paris")
+
+
+@pytest.mark.slow
+def test_targets_tokenise_as_continuations_of_their_prompts(smollm2, data_dir):
+    """Prompt and target tokenised apart (as editing and scoring do) give the ids of the two together:
+    the leading space of a target is where a BPE tokenizer puts it after a word or a "?"."""
+    from factedit.data import load_counterfact
+    from factedit.data.zsre import load_zsre
+    from factedit.edit.request import target_ids
+
+    records = (load_zsre(data_dir / "zsre" / "zsre_train_1k.json", 200)
+               + load_counterfact(data_dir / "counterfact" / "counterfact_dev.json", 100))
+    tokenizer = smollm2.tokenizer
+    for record in records:
+        request = record.request
+        apart = list(tokenizer(request.text)["input_ids"]) + target_ids(tokenizer, request.target_new)
+        assert apart == list(tokenizer(request.text + request.target_new)["input_ids"]), request
