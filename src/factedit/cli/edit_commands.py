@@ -46,7 +46,8 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
         top = greedy_continuation(lm, request.text, 1)
         request = EditRequest.create(request.prompt, subject, target, top.strip() or top)
     spec = get_method(method)
-    settings = _settings(spec, lm, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens, prefix_seed=seed)
+    settings = _settings(spec, lm, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens,
+                         prefix_seed=seed)
     where = getattr(settings, "layer", None) if hasattr(settings, "layer") else getattr(settings, "layers", None)
     click.echo(f"editing layer(s) {where} ({getattr(settings, 'layer_rule', '')}) with {method}: "
                f"{request.text!r}: {request.target_true!r} -> {request.target_new!r}")

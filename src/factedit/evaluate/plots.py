@@ -88,7 +88,8 @@ def plot_by_layer(summaries: list[dict], path_stem: str | Path, keys: tuple[str,
         unedited.setdefault(s["model"], s["pre"])
     for ax, key in zip(axes, keys):
         for label, points in lines.items():
-            points = sorted(((layer, scores[key]) for layer, scores in points if key in scores), key=lambda p: p[0])
+            points = sorted(((layer, scores[key]) for layer, scores in points if key in scores),
+                            key=lambda point: point[0])
             drawn = ax.errorbar([x for x, _ in points], [v["mean"] for _, v in points],
                                 yerr=[v["ci95"] or 0 for _, v in points], marker="o", capsize=3, label=label)
             model = label.split(",")[0]

@@ -56,8 +56,8 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
                    progress: Callable[[int], None] | None = None) -> dict:
     """Evaluate `method` on `n` records from the `start`-th (default: the first n). Each batch of
     records is edited together, scored, and the edit reverted, so every case is measured against the
-    unedited model. Finished cases (cases/<id>.json) are skipped, so an interrupted run resumes. With `sequential`, edits accumulate
-    instead (see `_run_sequential`).
+    unedited model. Finished cases (cases/<id>.json) are skipped, so an interrupted run resumes.
+    With `sequential`, edits accumulate instead (see `_run_sequential`).
 
     generation: also generate from the dataset's generation prompts on the edited model and score
     fluency (GE) and consistency (RS*: TF-IDF cosine against the unedited model's generations for
@@ -238,9 +238,9 @@ def summarize(out_dir: str | Path) -> dict:
     out = Path(out_dir)
     cases = [json.loads(p.read_text()) for p in sorted((out / "cases").glob("*.json"))]
     info = json.loads((out / "settings.json").read_text())
+    settings = info.get("settings", {})
     summary = {"run": out.resolve().name, "method": info["method"], "dataset": info["dataset"], "model": info["model"],
-               "preset": info.get("settings", {}).get("preset", "default"), "layer": _edited_layer(info.get("settings", {})),
-               "cases": len(cases),
+               "preset": settings.get("preset", "default"), "layer": _edited_layer(settings), "cases": len(cases),
                "pre": aggregate([c["pre_scores"] for c in cases]), "post": aggregate([c["post_scores"] for c in cases]),
                "edit_seconds_mean": sum(c["edit_seconds"] for c in cases) / max(len(cases), 1),
                **convergence_counts(cases)}
