@@ -6,7 +6,7 @@ import torch
 from tiny import tiny_model, word_tokenizer
 
 from factedit.edit import EditDelta, EditFileError, EditRequest, EditStack, RomeSettings
-from factedit.edit.rome import compute_keys, io_at_subject, rome_delta, solve_rank_one, update_shares
+from factedit.edit.rome import compute_keys, io_at_subject, rome_delta, solve_rank_one, update_left, update_shares
 from factedit.edit.value import CachedForward, compute_value_delta
 from factedit.hooks import Hook
 from factedit.models import from_model
@@ -162,7 +162,7 @@ def test_value_step_optimises_what_the_rank_one_update_does_at_each_prompt(monke
     C = A @ A.T / 200
     settings = RomeSettings.defaults_for(lm, 1, v_steps=3)
     keys = compute_keys(lm, 1, request(), TEMPLATES)
-    shares = update_shares(lm, request(), settings, C, keys, keys.k_avg)
+    shares = update_shares(lm, request(), settings, keys, update_left(C, keys.k_avg, keys.k_avg, settings.ridge))
     assert shares.shape == (len(TEMPLATES) + 1,) and not torch.allclose(shares, torch.ones_like(shares))
     assert float((shares[:-1]).mean()) == pytest.approx(1.0, abs=1e-4)  # the averaged key gets all of it
     seen = []  # what the value step adds at each prompt, step by step

@@ -217,15 +217,15 @@ def key_statistics(lm: LoadedModel, settings: RomeSettings, *, cache_dir: Path |
     return second_moment(lm, settings.layer, corpus, settings.stats_tokens, cache_dir=cache_dir, progress=progress)
 
 
-def update_shares(lm: LoadedModel, request: EditRequest, settings: RomeSettings, C: torch.Tensor, keys: Keys,
-                  k_residual: torch.Tensor) -> torch.Tensor:
+def update_shares(lm: LoadedModel, request: EditRequest, settings: RomeSettings, keys: Keys,
+                  left: torch.Tensor) -> torch.Tensor:
     """The share of the edit's change each prompt of the value step will receive from the rank-one
-    update, left^T k at its key: one per template, then the essence prompt. Not 1 everywhere: on
-    SmolLM2 a subject at the very start of the text (position 0, which the model uses as an attention
-    sink) has a key that receives only 25-50% of an update made for the key averaged over contexts."""
+    update with direction `left` (update_left): left^T k at its key, one per template, then the
+    essence prompt. Not 1 everywhere: on SmolLM2 a subject at the very start of the text (position 0,
+    which the model uses as an attention sink) can have a key that receives as little as 7% of an
+    update made for the key averaged over contexts (docs/results.md 8.8)."""
     essence = EditRequest.create(settings.essence_prompt, request.subject, request.target_new)
     k_essence = io_at_subject(lm, "mlp", settings.layer, essence, ["{}"])[0]
-    left = update_left(C, keys.k_avg, k_residual, settings.ridge)
     return (torch.cat([keys.k_each, k_essence]).double().to(left.device) @ left).float()
 
 
@@ -237,14 +237,15 @@ def rome_delta(lm: LoadedModel, request: EditRequest, settings: RomeSettings, C:
     keys = compute_keys(lm, layer, request, templates)
     if settings.key_mode not in ("consistent", "original"):
         raise ValueError(f"unknown key_mode {settings.key_mode!r}; expected consistent or original")
-    target_init = keys.v_avg if settings.key_mode == "consistent" else keys.v_plain
-    k_residual = keys.k_avg if settings.key_mode == "consistent" else keys.k_plain
-    shares = update_shares(lm, request, settings, C, keys, k_residual) if settings.value_through_update else None
-    value = compute_value_delta(lm, layer, request, templates, settings, target_init, forward=forward,
-                                row_scales=shares, progress=progress)
-    v_target = value.target_init + value.delta
+    # The value the update is written for, and its key: averaged (consistent) or the plain prompt's.
     v_current = keys.v_avg if settings.key_mode == "consistent" else keys.v_plain
-    left, right = solve_rank_one(C, keys.k_avg, k_residual, v_current, v_target, settings.ridge)
+    k_residual = keys.k_avg if settings.key_mode == "consistent" else keys.k_plain
+    left = update_left(C, keys.k_avg, k_residual, settings.ridge)  # solved once: the shares need it too
+    shares = update_shares(lm, request, settings, keys, left) if settings.value_through_update else None
+    value = compute_value_delta(lm, layer, request, templates, settings, v_current, forward=forward,
+                                row_scales=shares, progress=progress)
+    right = (value.target_init + value.delta - v_current).double()  # what solve_rank_one computes
+    left, right = left.float(), right.float().to(left.device)
     name = f"{lm.arch.blocks_name}.{layer}.{lm.arch.blocks[layer].mlp_out_name}"
     method = "rome" if settings.key_mode == "consistent" else "rome-original"
     delta = EditDelta(method, lm.fingerprint, {name: {"up": right.unsqueeze(1).cpu(), "down": left.unsqueeze(0).cpu()}},
