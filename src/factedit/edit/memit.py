@@ -131,9 +131,7 @@ def _targets(lm: LoadedModel, requests: list[EditRequest], settings: MemitSettin
         hidden = torch.stack([io_at_subject(lm, "hidden", top, r, templates[:1])[1][0] for r in chunk_requests])
         values = compute_value_deltas(lm, top, chunk_requests, templates, settings, hidden, kind="hidden")
         for i, h, value in zip(chunk, hidden, values):
-            found[i] = {"z": (h + value.delta.to(h.device)).cpu(), "losses": value.losses, "steps": value.steps,
-                        "nlls": value.nlls, "converged": value.converged,
-                        "delta_norm": float(value.delta.norm())}
+            found[i] = {"z": (h + value.delta.to(h.device)).cpu(), **value.diagnostics()}
             cache.put(requests[i], found[i])
         if progress:
             progress(len(chunk))
@@ -162,8 +160,7 @@ def memit_delta(lm: LoadedModel, requests: list[EditRequest], settings: MemitSet
     # 1. target hidden states z at the top layer, optimised for several requests at once
     found = _targets(lm, requests, settings, top, templates, TargetCache(lm, settings, top, cache_dir), progress)
     z = torch.stack([f["z"] for f in found], 1).to(lm.device).double()  # (d, n)
-    diagnostics = [{"steps": f["steps"], "final_loss": f["losses"][-1], "final_nll": f["nlls"][-1],
-                    "losses": f["losses"], "converged": f["converged"], "delta_norm": f["delta_norm"]} for f in found]
+    diagnostics = [{key: value for key, value in f.items() if key != "z"} for f in found]
     # 2. spread the change over the layers, lowest first, each on the model updated so far
     stack, total = EditStack(lm), None
     try:
