@@ -97,9 +97,9 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
             continue
         pre = [ds.probabilities(lm, r) for r in batch]
         references = [_references(lm, ds, r, generation, generation_tokens) for r in batch]
-        start = time.perf_counter()
+        began = time.perf_counter()  # not `start`: that is the first record's index
         delta, diagnostics = edit(lm, [r.request for r in batch], method, settings)
-        edit_seconds = time.perf_counter() - start
+        edit_seconds = time.perf_counter() - began
         stack.apply(delta)
         try:
             _score_and_write(lm, ds, out, batch, pre, references, generation, generation_tokens, edit_seconds,
