@@ -19,18 +19,23 @@ import torch
 
 from factedit import load
 from factedit.edit import RomeSettings
-from factedit.edit.rome import compute_keys, context_templates
+from factedit.edit.rome import compute_keys, context_templates, key_statistics, update_left, update_shares
 from factedit.edit.value import compute_value_deltas
 from factedit.evaluate.datasets import get_dataset
 
 
 def steps_to_converge(lm, records, settings, templates, batch: int) -> list[dict]:
+    """ROME's value step (consistent keys) as `rome_delta` runs it, several requests per batch."""
+    C = key_statistics(lm, settings)[0].matrix if settings.value_through_update else None
     found = []
     for start in range(0, len(records), batch):
         chunk = [r.request for r in records[start:start + batch]]
-        inits = torch.stack([compute_keys(lm, settings.layer, request, templates).v_avg for request in chunk])
-        for record, result in zip(records[start:start + batch],
-                                  compute_value_deltas(lm, settings.layer, chunk, templates, settings, inits)):
+        keys = [compute_keys(lm, settings.layer, request, templates) for request in chunk]
+        inits = torch.stack([k.v_avg for k in keys])
+        shares = ([update_shares(lm, request, settings, k, update_left(C, k.k_avg, k.k_avg, settings.ridge))
+                   for request, k in zip(chunk, keys)] if C is not None else None)
+        results = compute_value_deltas(lm, settings.layer, chunk, templates, settings, inits, row_scales=shares)
+        for record, result in zip(records[start:start + batch], results):
             found.append({"case_id": record.case_id, "target": record.request.target_new, "steps": result.steps,
                           "final_loss": result.losses[-1], "converged": result.converged})
     return found

@@ -26,7 +26,7 @@ import torch
 from factedit import load
 from factedit.data import load_counterfact
 from factedit.edit import RomeSettings
-from factedit.edit.rome import compute_keys, context_templates, key_statistics
+from factedit.edit.rome import compute_keys, context_templates, key_statistics, update_left
 from factedit.hooks import Hook
 
 
@@ -39,8 +39,9 @@ def token_keys(lm, layer: int, prompt: str) -> torch.Tensor:
     return hook.input.reshape(ids.shape[1], -1).float()
 
 
-def largest_share(lm, layer, u, denominator, prompts) -> float:
-    return float(np.mean([float((token_keys(lm, layer, p) @ u).max() / denominator) for p in prompts]))
+def largest_share(lm, layer, left, prompts) -> float:
+    """left^T k at each token of each prompt: its most affected token's share, averaged over prompts."""
+    return float(np.mean([float((token_keys(lm, layer, p) @ left).max()) for p in prompts]))
 
 
 def main():
@@ -62,22 +63,18 @@ def main():
     lows = []
     for layer in args.layers:
         settings = RomeSettings.defaults_for(lm, layer, stats_corpus=args.corpus)
-        stats, _, _ = key_statistics(lm, settings)
-        C = stats.matrix.double()
-        C = C + settings.ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
+        C = key_statistics(lm, settings)[0].matrix
         templates = context_templates(lm, settings)
         neighbours, paraphrases, plain, low = [], [], [], []
         for record in records:
             keys = compute_keys(lm, layer, record.request, templates)
-            k = keys.k_avg.double()
-            u = torch.linalg.solve(C, k)
-            denominator = float(u @ k)
-            plain.append(float(u @ keys.k_plain.double()) / denominator)
+            left = update_left(C, keys.k_avg, keys.k_avg, settings.ridge)  # ROME's (consistent) direction
+            plain.append(float(left @ keys.k_plain.double()))
             if plain[-1] < 0.6:
                 low.append(f"{record.case_id} {record.request.text!r}: {plain[-1]:.2f}")
-            u = u.float()
-            neighbours.append(largest_share(lm, layer, u, denominator, record.neighborhood_prompts))
-            paraphrases.append(largest_share(lm, layer, u, denominator, record.paraphrase_prompts))
+            left = left.float()
+            neighbours.append(largest_share(lm, layer, left, record.neighborhood_prompts))
+            paraphrases.append(largest_share(lm, layer, left, record.paraphrase_prompts))
         print(f"| {layer} | {np.mean(neighbours):.3f} | {np.mean(paraphrases):.3f} | "
               f"{np.mean(neighbours) / np.mean(paraphrases):.2f} | {np.mean(plain):.2f} | {np.min(plain):.2f} | "
               f"{sum(p < 0.6 for p in plain)} of {len(plain)} |", flush=True)
