@@ -78,8 +78,9 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
     if "stats_file" in delta.info:
         click.echo(f"key statistics: {delta.info['stats_keys']} keys ({delta.info['stats_file']}; 'model-sampled' "
                    f"in the name means text sampled from the model, as no corpus was given)")
-    for info in diagnostics[:1]:
-        click.echo(optimisation_report(info, settings))
+    report = optimisation_report(diagnostics[0], settings) if diagnostics else ""
+    if report:  # methods without an optimisation (KN) have nothing to say here
+        click.echo(report)
     if save:
         delta.save(save)
         click.echo(f"saved the edit to {save}")

@@ -11,9 +11,9 @@
    prompt (see `per_unit_activation`).
 
 The reference's scale is absolute: what a neuron adds is its activation times the change, so the
-same scale adds 2 x (e_new - e_old) through a GPT-2 neuron (activations of order 1) and 380 x that
-through SmolLM2's late neurons (activations up to +-190), which then push the new object after every
-prompt. The default divides by the activation at the prompt, so that each kept neuron adds
+same scale adds about 2 x (e_new - e_old) through a GPT-2 neuron (activations of order 1) and up to
+380 x (e_new - e_old) through SmolLM2's late neurons (activations up to +-190), which then push the
+new object after every prompt. The default divides by the activation at the prompt, so that each kept neuron adds
 `scale` x (e_new - e_old) there whatever the model's activation scale; the "paper" preset is the
 reference rule (absolute, sign ignored).
 """
