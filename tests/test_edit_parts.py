@@ -6,7 +6,8 @@ import torch
 from tiny import tiny_model, word_tokenizer
 
 from factedit.edit import EditDelta, EditFileError, EditRequest, EditStack, RomeSettings
-from factedit.edit.rome import compute_keys, io_at_subject, rome_delta, solve_rank_one, update_left, update_shares
+from factedit.edit.prompts import io_at_subject
+from factedit.edit.rome import compute_keys, rome_delta, solve_rank_one, update_left, update_shares
 from factedit.edit.value import CachedForward, compute_value_delta
 from factedit.hooks import Hook
 from factedit.models import from_model

@@ -78,7 +78,7 @@ def test_targets_tokenise_as_continuations_of_their_prompts(smollm2, data_dir):
     the leading space of a target is where a BPE tokenizer puts it after a word or a "?"."""
     from factedit.data import load_counterfact
     from factedit.data.zsre import load_zsre
-    from factedit.edit.request import target_ids
+    from factedit.request import target_ids
 
     records = (load_zsre(data_dir / "zsre" / "zsre_train_1k.json", 200)
                + load_counterfact(data_dir / "counterfact" / "counterfact_dev.json", 100))

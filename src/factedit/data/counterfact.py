@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..edit.request import EditRequest
+from ..request import EditRequest
 from .known import DatasetError, _resolve, read_json_list
 
 COUNTERFACT_URL = "https://rome.baulab.info/data/dsets/counterfact.json"

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..edit.request import EditRequest
+from ..request import EditRequest
 from .known import DatasetError, _resolve, read_json_list
 
 ZSRE_URL = "https://rome.baulab.info/data/dsets/zsre_mend_eval.json"

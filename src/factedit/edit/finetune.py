@@ -20,7 +20,8 @@ import torch
 from ..models import LoadedModel
 from ..settings import JsonSettings
 from .delta import EditDelta
-from .request import EditRequest, target_ids
+from ..request import EditRequest, target_ids
+from .rome import edit_layer
 
 
 @dataclass
@@ -35,12 +36,10 @@ class FinetuneSettings(JsonSettings):
 
     @classmethod
     def defaults_for(cls, lm: LoadedModel, layer: int | None = None, constrained: bool = False, **overrides):
-        from .rome import RomeSettings
-
-        base = RomeSettings.defaults_for(lm, layer)  # same layer choice as ROME
+        layer, rule = edit_layer(lm, layer)  # same layer choice as ROME
         if constrained:
             overrides = {"linf_constraint": FT_L_RELATIVE_BOUND, "linf_relative": True, **overrides}
-        return cls(layer=base.layer, layer_rule=base.layer_rule, **overrides)
+        return cls(layer=layer, layer_rule=rule, **overrides)
 
     def linf_bound(self, weight: torch.Tensor) -> float | None:
         """eps in the weight's units."""

@@ -29,7 +29,7 @@ from ..hooks import Hook
 from ..models import LoadedModel
 from ..settings import JsonSettings
 from .delta import EditDelta
-from .request import EditRequest, target_ids
+from ..request import EditRequest, target_ids
 
 
 @dataclass

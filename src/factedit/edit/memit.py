@@ -27,8 +27,9 @@ from ..settings import JsonSettings
 from ..stats import second_moments
 from .delta import EditDelta, EditStack
 from .mlp_change import mlp_change
-from .request import EditRequest
-from .rome import RomeSettings, context_templates, io_at_subject, statistics_corpus
+from ..request import EditRequest
+from .prompts import io_at_subject
+from .rome import context_templates, edit_layer, statistics_corpus
 from .value import compute_value_deltas
 
 
@@ -64,7 +65,7 @@ class MemitSettings(JsonSettings):
         stays what MEMIT tuned only when lambda grows with d_mlp. (On SmolLM2, d_mlp 1,536, the
         unscaled 15,000 leaves a tenth of the fact written per layer: efficacy 0.8 against 1.0 on the
         first 10 CounterFact records.)"""
-        top = layer if layer is not None else min(lm.n_layers - 1, RomeSettings.defaults_for(lm).layer + 1)
+        top = layer if layer is not None else min(lm.n_layers - 1, edit_layer(lm)[0] + 1)
         if not 0 <= top < lm.n_layers:
             raise ValueError(f"layer {top} out of range: the model has {lm.n_layers} layers")
         rule = "given top layer" if layer is not None else "5 layers ending one above ROME's default layer"

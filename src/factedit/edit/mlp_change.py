@@ -17,8 +17,8 @@ import torch
 
 from ..hooks import Hook, Hooks
 from ..models import LoadedModel
-from .request import EditRequest
-from .rome import prompt_batch, request_texts
+from ..request import EditRequest
+from .prompts import prompt_batch, request_texts
 
 
 @dataclass
@@ -110,3 +110,41 @@ def mlp_change(lm: LoadedModel, layer: int, requests: list[EditRequest], residua
         m[better], error[better] = (m + step)[better], new_error[better]
         damping = torch.where(better, (damping / 3).clamp(min=1e-9 * scale), damping * 4)
     return MlpChange((m - m0).detach(), False, (1 - error.norm(dim=1) / r_norm).cpu())
+
+
+# A fixed, ordinary sentence for the probe below: only the structure of the block is being measured.
+PROBE_REQUEST = EditRequest.create("{} is located in the city of", "The Eiffel Tower", "Paris")
+
+
+def block_response(lm: LoadedModel, layer: int, factors: list[float], *, directions: int = 8, seed: int = 0,
+                   ) -> list[float]:
+    """How much of a change of the MLP projection's output the block passes on, against its
+    linearised response, for changes of size c x ||m|| (c in `factors`) orthogonal to the output m
+    (mean over random directions). 1 at every size where the block adds m to its output as it is
+    (GPT-2, Llama); falling with c where a norm follows the MLP (Gemma: the direction of m counts,
+    not its size, so a change c x ||m|| turns the contribution by atan(c) and passes on
+    2 sin(atan(c) / 2) / c of itself: 0.77 at c = 1, 0.31 at c = 4)."""
+    f = BlockOfMlp(lm, layer, [PROBE_REQUEST] * directions, "{}")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        m, y = f()
+        u = torch.randn(m.shape, generator=generator).to(m.device)
+        u = u - (u * m).sum(1, keepdim=True) / (m * m).sum(1, keepdim=True) * m  # orthogonal to m
+        u = u / u.norm(dim=1, keepdim=True) * m.norm(dim=1, keepdim=True)
+        small = 1e-3
+        linear = (f(m + small * u)[1] - y).norm(dim=1) / small
+        return [float(((f(m + c * u)[1] - y).norm(dim=1) / (c * linear)).mean()) for c in factors]
+
+
+def response_clamp(lm: LoadedModel, layer: int, ceiling: float, keep: float = 0.75) -> float:
+    """The largest norm clamp factor c <= `ceiling` at which the block still passes on `keep` of a
+    change's linearised effect (block_response), to 0.05 by bisection. An edit beyond it saturates
+    at the subject while a neighbour, which receives a small share of the change, stays in the
+    linear range: the share of the edit reaching the neighbours grows by 1 / response."""
+    if block_response(lm, layer, [ceiling])[0] >= keep:
+        return ceiling
+    low, high = 0.0, ceiling
+    while high - low > 0.05:
+        middle = (low + high) / 2
+        low, high = (middle, high) if block_response(lm, layer, [middle])[0] >= keep else (low, middle)
+    return round(low, 2)

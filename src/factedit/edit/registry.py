@@ -15,7 +15,7 @@ from . import kn, memit, rome
 from .finetune import FT_L_PAPER_SETTINGS, FinetuneSettings, finetune_delta
 from .kn import KnSettings, kn_delta
 from .memit import MemitSettings, memit_delta
-from .request import EditRequest
+from ..request import EditRequest
 from .rome import RomeSettings, context_templates, key_statistics, rome_delta
 
 Progress = Callable[[int], None] | None

@@ -26,13 +26,13 @@ from typing import Callable
 
 import torch
 
-from ..hooks import Hook
 from ..models import LoadedModel, cache_root
 from ..settings import JsonSettings
 from ..stats import Corpus, corpus_from, model_sampled_corpus, second_moment
-from ..tokens import span_token_range
 from .delta import EditDelta
-from .request import EditRequest
+from .mlp_change import response_clamp
+from .prompts import io_at_subject
+from ..request import EditRequest
 from .value import compute_value_delta
 
 
@@ -46,6 +46,8 @@ class RomeSettings(JsonSettings):
     # the small models here; see benchmarks/convergence.py and the "paper" preset.
     v_steps: int = 100
     v_weight_decay: float = 0.5
+    # ||delta|| <= clamp_norm_factor x ||v||. The reference's 4 where the block adds the MLP output to
+    # the residual stream as it is; smaller where a norm follows the MLP (see defaults_for).
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 0.05
@@ -64,27 +66,52 @@ class RomeSettings(JsonSettings):
     # prompt, as the reference (whose update then reaches prompts whose keys differ only in part).
     value_through_update: bool = True
     layer_rule: str = ""  # how the layer was chosen, for the record
+    clamp_rule: str = ""  # how clamp_norm_factor was chosen, for the record
     preset: str = "default"  # the named settings these came from ("paper": the reference's protocol)
 
     @classmethod
     def defaults_for(cls, lm: LoadedModel, layer: int | None = None, **overrides) -> "RomeSettings":
-        """Per-model defaults derived from the model's structure.
-
-        Without a layer: n_layers // 6 (SmolLM2: 5), inside the early MLP site that causal tracing finds
-        on the models here; `factedit suggest-layer` measures it for a new model."""
-        if layer is None:
-            layer, rule = max(0, lm.n_layers // 6), "n_layers // 6 (structural default; see suggest-layer)"
+        """Per-model defaults derived from the model's structure: the layer (edit_layer) and the norm
+        clamp (clamp_for_block)."""
+        layer, rule = edit_layer(lm, layer)
+        if "clamp_norm_factor" not in overrides:
+            overrides["clamp_norm_factor"] = clamp_for_block(lm, layer)
+            overrides.setdefault("clamp_rule", CLAMP_RULE)
         else:
-            rule = "given"
-        if not 0 <= layer < lm.n_layers:
-            raise ValueError(f"layer {layer} out of range: the model has {lm.n_layers} layers (0..{lm.n_layers - 1})")
+            overrides.setdefault("clamp_rule", "given")
         return cls(layer=layer, layer_rule=rule, **overrides)
+
+
+def edit_layer(lm: LoadedModel, layer: int | None = None) -> tuple[int, str]:
+    """The layer single-layer editors use, and how it was chosen. Without a layer: n_layers // 6
+    (SmolLM2: 5), inside the early MLP site that causal tracing finds on the models here;
+    `factedit suggest-layer` measures it for a new model."""
+    if layer is None:
+        layer, rule = max(0, lm.n_layers // 6), "n_layers // 6 (structural default; see suggest-layer)"
+    else:
+        rule = "given"
+    if not 0 <= layer < lm.n_layers:
+        raise ValueError(f"layer {layer} out of range: the model has {lm.n_layers} layers (0..{lm.n_layers - 1})")
+    return layer, rule
+
+
+CLAMP_RULE = "largest factor <= 4 at which the block passes on 3/4 of the change (mlp_change.response_clamp)"
+
+
+def clamp_for_block(lm: LoadedModel, layer: int) -> float:
+    """The reference's clamp (4 x ||v||) where the block passes a change of the MLP output on as it is;
+    where a norm follows the MLP (Gemma), the largest factor at which the block still passes on 3/4 of
+    a change's linearised effect. Beyond it the edit saturates at its subject while the neighbours,
+    which receive a small share of the change, do not: on Gemma 3 at layer 3 the reference's 4 took
+    CounterFact neighbourhood success from 69.5 to 40, the derived 1.1 to 57 (docs/results.md 8.9)."""
+    return response_clamp(lm, layer, ceiling=4.0, keep=0.75)
 
 
 # The reference implementation's settings for GPT-2 XL (hparams/ROME/gpt2-xl.json), by name.
 PAPER_SETTINGS = {"v_lr": 0.5, "v_steps": 20, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
                   "early_stop_loss": 0.05, "early_stop_on": "total", "prefix_lengths": [[5, 10], [10, 10]],
-                  "prefix_context": "", "value_through_update": False}
+                  "prefix_context": "", "value_through_update": False,
+                  "clamp_rule": "the reference's 4"}
 
 
 # ------------------------------------------------------------------------------ 1. context templates
@@ -113,60 +140,12 @@ def context_templates(lm: LoadedModel, settings: RomeSettings, cache_dir: Path |
 # ------------------------------------------------------------------------------------- 2. the keys
 
 @dataclass
-class Batch:
-    input_ids: torch.Tensor  # (B, T) right-padded: causal attention never looks at the padding
-    subject_last: list[int]  # index of the subject's last token per row
-
-
-def fill(template: str, request_text: str, subject_start: int, subject: str) -> tuple[str, tuple[int, int]]:
-    """Put the request's text into a context template; returns the text and the subject's characters
-    (known exactly: a sampled prefix may mention the subject too)."""
-    at = template.index("{}")
-    start = at + subject_start
-    return template.replace("{}", request_text, 1), (start, start + len(subject))
-
-
-def prompt_batch(lm: LoadedModel, texts: list[tuple[str, tuple[int, int]]],
-                 suffixes: list[list[int]] | None = None) -> Batch:
-    """Tokenise (text, subject span) pairs, append suffix ids, right-pad into one batch."""
-    rows, last = [], []
-    for i, (text, (start, end)) in enumerate(texts):
-        ids = list(lm.tokenizer(text)["input_ids"])
-        last.append(span_token_range(lm.tokenizer, text, ids, start, end)[1] - 1)
-        rows.append(ids + (suffixes[i] if suffixes else []))
-    width = max(len(r) for r in rows)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=lm.device)
-    return Batch(ids, last)
-
-
-def request_texts(request: EditRequest, templates: list[str]) -> list[tuple[str, tuple[int, int]]]:
-    subject_start = request.prompt.index("{}")
-    return [fill(template, request.text, subject_start, request.subject) for template in templates]
-
-
-@dataclass
 class Keys:
     k_avg: torch.Tensor  # (d_mlp,) mean key over the templates
     v_avg: torch.Tensor  # (d,) mean MLP output there
     k_plain: torch.Tensor  # key of the plain prompt (template "{}")
     v_plain: torch.Tensor
     k_each: torch.Tensor  # (n_templates, d_mlp) the key under each template
-
-
-@torch.no_grad()
-def io_at_subject(lm: LoadedModel, kind: str, layer: int, request: EditRequest, templates: list[str]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input and output of a module ("mlp" projection or "hidden" block) at the subject's last token,
-    one row per template: (n_templates, d_in), (n_templates, d_out)."""
-    batch = prompt_batch(lm, request_texts(request, templates))
-    n, width = batch.input_ids.shape
-    with Hook(lm.arch.module(kind, layer), keep_input=True, keep_output=True, stop=True) as hook:
-        lm.model(input_ids=batch.input_ids, use_cache=False)
-    rows, index = torch.arange(n), torch.tensor(batch.subject_last)
-    inputs = hook.input.reshape(n, width, -1)[rows, index].float()
-    outputs = hook.output.reshape(n, width, -1)[rows, index].float()
-    return inputs, outputs
 
 
 def compute_keys(lm: LoadedModel, layer: int, request: EditRequest, templates: list[str]) -> Keys:

@@ -23,7 +23,7 @@ import torch
 from ..hooks import Hook, Hooks
 from ..models import LoadedModel
 from ..trace.runs import forward_kwargs
-from .request import EditRequest, target_ids
+from ..request import EditRequest, target_ids
 
 
 @dataclass
@@ -72,7 +72,7 @@ class ValueRows:
 
 def value_rows(lm: LoadedModel, requests: list[EditRequest], templates: list[str], essence_prompt: str) -> ValueRows:
     from ..tokens import span_token_range
-    from .rome import fill, request_texts  # the tokenisation helpers shared with the key step
+    from .prompts import fill, request_texts
 
     rows = ValueRows([], [], [], {}, [], [])
     for r, request in enumerate(requests):

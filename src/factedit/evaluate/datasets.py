@@ -11,7 +11,7 @@ from typing import Callable
 
 from ..data.counterfact import CounterFactRecord, load_counterfact
 from ..data.zsre import ZsreRecord, load_zsre
-from ..edit.request import target_ids
+from ..request import target_ids
 from ..generate import generate_batch
 from ..models import LoadedModel
 from ..scoring import target_logprobs, teacher_forced_predictions

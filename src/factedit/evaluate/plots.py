@@ -5,33 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import figures
+
 
 def _save(fig, path_stem: str | Path) -> list[Path]:
-    import matplotlib.pyplot as plt
-
-    written = []
-    for suffix in (".png", ".svg"):
-        target = Path(f"{path_stem}{suffix}")
-        fig.savefig(target, dpi=120)
-        written.append(target)
-    plt.close(fig)
-    return written
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return figures.save(fig, path_stem, dpi=120)
 
 
 def plot_score_bars(summaries: list[dict], path_stem: str | Path, keys: tuple[str, ...] = ("ES", "PS", "NS")) -> list[Path]:
     """Grouped bars with 95% CIs: the unedited model (the first run's "pre"), then each run."""
-    plt = _pyplot()
     rows = [("unedited", summaries[0]["pre"])] + [(s.get("run") or s["method"], s["post"]) for s in summaries]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(rows) * len(keys) / 3, 3.6))
+    fig, ax = figures.subplots(figsize=(1.2 + 0.9 * len(rows) * len(keys) / 3, 3.6))
     width = 0.8 / len(keys)
     for k, key in enumerate(keys):
         xs = [i + (k - (len(keys) - 1) / 2) * width for i in range(len(rows))]
@@ -50,8 +34,7 @@ def plot_by_number_of_edits(summaries: list[dict], path_stem: str | Path,
     """Scores against the number of edits a model holds, one line per method, from runs that edit
     their N cases together (`--edits-per-batch N`) or one after another (`--sequential`, scored
     after all edits). Writes PNG and SVG."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), sharey=True)
+    fig, axes = figures.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), sharey=True)
     by_method: dict[str, list[tuple[int, dict]]] = {}
     for s in summaries:
         label = f"{s['method']} ({'one after another' if 'final' in s else 'all at once'})"
@@ -77,8 +60,7 @@ def plot_by_layer(summaries: list[dict], path_stem: str | Path, keys: tuple[str,
     """Scores against the edited layer (the top one for methods that edit several), one line per
     model and method, with each model's unedited score dashed: where along the depth an editor
     writes the fact and where it starts to damage neighbours. Writes PNG and SVG."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), sharey=True)
+    fig, axes = figures.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), sharey=True)
     lines: dict[str, list[tuple[int, dict]]] = {}
     unedited: dict[str, dict] = {}
     for s in summaries:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -95,14 +96,9 @@ def points_to_dicts(points: list[SequentialPoint]) -> list[dict]:
 
 def plot_sequential(results: dict[str, list[SequentialPoint]], path_stem) -> list:
     """Efficacy and held-out perplexity against the number of edits, one line per method."""
-    from pathlib import Path
+    from .. import figures
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (left, right) = figures.subplots(1, 2, figsize=(10, 3.6))
     for method, points in results.items():
         n = [p.n_edits for p in points]
         left.plot(n[1:], [p.efficacy for p in points[1:]], marker="o", label=method)
@@ -110,8 +106,4 @@ def plot_sequential(results: dict[str, list[SequentialPoint]], path_stem) -> lis
     left.set(xlabel="edits applied", ylabel="efficacy of all edits so far", ylim=(-0.05, 1.05))
     right.set(xlabel="edits applied", ylabel="held-out perplexity", yscale="log")
     left.legend(), right.legend()
-    paths = [Path(path_stem).with_suffix(".png"), Path(path_stem).with_suffix(".svg")]
-    for path in paths:
-        fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return paths
+    return figures.save(fig, Path(path_stem).with_suffix(""), dpi=130, bbox_inches="tight")

@@ -5,13 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .average import TOKEN_CLASSES, AverageResult  # noqa: E402
-from .heatmap import TraceResult  # noqa: E402
+from .. import figures
+from .average import TOKEN_CLASSES, AverageResult
+from .heatmap import TraceResult
 
 COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds", "hidden_no_mlp": "Purples",
              "hidden_no_attn": "Purples"}
@@ -23,17 +21,13 @@ CLASS_LABELS = {"first_subject": "first subject token", "middle_subject": "middl
 
 
 def _save(fig, path_stem: Path) -> list[Path]:
-    paths = [path_stem.with_suffix(".png"), path_stem.with_suffix(".svg")]
-    for path in paths:
-        fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    return paths
+    return figures.save(fig, Path(path_stem).with_suffix(""), dpi=130, bbox_inches="tight")
 
 
 def plot_heatmap(result: TraceResult, path_stem: str | Path) -> list[Path]:
     """Rows are tokens (subject tokens starred), columns layers, colour p(answer) after restoring."""
     n_tokens, n_layers = result.scores.shape
-    fig, ax = plt.subplots(figsize=(3.5 + n_layers * 0.12, 1.2 + n_tokens * 0.3))
+    fig, ax = figures.subplots(figsize=(3.5 + n_layers * 0.12, 1.2 + n_tokens * 0.3))
     image = ax.pcolor(result.scores, cmap=COLORMAPS.get(result.kind, "Purples"), vmin=result.p_corrupt)
     ax.invert_yaxis()
     start, end = result.subject_range
@@ -52,8 +46,8 @@ def plot_heatmap(result: TraceResult, path_stem: str | Path) -> list[Path]:
 def plot_average(result: AverageResult, path_stem: str | Path) -> list[Path]:
     """One panel per kind: average indirect effect per layer for each token class, with 95% CIs."""
     kinds = list(result.effects)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 3.6), squeeze=False)
-    colors = plt.get_cmap("tab10")
+    fig, axes = figures.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 3.6), squeeze=False)
+    colors = matplotlib.colormaps["tab10"]
     for ax, kind in zip(axes[0], kinds):
         for i, name in enumerate(TOKEN_CLASSES):
             stats = result.effects[kind].get(name)

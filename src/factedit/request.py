@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..tokens import PromptError
+from .tokens import PromptError
 
 
 @dataclass(frozen=True)
