@@ -1,10 +1,12 @@
 """The workbench's JSON API on a tiny model (FastAPI's test client)."""
 
 import io
+import threading
 import time
 
 import pytest
 import torch
+from bad_edits import BAD_EDIT_FILES, MISFIT_EDIT_FILES, write_edit_file
 from fastapi.testclient import TestClient
 from tiny import tiny_model, word_tokenizer
 
@@ -108,3 +110,53 @@ def test_bad_input_is_a_4xx_and_leaves_the_model(client, tmp_path):
     assert refused.status_code == 400 and "refusing to apply" in refused.json()["detail"]
     assert client.get("/api/jobs/nope").status_code == 404
     assert all(torch.equal(weights[k], v) for k, v in client.bench.lm.model.state_dict().items())
+
+
+def test_bad_edit_files_are_a_400_and_leave_the_model(client, tmp_path):
+    weights = {k: v.clone() for k, v in client.bench.lm.model.state_dict().items()}
+    cases = {name: (tensors, metadata, message) for name, (tensors, metadata, message) in BAD_EDIT_FILES.items()}
+    cases.update({name: (tensors, {}, message) for name, (tensors, message) in MISFIT_EDIT_FILES.items()})
+    for name, (tensors, metadata, message) in cases.items():
+        path = write_edit_file(tmp_path / f"{name}.safetensors", client.bench.lm.fingerprint, tensors, **metadata)
+        response = client.post("/api/edits/upload", files={"file": ("bad.safetensors", io.BytesIO(path.read_bytes()))})
+        assert response.status_code == 400, (name, response.status_code, response.text)
+        assert message in response.json()["detail"], (name, response.text)
+        assert "upload.safetensors" not in response.text, response.text  # the server's temporary file is not named
+    assert client.get("/api/edits").json()["edits"] == []
+    assert all(torch.equal(weights[k], v) for k, v in client.bench.lm.model.state_dict().items())
+
+
+def test_the_api_answers_while_a_job_runs_and_an_upload_waits_for_it(client, tmp_path):
+    """An upload must wait for the model lock off the event loop: meanwhile every other request answers."""
+    started, release = threading.Event(), threading.Event()
+
+    def long_job(job):
+        started.set()
+        release.wait(10)
+        return {"finished": True}
+
+    job = client.bench.submit("test", long_job)  # holds the model lock, as a running edit does
+    assert started.wait(10)
+    blob = write_edit_file(tmp_path / "edit.safetensors", client.bench.lm.fingerprint).read_bytes()
+    uploads = []
+    uploader = threading.Thread(target=lambda: uploads.append(
+        client.post("/api/edits/upload", files={"file": ("e.safetensors", io.BytesIO(blob))})))
+    safety = threading.Timer(5, release.set)  # unblocks everything if the server hangs
+    safety.start()
+    try:
+        uploader.start()
+        time.sleep(0.5)  # the upload is now waiting for the lock
+        for path in ("/api/model", f"/api/jobs/{job.id}", "/api/edits"):
+            start = time.perf_counter()
+            response = client.get(path)
+            seconds = time.perf_counter() - start
+            assert response.status_code == 200 and seconds < 1, (path, seconds)
+        assert client.get(f"/api/jobs/{job.id}").json()["status"] == "running"
+        assert not uploads  # still waiting for the job
+    finally:
+        release.set()
+        safety.cancel()
+        uploader.join(30)
+    assert uploads and uploads[0].status_code == 200, uploads
+    assert wait(client, job.view())["result"] == {"finished": True}
+    assert len(client.get("/api/edits").json()["edits"]) == 1

@@ -13,8 +13,14 @@ from ..edit.delta import EditFileError
 from ..models import ModelLoadError
 from ..tokens import PromptError
 
+
+class CommandError(Exception):
+    """A command failed for a reason the user can act on (e.g. an output path that cannot be written);
+    shown as one line, like the other user errors."""
+
+
 USER_ERRORS = (ModelLoadError, ArchitectureError, PromptError, DatasetError, EditFileError, ValueError,
-               FileNotFoundError)
+               FileNotFoundError, CommandError)
 
 
 def _model_options(command):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 import click
 from tqdm import tqdm
 
-from . import SETTINGS_HELP, _load, _load_edits, _model_options, _settings, _stats_options, main
+from . import SETTINGS_HELP, CommandError, _load, _load_edits, _model_options, _settings, _stats_options, main
 
 
 @main.command()
@@ -40,6 +43,8 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
     from ..generate import greedy_continuation, sample_texts
     from ..scoring import target_probs
 
+    if save:
+        check_writable(Path(save))  # before loading the model and computing the edit, not after
     lm = _load(model, device, dtype, threads)
     request = EditRequest.create(prompt, subject, target, target_true)
     if request.target_true is None:
@@ -82,8 +87,48 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
     if report:  # methods without an optimisation (KN) have nothing to say here
         click.echo(report)
     if save:
-        delta.save(save)
+        save_edit(delta, Path(save))
         click.echo(f"saved the edit to {save}")
+
+
+def check_writable(path: Path) -> None:
+    """Fail now, with the reason, if an edit could not be written to `path` later: the path must not be a
+    folder, and its folder (or the nearest existing folder above it, where the rest will be created)
+    must accept a new file. Probes with a real temporary file, which also catches read-only mounts."""
+    if path.is_dir():
+        raise CommandError(f"cannot save the edit to {path}: it is a folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CommandError(f"cannot save the edit to {path}: the file exists and is not writable")
+    folder = path.parent
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CommandError(f"cannot save the edit to {path}: {folder} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise CommandError(f"cannot save the edit to {path}: cannot create files in {folder} "
+                           f"({err.strerror or err})") from None
+
+
+def save_edit(delta, path: Path) -> None:
+    """Write the edit to `path`; if that fails after all, keep the computed edit in a temporary file and
+    say where, so that the work is not lost."""
+    try:
+        delta.save(path)
+        return
+    except OSError as err:
+        reason = err.strerror or str(err)
+    handle, fallback = tempfile.mkstemp(prefix="factedit-edit-", suffix=".safetensors")
+    os.close(handle)
+    try:
+        delta.save(fallback)
+    except OSError as err:
+        Path(fallback).unlink(missing_ok=True)
+        raise CommandError(f"could not save the edit to {path} ({reason}), nor to a temporary file "
+                           f"({err.strerror or err}); the edit is lost") from None
+    raise CommandError(f"could not save the edit to {path} ({reason}); saved it to {fallback} instead")
 
 
 def optimisation_report(info: dict, settings) -> str:

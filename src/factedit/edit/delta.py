@@ -10,6 +10,7 @@ requests and the fingerprint of the model the edit was made for.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +22,12 @@ from ..arch import linear_dims
 from ..models import LoadedModel
 
 FORMAT_VERSION = 1
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REQUEST_FIELDS = ("prompt", "subject", "target_new")  # strings; "target_true" is a string or null
 
 
 class EditFileError(ValueError):
-    """An edit file that is malformed or made for another model."""
+    """An edit file (or an edit) that is malformed, has non-finite values or was made for another model."""
 
 
 @dataclass
@@ -35,6 +38,44 @@ class EditDelta:
     settings: dict = field(default_factory=dict)
     requests: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+
+    def validate(self, source: str = "the edit") -> None:
+        """Check the changes' structure and values; raises EditFileError naming `source` and the problem.
+
+        Each touched module has either a dense change (d_out x d_in) or a pair of low-rank factors,
+        up (d_out x r) and down (r x d_in) with the same rank r >= 1; every tensor is a 2-D floating-point
+        matrix with finite values. Whether the shapes fit a model is checked when applying
+        (EditStack.check)."""
+        if not isinstance(self.changes, dict):
+            raise EditFileError(f"{source}: the changes must be a mapping of module name -> tensors")
+        for name, change in self.changes.items():
+            parts = set(change)
+            if parts != {"up", "down"} and parts != {"dense"}:
+                if parts & {"up", "down"} and not parts & {"dense"}:
+                    have, missing = ("up", "down") if "up" in parts else ("down", "up")
+                    problem = f"has the {have!r} factor but not the {missing!r} factor"
+                else:
+                    problem = f"has the parts {sorted(parts)}"
+                raise EditFileError(f"{source}: {name} {problem}; a change is either an up+down pair of "
+                                    "factors or one dense matrix")
+            for part, tensor in change.items():
+                if not isinstance(tensor, torch.Tensor):
+                    raise EditFileError(f"{source}: {name}::{part} is a {type(tensor).__name__}, not a tensor")
+                if tensor.dtype not in FLOAT_DTYPES:
+                    raise EditFileError(f"{source}: {name}::{part} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                                        "edit tensors must be float16, bfloat16, float32 or float64")
+                if tensor.dim() != 2:
+                    raise EditFileError(f"{source}: {name}::{part} is {tensor.dim()}-D (shape {tuple(tensor.shape)}); "
+                                        "edit tensors must be 2-D matrices")
+                if not torch.isfinite(tensor).all():
+                    raise EditFileError(f"{source}: {name}::{part} contains NaN or infinite values; refusing the edit")
+            if "up" in change:
+                up, down = change["up"].shape, change["down"].shape
+                if up[1] != down[0]:
+                    raise EditFileError(f"{source}: {name} has factors of mismatched rank: up is {tuple(up)}, down "
+                                        f"{tuple(down)}; up must be (d_out, r) and down (r, d_in)")
+                if up[1] == 0:
+                    raise EditFileError(f"{source}: {name} has factors of rank 0")
 
     def weight_change(self, module_name: str) -> torch.Tensor:
         """Delta W in (d_out, d_in) orientation, float32."""
@@ -62,6 +103,7 @@ class EditDelta:
                          {"composed": True})
 
     def save(self, path: str | Path) -> Path:
+        """Write the edit as .safetensors. Atomic: a failed write leaves no partial file at `path`."""
         path = Path(path)
         tensors = {f"{name}::{part}": t.detach().contiguous().cpu() for name, change in self.changes.items()
                    for part, t in change.items()}
@@ -69,11 +111,18 @@ class EditDelta:
                     "model_fingerprint": self.model_fingerprint, "settings": json.dumps(self.settings),
                     "requests": json.dumps(self.requests), "info": json.dumps(self.info)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=metadata)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            save_file(tensors, str(partial), metadata=metadata)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "EditDelta":
+        """Read and validate an edit file: the one place where a file's structure, metadata types, format
+        version and values are checked. Raises EditFileError saying what is wrong."""
         path = Path(path)
         if not path.is_file():
             raise EditFileError(f"edit file not found: {path}")
@@ -85,20 +134,62 @@ class EditDelta:
             raise EditFileError(f"{path} is not a valid .safetensors edit file: {err}") from err
         if metadata.get("format") != "factedit-edit":
             raise EditFileError(f"{path} is a safetensors file but not a factedit edit (no 'format' metadata)")
+        fields = _read_metadata(metadata, str(path))
         changes: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in tensors.items():
             name, _, part = key.rpartition("::")
             if part not in ("up", "down", "dense") or not name:
-                raise EditFileError(f"{path}: unexpected tensor {key!r}")
+                raise EditFileError(f"{path}: unexpected tensor {key!r} (expected MODULE::up, ::down or ::dense)")
             changes.setdefault(name, {})[part] = tensor
-        for name, change in changes.items():
-            if set(change) not in ({"up", "down"}, {"dense"}):
-                raise EditFileError(f"{path}: {name} needs either up+down factors or a dense change")
+        delta = cls(fields["method"], fields["model_fingerprint"], changes, fields["settings"], fields["requests"],
+                    fields["info"])
+        delta.validate(str(path))
+        return delta
+
+
+def _json_type(value) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _read_metadata(metadata: dict[str, str], source: str) -> dict:
+    """The edit file's metadata, type-checked: format version, method, fingerprint, settings (object),
+    requests (list of request objects) and info (object)."""
+    version = metadata.get("version")
+    if version is None:
+        raise EditFileError(f"{source}: no format version in the metadata; not a factedit edit file")
+    if not version.isdigit():
+        raise EditFileError(f"{source}: unknown format version {version!r}; this factedit reads version {FORMAT_VERSION}")
+    if int(version) != FORMAT_VERSION:
+        newer = " (written by a newer factedit?)" if int(version) > FORMAT_VERSION else ""
+        raise EditFileError(f"{source}: format version {int(version)}{newer} is not supported; this factedit reads "
+                            f"version {FORMAT_VERSION}")
+    fields: dict = {}
+    for key in ("method", "model_fingerprint"):
+        if not metadata.get(key, "").strip():
+            raise EditFileError(f"{source}: the metadata has no {key!r}")
+        fields[key] = metadata[key]
+    for key, kind, default in (("settings", dict, None), ("requests", list, None), ("info", dict, "{}")):
+        text = metadata.get(key, default)
+        if text is None:
+            raise EditFileError(f"{source}: the metadata has no {key!r}")
         try:
-            return cls(metadata["method"], metadata["model_fingerprint"], changes, json.loads(metadata["settings"]),
-                       json.loads(metadata["requests"]), json.loads(metadata.get("info", "{}")))
-        except (KeyError, json.JSONDecodeError) as err:
-            raise EditFileError(f"{path}: malformed metadata ({err})") from err
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise EditFileError(f"{source}: metadata {key!r} is not valid JSON ({err})") from None
+        if not isinstance(value, kind):
+            raise EditFileError(f"{source}: metadata {key!r} must be {_json_type(kind())}, not {_json_type(value)}")
+        fields[key] = value
+    for i, request in enumerate(fields["requests"]):
+        if not isinstance(request, dict):
+            raise EditFileError(f"{source}: requests[{i}] must be an object, not {_json_type(request)}")
+        for key in REQUEST_FIELDS:
+            if not isinstance(request.get(key), str):
+                raise EditFileError(f"{source}: requests[{i}].{key} must be a string, not {_json_type(request.get(key))}")
+        if not isinstance(request.get("target_true"), (str, type(None))):
+            raise EditFileError(f"{source}: requests[{i}].target_true must be a string or null, "
+                                f"not {_json_type(request['target_true'])}")
+    return fields
 
 
 def _weight(lm: LoadedModel, module_name: str) -> tuple[torch.nn.Parameter, bool]:
@@ -126,6 +217,8 @@ class EditStack:
         self._originals: dict[str, torch.Tensor] = {}
 
     def check(self, delta: EditDelta) -> None:
+        """Refuse an edit that is malformed, non-finite, made for another model or of the wrong shapes."""
+        delta.validate()
         if delta.model_fingerprint != self.lm.fingerprint:
             raise EditFileError(f"this edit was made for the model with fingerprint {delta.model_fingerprint}, "
                                 f"not {self.lm.name} ({self.lm.fingerprint}); refusing to apply it")
@@ -134,26 +227,31 @@ class EditStack:
             shape = tuple(weight.shape[::-1] if transposed else weight.shape)
             got = tuple(change["dense"].shape) if "dense" in change else (change["up"].shape[0], change["down"].shape[1])
             if got != shape:
-                raise EditFileError(f"{name}: edit has shape {got}, the model's weight {shape}")
+                raise EditFileError(f"{name}: the edit changes a {got[0]}x{got[1]} matrix, but the model's weight is "
+                                    f"{shape[0]}x{shape[1]} (d_out x d_in); refusing to apply it")
 
     @torch.no_grad()
-    def _add(self, delta: EditDelta) -> None:
+    def _add(self, delta: EditDelta, *, check_finite: bool = False) -> None:
         new_values = {}
         for name in delta.changes:  # compute everything first: a failure leaves the model untouched
             weight, transposed = _weight(self.lm, name)
             change = delta.weight_change(name).to(weight.device)
-            new_values[name] = (weight, (weight.float() + (change.T if transposed else change)).to(weight.dtype))
+            value = (weight.float() + (change.T if transposed else change)).to(weight.dtype)
+            if check_finite and (torch.isfinite(weight) & ~torch.isfinite(value)).any():
+                raise EditFileError(f"{name}: applying the edit would make weights infinite or NaN in "
+                                    f"{str(weight.dtype).removeprefix('torch.')}; refusing to apply it")
+            new_values[name] = (weight, value)
         for weight, value in new_values.values():
             weight.copy_(value)
 
     @torch.no_grad()
     def apply(self, delta: EditDelta) -> int:
-        """Apply an edit; returns its index for `revert`."""
+        """Apply an edit; returns its index for `revert`. A refused edit leaves the model unchanged."""
         self.check(delta)
-        for name in delta.changes:
+        for name in delta.changes:  # the model is unedited in these modules, or as the applied edits left it
             if name not in self._originals:
                 self._originals[name] = _weight(self.lm, name)[0].detach().clone()
-        self._add(delta)
+        self._add(delta, check_finite=True)
         self.applied.append(delta)
         return len(self.applied) - 1
 

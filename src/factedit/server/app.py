@@ -123,11 +123,13 @@ def create_app(bench: Workbench) -> FastAPI:
                         headers={"Content-Disposition": f'attachment; filename="edit-{edit_id}.safetensors"'})
 
     @app.post("/api/edits/upload")
-    async def upload(file: UploadFile = File(...)):
+    def upload(file: UploadFile = File(...)):
+        # A plain `def`: FastAPI runs it in its threadpool. Applying the edit waits for the model lock,
+        # which a running job holds for minutes; waiting on the event loop would stall every request.
         import tempfile
         from pathlib import Path
 
-        data = await file.read(MAX_UPLOAD_BYTES + 1)
+        data = file.file.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
             raise HTTPException(413, f"edit file too large (at most {MAX_UPLOAD_BYTES} bytes)")
         with tempfile.TemporaryDirectory() as folder:  # a server-chosen name, never the client's
@@ -135,10 +137,12 @@ def create_app(bench: Workbench) -> FastAPI:
             path.write_bytes(data)
             try:
                 delta = EditDelta.load(path)
-                return {"applied": bench.upload(delta, Path(file.filename or "upload").name),
-                        "edits": bench.list_edits()}
-            except EditFileError as err:
-                raise HTTPException(400, str(err)) from None
+            except EditFileError as err:  # name the upload, not the server's temporary file
+                raise HTTPException(400, str(err).replace(str(path), "the uploaded file")) from None
+        try:
+            return {"applied": bench.upload(delta, Path(file.filename or "upload").name), "edits": bench.list_edits()}
+        except EditFileError as err:
+            raise HTTPException(400, str(err)) from None
 
     return app
 
