@@ -34,6 +34,16 @@ def test_running_mean_merges_like_numpy():
     assert np.allclose(a.mean, data.mean(0)) and np.allclose(a.std, data.std(0, ddof=1))
 
 
+def test_site_is_the_run_of_layers_near_the_peak():
+    result = average_module.AverageResult(average_module.AverageSettings(kinds=["mlp"]))
+    curve = np.array([0.069, 0.073, 0.081, 0.087, 0.091, 0.090, 0.035, 0.085])  # a late bump is not the site
+    result.effects["mlp"] = {"last_subject": RunningMean()}
+    result.effects["mlp"]["last_subject"].add(curve)
+    assert result.peak("mlp", "last_subject") == (4, pytest.approx(0.091))
+    assert result.site("mlp", "last_subject") == [3, 4, 5]  # >= 0.9 x 0.091 = 0.0819
+    assert result.site("mlp", "last_subject", share=0.75) == [0, 1, 2, 3, 4, 5]
+
+
 def tiny_facts(lm):
     prompt = "Michael Jordan plays basketball professionally in the city of"
     answer = prepare(lm, prompt, "Michael Jordan", samples=1).answer.strip()

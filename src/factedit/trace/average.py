@@ -121,6 +121,18 @@ class AverageResult:
         mean = np.asarray(self.effects[kind][token_class].mean)
         return int(mean.argmax()), float(mean.max())
 
+    def site(self, kind: str, token_class: str, share: float = 0.9) -> list[int]:
+        """The layers around the peak whose average effect is at least `share` of the peak's: the
+        contiguous run of layers that the window-averaged curve cannot tell apart from the peak."""
+        mean = np.asarray(self.effects[kind][token_class].mean)
+        top, threshold = int(mean.argmax()), share * float(mean.max())
+        low, high = top, top
+        while low > 0 and mean[low - 1] >= threshold:
+            low -= 1
+        while high < len(mean) - 1 and mean[high + 1] >= threshold:
+            high += 1
+        return list(range(low, high + 1))
+
 
 def fact_record(lm: LoadedModel, fact: KnownFact, kinds: list[str], settings: AverageSettings,
                 progress: Callable[[int], None] | None = None) -> dict:
