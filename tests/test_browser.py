@@ -2,41 +2,23 @@
 trace, edit, see the new target win, undo, see the old one back. Saves a screenshot to docs/."""
 
 import os
-import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from browser import CHROMIUM, CHROMIUM_ARGS, require_chromium, served
 
 pytestmark = pytest.mark.slow
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
 def server(smollm2, data_dir, tmp_path_factory):
-    import uvicorn
-
-    from factedit.server.app import create_app
     from factedit.server.workbench import Workbench
 
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
+    require_chromium()
     os.environ["FACTEDIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     bench = Workbench(smollm2, stats_corpus=str(data_dir / "wiki" / "enwiki_sample.jsonl"), stats_tokens=20_000)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(bench), host="127.0.0.1", port=port, log_level="warning")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", bench
-    uv.should_exit = True
-    thread.join(timeout=10)
+    with served(bench) as url:
+        yield url, bench
     os.environ.pop("FACTEDIT_CACHE_DIR", None)
 
 
@@ -44,10 +26,8 @@ def test_trace_edit_undo_in_the_browser(server):
     from playwright.sync_api import expect, sync_playwright
 
     url, bench = server
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1250, "height": 1100})
         page.goto(url)
         expect(page.locator("#model")).to_contain_text("smollm2-135m")

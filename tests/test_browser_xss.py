@@ -4,20 +4,13 @@ must show literally and run no script. Headless Chromium (Debian's package, driv
 the tiny Llama, so it takes seconds."""
 
 import json
-import shutil
-import socket
-import threading
-import time
-from pathlib import Path
 
 import pytest
 from bad_edits import REQUEST, write_edit_file
+from browser import CHROMIUM, CHROMIUM_ARGS, require_chromium, served
 from tiny import tiny_model, word_tokenizer
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TITLE = "factedit workbench"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def payload(where: str) -> str:
@@ -29,27 +22,14 @@ def payload(where: str) -> str:
 
 @pytest.fixture()
 def server(word_corpus):
-    import uvicorn
-
     from factedit.models import from_model
-    from factedit.server.app import create_app
     from factedit.server.workbench import Workbench
 
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
+    require_chromium()
     lm = from_model(tiny_model("llama"), word_tokenizer(), name="tiny")
     bench = Workbench(lm, stats_corpus=str(word_corpus), stats_tokens=500)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(bench), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", bench
-    uv.should_exit = True
-    thread.join(timeout=10)
+    with served(bench) as url:
+        yield url, bench
 
 
 def settle(page):
@@ -66,7 +46,7 @@ def test_markup_in_files_and_edits_shows_as_text_and_runs_no_script(server, tmp_
     edit_file = write_edit_file(tmp_path / "edit.safetensors", bench.lm.fingerprint, method=payload("method"),
                                 requests=json.dumps([hostile]))
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.goto(url)
         expect(page.locator("#model")).to_contain_text("tiny")

@@ -1,6 +1,5 @@
 """The quickstart notebook runs from top to bottom with the installed version (and so never rots)."""
 
-import os
 from pathlib import Path
 
 import nbformat

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import FacteditError
 
-class ArchitectureError(ValueError):
+
+class ArchitectureError(FacteditError, ValueError):
     """The model's structure does not look like a decoder-only transformer we can map."""
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import torch
 
 from .models import LoadedModel
+from .request import EditRequest
+from .tokens import PromptError, check_prompt_length
 from .trace.runs import forward_kwargs
 
 
 def _encode(lm: LoadedModel, text: str) -> list[int]:
-    ids = list(lm.tokenizer(text)["input_ids"])
+    ids = check_prompt_length(lm, text)
     if not ids:
-        raise ValueError("cannot generate from an empty prompt")
+        raise PromptError("cannot generate from an empty prompt")
     return ids
 
 
@@ -27,7 +29,7 @@ def generate_batch(lm: LoadedModel, prompts_ids: list[list[int]], n_new: int, *,
     masked, with positions counted from each prompt's first real token, so every row continues as
     it would alone. Returns the (len(prompts_ids), n_new) new ids."""
     if not prompts_ids or any(len(ids) == 0 for ids in prompts_ids):
-        raise ValueError("cannot generate from an empty prompt")
+        raise PromptError("cannot generate from an empty prompt")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     names = forward_kwargs(lm.model)
     width = max(len(ids) for ids in prompts_ids)
@@ -75,6 +77,21 @@ def greedy_continuation(lm: LoadedModel, prompt: str, n_new: int = 20) -> str:
     ids = _encode(lm, prompt)
     out = generate_ids(lm, ids, n_new)[0, len(ids):]
     return lm.tokenizer.decode(out, skip_special_tokens=True)
+
+
+def with_current_target(lm: LoadedModel, request: EditRequest) -> EditRequest:
+    """`request` with its current target (target_true) filled in where it has none: the model's
+    greedy next token after the prompt, stripped. The one rule of the CLI's `edit` and the server.
+    When that token is only whitespace (a line break, a space) or a special token (end of text), the
+    model does not state a fact there and there is no current target to take: a PromptError asks for it."""
+    if request.target_true is not None:
+        return request
+    top = greedy_continuation(lm, request.text, 1)
+    if not top.strip():
+        raise PromptError(f"the model's next token after {request.text!r} is {top!r} (whitespace or a special "
+                          f"token), not an object to replace; give the current target (--true on the command line, "
+                          f"target_true in the API), or end the prompt where the object follows")
+    return EditRequest.create(request.prompt, request.subject, request.target_new, top.strip())
 
 
 def sample_texts(lm: LoadedModel, starts: list[str], n_per_start: int, length: int, *, top_k: int = 5,

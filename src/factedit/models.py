@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from .arch import ArchMap, map_architecture
+from .errors import FacteditError, InputError
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(FacteditError, ValueError):
     """The model could not be found or loaded; the message says what was tried."""
 
 
@@ -39,6 +40,13 @@ class LoadedModel:
     @property
     def n_layers(self) -> int:
         return self.arch.n_layers
+
+    def check_layer(self, layer: int) -> int:
+        """`layer` if the model has it, else an InputError naming the range."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise InputError(f"layer {layer} out of range: the model has {self.n_layers} layers "
+                             f"(0..{self.n_layers - 1})")
+        return layer
 
 
 def default_cache_dir() -> Path:
@@ -90,7 +98,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
     if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(table)}")
+        raise InputError(f"unknown dtype {dtype!r}; choose one of {sorted(table)}")
     return table[dtype]
 
 
@@ -150,6 +158,72 @@ def _load_gguf_cached(gguf: Path, dtype: torch.dtype, cache_dir: Path):
     return _load_hf(str(cached), dtype)
 
 
+def _hub_offline() -> str | None:
+    """The environment variable that puts the Hugging Face hub offline, if one does."""
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on"):
+            return variable
+    return None
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (no name resolution, no connection within `timeout` seconds), or
+    None. One quick probe instead of the hub client's retries, which take most of a minute offline.
+    Behind a proxy (HTTPS_PROXY and the like) the client knows better: no probe."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                         "all_proxy")):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlparse(endpoint)
+    if not url.hostname:
+        return None
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return None
+    except OSError as err:
+        return f"{endpoint} cannot be reached ({err.strerror or err})"
+
+
+def _load_from_hub(name: str, dtype: torch.dtype, **hf_kwargs):
+    """A hub id: from the local Hugging Face cache if it is there, else from the hub. Fails at once,
+    naming the bundled models, when the hub is offline, unreachable or the name cannot be a hub id."""
+    from huggingface_hub.errors import HFValidationError
+
+    not_local = f"not a bundled model ({', '.join(BUNDLED_MODELS)}), not an existing folder or .gguf file"
+    try:
+        return _load_hf(name, dtype, **{**hf_kwargs, "local_files_only": True})
+    except OSError as err:
+        if any(isinstance(cause, HFValidationError) for cause in _causes(err)):
+            raise ModelLoadError(f"could not load {name!r}: {not_local}, and not a valid hub id "
+                                 f"({str(err)[:200]})") from None
+    variable = _hub_offline()
+    offline = "local_files_only=True" if hf_kwargs.get("local_files_only") else variable and f"{variable} is set"
+    if offline:
+        raise ModelLoadError(f"could not load {name!r}: {not_local}, and not in the Hugging Face cache "
+                             f"(offline: {offline})")
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise ModelLoadError(f"could not load {name!r}: {not_local}, not in the Hugging Face cache, and the hub "
+                             f"{unreachable}")
+    try:
+        return _load_hf(name, dtype, **hf_kwargs)
+    except OSError as err:
+        raise ModelLoadError(f"could not load {name!r}: {not_local}, and the hub could not provide it "
+                             f"({err.__class__.__name__}: {str(err)[:200]})") from err
+
+
+def _causes(err: BaseException):
+    """`err` and the exceptions it was raised from or during."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
 def load(name: str, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
          cache_dir: str | Path | None = None, **hf_kwargs) -> LoadedModel:
     """Load a causal LM.
@@ -179,13 +253,7 @@ def load(name: str, *, device: str | torch.device = "cpu", dtype: str | torch.dt
             raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
         else:
             source = name
-            try:
-                model, tokenizer = _load_hf(name, dtype, **hf_kwargs)
-            except OSError as err:
-                raise ModelLoadError(
-                    f"could not load {name!r}: not a bundled model ({', '.join(BUNDLED_MODELS)}), not a local "
-                    f"path, and the hub could not provide it ({err.__class__.__name__}: {str(err)[:200]})"
-                ) from err
+            model, tokenizer = _load_from_hub(name, dtype, **hf_kwargs)
     except ImportError as err:
         raise ModelLoadError(f"loading {name!r} needs a missing package: {err}") from err
     model.to(device).eval()

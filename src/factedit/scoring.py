@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .hooks import Hook
+from .tokens import PromptError
 from .models import LoadedModel
 
 
@@ -19,7 +20,7 @@ def prompt_target_batch(lm: LoadedModel, prompts: list[str], targets: list[str]
         p_ids = list(lm.tokenizer(prompt)["input_ids"])
         t_ids = list(lm.tokenizer(target, add_special_tokens=False)["input_ids"])
         if not t_ids:
-            raise ValueError(f"target {target!r} tokenizes to nothing")
+            raise PromptError(f"the target {target!r} tokenizes to nothing")
         rows.append(p_ids + t_ids)
         spans.append((len(p_ids), t_ids))
     width = max(len(r) for r in rows)

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import InputError
 from .hooks import Hook, Hooks
 from .models import LoadedModel, cache_root
 
@@ -87,7 +88,7 @@ def _file_texts(path: Path) -> Iterator[str]:
                 if line.strip():
                     record = json.loads(line)
                     if "text" not in record:
-                        raise ValueError(f"{path}:{line_number}: JSONL records need a 'text' field")
+                        raise InputError(f"{path}:{line_number}: JSONL records need a 'text' field")
                     yield record["text"]
     else:
         yield path.read_text(errors="replace")
@@ -101,7 +102,7 @@ def corpus_from(source: str) -> Corpus:
             try:
                 from datasets import load_dataset
             except ImportError:
-                raise ValueError("the wikitext corpus needs the `datasets` package (pip install datasets) and "
+                raise InputError("the wikitext corpus needs the `datasets` package (pip install datasets) and "
                                  "network access; or give a local text or .jsonl file") from None
 
             for record in load_dataset("wikitext", "wikitext-103-raw-v1", split="train", streaming=True):
@@ -113,11 +114,11 @@ def corpus_from(source: str) -> Corpus:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
         if not files:
-            raise ValueError(f"{path} holds no .txt or .jsonl files")
+            raise InputError(f"{path} holds no .txt or .jsonl files")
     elif path.is_file():
         files = [path]
     else:
-        raise ValueError(f"corpus {source!r} not found (give a text file, a .jsonl file, a folder or 'wikitext')")
+        raise InputError(f"corpus {source!r} not found (give a text file, a .jsonl file, a folder or 'wikitext')")
     identity = ";".join(f"{p.resolve()}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files)
     return Corpus(path.stem or "corpus", lambda: (t for p in files for t in _file_texts(p)), identity)
 
@@ -176,8 +177,7 @@ def collect_second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n
     """Accumulate k k^T at each of `layers` over about `n_tokens` corpus tokens in one pass that stops
     after the highest layer (the BOS position excluded)."""
     for layer in layers:
-        if not 0 <= layer < lm.n_layers:
-            raise ValueError(f"layer {layer} out of range: the model has {lm.n_layers} layers (0..{lm.n_layers - 1})")
+        lm.check_layer(layer)
     stats = {layer: SecondMoment.empty(lm.arch.d_mlp) for layer in layers}
     top = max(layers)
     batch: list[list[int]] = []
@@ -203,7 +203,7 @@ def collect_second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n
     if batch:
         flush()
     if stats[top].count == 0:
-        raise ValueError(f"corpus {corpus.name!r} produced no tokens")
+        raise InputError(f"corpus {corpus.name!r} produced no tokens")
     return stats
 
 

@@ -6,12 +6,17 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import FacteditError
 
-class PromptError(ValueError):
+
+class PromptError(FacteditError, ValueError):
     """A prompt or subject that cannot be traced or edited; the message says why."""
 
 
-DEFAULT_MAX_TOKENS = 512  # longer prompts are almost certainly a mistake for fact tracing
+# The one limit on the length of every prompt factedit traces, edits or scores (prompts, paraphrases,
+# dataset prompts, server requests): longer prompts are almost certainly a mistake for facts, and
+# editing one runs for many minutes. Lower where the model's context is shorter (prompt_token_limit).
+MAX_PROMPT_TOKENS = 512
 
 
 @dataclass
@@ -71,13 +76,36 @@ def span_token_range(tokenizer, text: str, ids: list[int], start_char: int, end_
     return hits[0], hits[-1] + 1
 
 
-def tokenize_prompt(tokenizer, prompt: str, subject: str, *, max_tokens: int = DEFAULT_MAX_TOKENS,
+def prompt_token_limit(model=None) -> int:
+    """MAX_PROMPT_TOKENS, or the model's context length (max_position_embeddings) where that is shorter."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(MAX_PROMPT_TOKENS, positions) if isinstance(positions, int) and positions > 0 else MAX_PROMPT_TOKENS
+
+
+def _check_token_count(n_tokens: int, limit: int, what: str) -> None:
+    if n_tokens > limit:
+        reason = ("factedit's limit for prompts and paraphrases (MAX_PROMPT_TOKENS)" if limit == MAX_PROMPT_TOKENS
+                  else "the model's context length")
+        raise PromptError(f"{what} has {n_tokens} tokens; at most {limit} are allowed ({reason})")
+
+
+def check_prompt_length(lm, text: str, what: str = "the prompt") -> list[int]:
+    """The token ids of `text` (a prompt or paraphrase to run through the model `lm`), or a PromptError
+    if it has more than prompt_token_limit(lm.model) tokens. `what` names the text in the message.
+    The one check on prompt length, used by tracing, editing, the datasets' prompts and the server."""
+    if not isinstance(text, str) or not text.strip():
+        raise PromptError(f"{what} is empty")
+    ids = list(lm.tokenizer(text)["input_ids"])
+    _check_token_count(len(ids), prompt_token_limit(lm.model), what)
+    return ids
+
+
+def tokenize_prompt(tokenizer, prompt: str, subject: str, *, max_tokens: int = MAX_PROMPT_TOKENS,
                     device: torch.device | str = "cpu") -> TokenizedPrompt:
     if not isinstance(prompt, str) or not prompt.strip():
         raise PromptError("the prompt is empty")
     ids = list(tokenizer(prompt)["input_ids"])
-    if len(ids) > max_tokens:
-        raise PromptError(f"the prompt has {len(ids)} tokens; at most {max_tokens} are allowed")
+    _check_token_count(len(ids), max_tokens, "the prompt")
     start, end = subject_token_range(tokenizer, prompt, subject, ids)
     tokens = [tokenizer.decode([i]) for i in ids]
     return TokenizedPrompt(torch.tensor([ids], device=device), tokens, (start, end))

@@ -7,26 +7,25 @@ import sys
 
 import click
 
-from ..arch import ArchitectureError
-from ..data.known import DatasetError
-from ..edit.delta import EditFileError
-from ..models import ModelLoadError
-from ..tokens import PromptError
+from ..errors import FacteditError
 
 
-class CommandError(Exception):
+class CommandError(FacteditError):
     """A command failed for a reason the user can act on (e.g. an output path that cannot be written);
     shown as one line, like the other user errors."""
 
 
-USER_ERRORS = (ModelLoadError, ArchitectureError, PromptError, DatasetError, EditFileError, ValueError,
-               FileNotFoundError, CommandError)
+# Counts on the command line: a count of 0 or less is refused by click (exit code 2) before anything runs.
+COUNT = click.IntRange(min=1)
+INDEX = click.IntRange(min=0)  # a layer (its upper bound depends on the model) or a number of records to skip
 
 
 def _model_options(command):
-    command = click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16")(command)
+    command = click.option("--dtype", default="float32", show_default=True,
+                           type=click.Choice(["float32", "bfloat16", "float16", "float64", "fp32", "bf16", "fp16"]),
+                           help="float32, bfloat16 or float16")(command)
     command = click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda:0, mps")(command)
-    command = click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")(command)
+    command = click.option("--threads", type=COUNT, default=None, help="torch CPU threads (default: torch's choice)")(command)
     command = click.option("--model", "-m", default="smollm2-135m", show_default=True,
                            help="bundled name (smollm2-135m, gemma3-270m), model folder, .gguf file or hub id")(command)
     return command
@@ -47,12 +46,13 @@ def _load(model: str, device: str, dtype: str, threads: int | None):
 
 
 class FriendlyGroup(click.Group):
-    """Turns the errors users cause (bad model name, subject not in prompt, ...) into one line."""
+    """Turns the errors users cause (bad model name, subject not in prompt, ...: every FacteditError)
+    into one line and exit code 2. Any other exception is a bug and keeps its traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as err:
+        except FacteditError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
 
@@ -74,7 +74,7 @@ def _load_edits(lm, paths):
 
 
 def _stats_options(command):
-    command = click.option("--tokens", "stats_tokens", type=int, default=100_000, show_default=True,
+    command = click.option("--tokens", "stats_tokens", type=COUNT, default=100_000, show_default=True,
                            help="corpus tokens for the key statistics")(command)
     command = click.option("--corpus", default=None,
                            help="text/.jsonl file or folder for the key statistics, or 'wikitext' (online); "
@@ -87,15 +87,18 @@ SETTINGS_HELP = ("named settings ('default', or 'paper': the reference implement
 
 
 def _settings(spec, lm, name_or_file: str | None, layer: int | None, **options):
-    """The method's settings: per-model defaults, a named preset, or a JSON file."""
+    """The method's settings: per-model defaults, a named preset, or a JSON file (type-checked, its
+    layers checked against the model)."""
     from pathlib import Path
+
+    from ..settings import SettingsError
 
     if name_or_file is None or name_or_file in spec.preset_names():
         return spec.settings_with(lm, layer, preset=name_or_file or "default", **options)
     if not Path(name_or_file).is_file():
-        raise ValueError(f"--settings {name_or_file!r} is neither a settings file nor a name for method {spec.name} "
-                         f"({', '.join(spec.preset_names())})")
-    return spec.settings_type.load(name_or_file)
+        raise SettingsError(f"--settings {name_or_file!r} is neither a settings file nor a name for method "
+                            f"{spec.name} ({', '.join(spec.preset_names())})")
+    return spec.load_settings(lm, name_or_file)
 
 
 def _register_commands() -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from . import SETTINGS_HELP, CommandError, _load, _load_edits, _model_options, _settings, _stats_options, main
+from . import (COUNT, INDEX, SETTINGS_HELP, CommandError, _load, _load_edits, _model_options, _settings, _stats_options,
+               main)
 
 
 @main.command()
@@ -30,7 +31,7 @@ def methods():
 @click.option("--true", "target_true", default=None, help="the current object (default: the model's top token)")
 @click.option("--method", default="rome", show_default=True,
               help="rome, rome-original, memit, ft, ft-l or kn (see factedit methods)")
-@click.option("--layer", type=int, default=None, help="layer to edit (default: per-model structural default)")
+@click.option("--layer", type=INDEX, default=None, help="layer to edit (default: per-model structural default)")
 @click.option("--settings", "settings_file", default=None, help=SETTINGS_HELP)
 @click.option("--paraphrase", multiple=True, help="extra prompts to check (repeatable)")
 @_stats_options
@@ -40,17 +41,19 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
                  paraphrase, corpus, stats_tokens, seed, save):
     """Rewrite one fact with ROME and show the model before and after."""
     from ..edit import EditRequest, EditStack, edit, get_method
-    from ..generate import greedy_continuation, sample_texts
+    from ..generate import greedy_continuation, sample_texts, with_current_target
     from ..scoring import target_probs
+    from ..tokens import check_prompt_length
 
     if save:
         check_writable(Path(save))  # before loading the model and computing the edit, not after
-    lm = _load(model, device, dtype, threads)
-    request = EditRequest.create(prompt, subject, target, target_true)
-    if request.target_true is None:
-        top = greedy_continuation(lm, request.text, 1)
-        request = EditRequest.create(request.prompt, subject, target, top.strip() or top)
     spec = get_method(method)
+    request = EditRequest.create(prompt, subject, target, target_true)
+    lm = _load(model, device, dtype, threads)
+    check_prompt_length(lm, request.text)
+    for i, text in enumerate(paraphrase):
+        check_prompt_length(lm, text, f"--paraphrase {i + 1}")
+    request = with_current_target(lm, request)
     settings = _settings(spec, lm, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens,
                          prefix_seed=seed)
     where = getattr(settings, "layer", None) if hasattr(settings, "layer") else getattr(settings, "layers", None)
@@ -148,7 +151,7 @@ def optimisation_report(info: dict, settings) -> str:
 @_model_options
 @click.option("--edits", "-e", multiple=True, type=click.Path(dir_okay=False), help="edit files to apply")
 @click.option("--prompt", "-p", required=True, multiple=True)
-@click.option("--max-new", type=int, default=20, show_default=True)
+@click.option("--max-new", type=COUNT, default=20, show_default=True)
 def generate(model, device, dtype, threads, edits, prompt, max_new):
     """Greedy continuation of prompts, with edit files applied."""
     from ..generate import greedy_continuation
@@ -174,7 +177,7 @@ def export(model, device, dtype, threads, edits, out):
 
 @main.command()
 @_model_options
-@click.option("--layer", type=int, required=True)
+@click.option("--layer", type=INDEX, required=True)
 @_stats_options
 def stats(model, device, dtype, threads, layer, corpus, stats_tokens):
     """Compute (or load from the cache) the MLP key second moment at a layer."""
@@ -182,6 +185,7 @@ def stats(model, device, dtype, threads, layer, corpus, stats_tokens):
     from ..edit.rome import key_statistics
 
     lm = _load(model, device, dtype, threads)
+    lm.check_layer(layer)
     settings = RomeSettings.defaults_for(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
     with tqdm(total=stats_tokens, desc="key statistics", unit="tok", file=sys.stderr) as bar:
         result, path, hit = key_statistics(lm, settings, progress=bar.update)
@@ -192,12 +196,15 @@ def stats(model, device, dtype, threads, layer, corpus, stats_tokens):
 @main.command("suggest-layer")
 @_model_options
 @click.option("--facts", type=click.Path(dir_okay=False), default=None)
-@click.option("--n", type=int, default=20, show_default=True, help="correctly predicted facts to trace")
-@click.option("--samples", type=int, default=10, show_default=True)
-@click.option("--window", type=int, default=10, show_default=True)
+@click.option("--n", type=COUNT, default=20, show_default=True, help="correctly predicted facts to trace")
+@click.option("--samples", type=COUNT, default=10, show_default=True)
+@click.option("--window", type=COUNT, default=10, show_default=True)
 def suggest_layer(model, device, dtype, threads, facts, n, samples, window):
-    """Suggest the layer to edit: the peak average MLP effect on the subject's tokens."""
+    """Suggest the layer to edit: trace where MLPs at the subject's tokens carry the fact (the layers
+    within 90% of the peak average effect), and take the default layer rule's layer if it lies in
+    that site, else the site's layer nearest to it."""
     from ..data.known import load_known_facts
+    from ..edit.rome import edit_layer
     from ..trace.average import average_effects
 
     lm = _load(model, device, dtype, threads)
@@ -205,9 +212,17 @@ def suggest_layer(model, device, dtype, threads, facts, n, samples, window):
         result = average_effects(lm, load_known_facts(facts), "mlp", n=n, samples=samples, window=window,
                                  on_fact=lambda r: bar.update(1 if r["correct"] else 0))
     if result.n_correct == 0:
-        raise ValueError("the model predicted none of the facts correctly; cannot suggest a layer")
-    best = max(((result.peak("mlp", c), c) for c in ("first_subject", "middle_subject", "last_subject")
-                if c in result.effects["mlp"]), key=lambda x: x[0][1])
-    (layer, value), token_class = best
-    click.echo(f"suggested layer {layer}: average MLP indirect effect {value:.3f} at the {token_class.replace('_', ' ')} "
-               f"token, over {result.n_correct} facts ({result.n_skipped} skipped as wrong)")
+        raise CommandError("the model predicted none of the facts correctly; cannot suggest a layer")
+    classes = [c for c in ("first_subject", "middle_subject", "last_subject") if c in result.effects["mlp"]]
+    token_class = max(classes, key=lambda c: result.peak("mlp", c)[1])
+    peak_layer, peak = result.peak("mlp", token_class)
+    site = result.site("mlp", token_class)
+    default, rule = edit_layer(lm)
+    layer = min(site, key=lambda candidate: abs(candidate - default))
+    curve = ", ".join(f"{v:.3f}" for v in result.effects["mlp"][token_class].mean)
+    click.echo(f"average MLP indirect effect at the {token_class.replace('_', ' ')} token by layer (window {window}, "
+               f"{result.n_correct} facts, {result.n_skipped} skipped as wrong): {curve}")
+    click.echo(f"site: layers {site[0]}-{site[-1]} (within 90% of the peak {peak:.3f} at layer {peak_layer}); "
+               f"default layer {default} ({rule}) is {'inside' if default in site else 'outside'} it")
+    click.echo(f"suggested layer {layer}: average MLP indirect effect {result.effects['mlp'][token_class].mean[layer]:.3f} "
+               f"at the {token_class.replace('_', ' ')} token, over {result.n_correct} facts")

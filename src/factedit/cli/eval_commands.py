@@ -9,18 +9,18 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from . import SETTINGS_HELP, _load, _model_options, _settings, _stats_options, main
+from . import COUNT, INDEX, SETTINGS_HELP, CommandError, _load, _model_options, _settings, _stats_options, main
 
 
 @main.command()
 @_model_options
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help="CounterFact file (default $FACTEDIT_DATA_DIR/counterfact/counterfact_dev.json)")
-@click.option("--n", type=int, default=100, show_default=True, help="edits to apply one after another")
-@click.option("--every", type=int, default=10, show_default=True, help="measure after this many edits")
+@click.option("--n", type=COUNT, default=100, show_default=True, help="edits to apply one after another")
+@click.option("--every", type=COUNT, default=10, show_default=True, help="measure after this many edits")
 @click.option("--method", "methods", multiple=True, type=click.Choice(["rome", "rome-original"]),
               default=["rome", "rome-original"], show_default=True)
-@click.option("--layer", type=int, default=None)
+@click.option("--layer", type=INDEX, default=None)
 @_stats_options
 @click.option("--held-out", default=None, help="corpus whose last 3 documents give the perplexity text "
                                                 "(default: the statistics corpus)")
@@ -32,16 +32,16 @@ def sequential(model, device, dtype, threads, data, n, every, methods, layer, co
     from ..evaluate.sequential import plot_sequential, points_to_dicts, sequential_editing
     from ..stats import held_out_corpus
 
+    if not (held_out or corpus):
+        raise CommandError("give --held-out or --corpus: perplexity needs held-out text")
     lm = _load(model, device, dtype, threads)
     records = load_counterfact(data, n)
-    if not (held_out or corpus):
-        raise ValueError("give --held-out or --corpus: perplexity needs held-out text")
     ppl_corpus = held_out_corpus(held_out or corpus)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for method in methods:
-        settings = get_method(method).defaults(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
+        settings = get_method(method).settings_with(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
         with tqdm(total=len(records), desc=f"{method} edits", unit="edit", file=sys.stderr) as bar:
             results[method] = sequential_editing(
                 lm, records, method, settings, ppl_corpus, every=every, progress=bar.update,
@@ -65,16 +65,16 @@ def sequential(model, device, dtype, threads, data, n, every, methods, layer, co
 @click.option("--dataset", required=True, help="counterfact or zsre")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help="dataset file (default: from $FACTEDIT_DATA_DIR)")
-@click.option("--n", type=int, default=None, help="first N records")
-@click.option("--start", type=int, default=0, show_default=True,
+@click.option("--n", type=COUNT, default=None, help="first N records (default: every record)")
+@click.option("--start", type=INDEX, default=0, show_default=True,
               help="skip this many records first (e.g. a held-out slice for tuning)")
-@click.option("--edits-per-batch", type=int, default=1, show_default=True)
-@click.option("--layer", type=int, default=None)
+@click.option("--edits-per-batch", type=COUNT, default=1, show_default=True)
+@click.option("--layer", type=INDEX, default=None)
 @click.option("--settings", "settings_file", default=None, help=SETTINGS_HELP)
 @_stats_options
 @click.option("--generation", is_flag=True, help="also score fluency (GE) and consistency (RS*) of generations")
 @click.option("--sequential", is_flag=True, help="keep every edit: each batch is edited on top of the earlier ones")
-@click.option("--generation-tokens", type=int, default=100, show_default=True)
+@click.option("--generation-tokens", type=COUNT, default=100, show_default=True)
 @click.option("--out", "-o", type=click.Path(file_okay=False), required=True)
 def eval_command(model, device, dtype, threads, method, dataset, data, n, start, edits_per_batch, layer, settings_file,
                  corpus, stats_tokens, generation, generation_tokens, sequential, out):

@@ -10,7 +10,7 @@ from . import _load, _model_options, _stats_options, main
 @main.command()
 @_model_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (local only by default)")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @_stats_options
 def serve(model, device, dtype, threads, host, port, corpus, stats_tokens):
     """Start the web workbench: trace, edit and compare the model's facts in the browser."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from . import _load, _model_options, main
+from . import COUNT, CommandError, _load, _model_options, main
 
 
 @main.command()
@@ -19,9 +19,9 @@ from . import _load, _model_options, main
 @click.option("--kind", default="all", show_default=True,
               help="hidden, mlp, attn, hidden_no_mlp, hidden_no_attn, a comma list, or all (= hidden,mlp,attn)")
 @click.option("--sever", is_flag=True, help="also compute the severed kinds (hidden_no_mlp, hidden_no_attn)")
-@click.option("--noise", type=float, default=None, help="noise std (default: 3 x embedding std)")
-@click.option("--samples", type=int, default=10, show_default=True)
-@click.option("--window", type=int, default=10, show_default=True)
+@click.option("--noise", type=click.FloatRange(min=0), default=None, help="noise std (default: 3 x embedding std)")
+@click.option("--samples", type=COUNT, default=10, show_default=True)
+@click.option("--window", type=COUNT, default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--answer", default=None, help="trace this answer's first token instead of the top prediction")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="trace-out", show_default=True)
@@ -54,11 +54,12 @@ def trace(model, device, dtype, threads, prompt, subject, kind, sever, noise, sa
 @_model_options
 @click.option("--facts", type=click.Path(dir_okay=False), default=None,
               help="known-facts JSON (default: $FACTEDIT_DATA_DIR/known_1000.json or the published file)")
-@click.option("--n", type=int, default=100, show_default=True, help="number of correctly predicted facts to trace")
+@click.option("--n", type=COUNT, default=100, show_default=True, help="number of correctly predicted facts to trace")
 @click.option("--kind", default="all", show_default=True)
-@click.option("--noise", type=float, default=None, help="noise std (default: 3 x std of subject embeddings)")
-@click.option("--samples", type=int, default=10, show_default=True)
-@click.option("--window", type=int, default=10, show_default=True)
+@click.option("--noise", type=click.FloatRange(min=0), default=None,
+              help="noise std (default: 3 x std of subject embeddings)")
+@click.option("--samples", type=COUNT, default=10, show_default=True)
+@click.option("--window", type=COUNT, default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="trace-avg-out", show_default=True)
 def trace_avg(model, device, dtype, threads, facts, n, kind, noise, samples, window, seed, out):
@@ -82,7 +83,7 @@ def trace_avg(model, device, dtype, threads, facts, n, kind, noise, samples, win
     out_dir = Path(out)
     (out_dir / "average.json").write_text(json.dumps(result.to_dict(), indent=1))
     if result.n_correct == 0:
-        raise ValueError(f"the model predicted none of the {result.n_facts} facts read correctly; nothing to average")
+        raise CommandError(f"the model predicted none of the {result.n_facts} facts read correctly; nothing to average")
     plot_average(result, out_dir / "average")
     (out_dir / "average.md").write_text(result.markdown() + "\n")
     click.echo(f"{result.n_correct} facts traced, {result.n_skipped} skipped because the model's top token was "

@@ -7,8 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import json_type
 from ..request import EditRequest
-from .known import DatasetError, _resolve, read_json_list
+from ..tokens import PromptError
+from .known import DatasetError, _resolve, check_unique_ids, first, read_json_list, string_list, typed_field
 
 COUNTERFACT_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
 
@@ -24,32 +26,35 @@ class CounterFactRecord:
 
 
 def _parse(record, index: int, path: Path) -> CounterFactRecord:
+    """One record, every field type-checked; errors name the file, the record and its case_id, the
+    field, and the expected and found types."""
     where = f"{path}: record {index}"
     if not isinstance(record, dict):
-        raise DatasetError(f"{where} is not an object")
-    rewrite = record.get("requested_rewrite")
-    if not isinstance(rewrite, dict):
-        raise DatasetError(f"{where} lacks requested_rewrite")
-    try:
-        prompt, subject = rewrite["prompt"], rewrite["subject"]
-        new, true = rewrite["target_new"]["str"], rewrite["target_true"]["str"]
-    except (KeyError, TypeError) as err:
-        raise DatasetError(f"{where}: requested_rewrite lacks {err}") from None
+        raise DatasetError(f"{where} must be an object, not {json_type(record)}")
+    case_id = typed_field(record, "case_id", int, where)
+    where = f"{where} (case_id {case_id})"
+    rewrite = typed_field(record, "requested_rewrite", dict, where)
+    prompt = typed_field(rewrite, "prompt", str, where, "requested_rewrite.")
+    subject = typed_field(rewrite, "subject", str, where, "requested_rewrite.")
+    targets = {}
+    for key in ("target_new", "target_true"):
+        target = typed_field(rewrite, key, dict, where, "requested_rewrite.")
+        targets[key] = typed_field(target, "str", str, where, f"requested_rewrite.{key}.")
     if "{}" not in prompt:
         raise DatasetError(f"{where}: the prompt {prompt!r} has no '{{}}' for the subject")
-    lists = {}
-    for key in ("paraphrase_prompts", "neighborhood_prompts", "attribute_prompts", "generation_prompts"):
-        value = record.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise DatasetError(f"{where}: {key} must be a list of strings")
-        lists[key] = value
-    if "case_id" not in record:
-        raise DatasetError(f"{where} lacks case_id")
-    return CounterFactRecord(int(record["case_id"]), EditRequest.create(prompt, subject, new, true), **lists)
+    lists = {key: string_list(record, key, where)
+             for key in ("paraphrase_prompts", "neighborhood_prompts", "attribute_prompts", "generation_prompts")}
+    try:
+        request = EditRequest.create(prompt, subject, targets["target_new"], targets["target_true"])
+    except PromptError as err:
+        raise DatasetError(f"{where}: {err}") from None
+    return CounterFactRecord(case_id, request, **lists)
 
 
 def load_counterfact(path: str | Path | None = None, n: int | None = None) -> list[CounterFactRecord]:
-    """Records from `path`, $FACTEDIT_DATA_DIR/counterfact/counterfact_dev.json, or the published file."""
+    """The first `n` records (all for None) from `path`, $FACTEDIT_DATA_DIR/counterfact/counterfact_dev.json,
+    or the published file. An empty file, a malformed record or a repeated case_id is a DatasetError."""
     path = _resolve(path, "counterfact/counterfact_dev.json", COUNTERFACT_URL)
-    records = read_json_list(path, "CounterFact")
-    return [_parse(r, i, path) for i, r in enumerate(records[:n] if n else records)]
+    records = [_parse(r, i, path) for i, r in enumerate(first(read_json_list(path, "CounterFact"), n))]
+    check_unique_ids([r.case_id for r in records], path, "case_id")
+    return records

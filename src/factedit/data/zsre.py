@@ -7,8 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import json_type
 from ..request import EditRequest
-from .known import DatasetError, _resolve, read_json_list
+from ..tokens import PromptError
+from .known import DatasetError, _resolve, first, read_json_list, string_list, typed_field
 
 ZSRE_URL = "https://rome.baulab.info/data/dsets/zsre_mend_eval.json"
 FIELDS = ("subject", "src", "rephrase", "alt", "answers", "loc", "loc_ans")
@@ -30,17 +32,29 @@ def load_zsre(path: str | Path | None = None, n: int | None = None) -> list[Zsre
     path = _resolve(path, "zsre/zsre_train_1k.json", ZSRE_URL)
     records = read_json_list(path, "zsRE")
     out = []
-    for i, record in enumerate(records[:n] if n else records):
-        missing = [f for f in FIELDS if not isinstance(record, dict) or f not in record]
+    for i, record in enumerate(first(records, n)):
+        where = f"{path}: record {i}"
+        if not isinstance(record, dict):
+            raise DatasetError(f"{where} must be an object, not {json_type(record)}")
+        missing = [f for f in FIELDS if f not in record]
         if missing:
-            raise DatasetError(f"{path}: record {i} lacks {', '.join(missing)}")
-        if not str(record["alt"]).strip():
+            raise DatasetError(f"{where} lacks {', '.join(missing)}")
+        subject, src, rephrase, alt, loc, loc_ans = (typed_field(record, key, str, where) for key in
+                                                     ("subject", "src", "rephrase", "alt", "loc", "loc_ans"))
+        answers = string_list(record, "answers", where, optional=False)
+        if not alt.strip():
             continue
-        if record["subject"] not in record["src"]:
-            raise DatasetError(f"{path}: record {i}: subject {record['subject']!r} not in question {record['src']!r}")
-        true = (record["answers"] or [None])[0]
-        if true is not None and true.strip() == record["alt"].strip():
+        if subject not in src:
+            raise DatasetError(f"{where}: subject {subject!r} not in question {src!r}")
+        true = answers[0] if answers else None
+        if true is not None and true.strip() == alt.strip():
             true = None  # a few records ask for the answer they already have; zsRE scores ignore it
-        request = EditRequest.create(record["src"], record["subject"], record["alt"], true)
-        out.append(ZsreRecord(i, request, record["rephrase"], record["loc"], record["loc_ans"]))
+        try:
+            request = EditRequest.create(src, subject, alt, true)
+        except PromptError as err:
+            raise DatasetError(f"{where}: {err}") from None
+        out.append(ZsreRecord(i, request, rephrase, loc, loc_ans))
+    if not out:
+        raise DatasetError(f"{path}: none of the {min(len(records), n or len(records))} records read has a new "
+                           f"answer (alt) to edit")
     return out

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..arch import linear_dims
+from ..errors import FacteditError, json_type
 from ..models import LoadedModel
 
 FORMAT_VERSION = 1
@@ -26,7 +27,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REQUEST_FIELDS = ("prompt", "subject", "target_new")  # strings; "target_true" is a string or null
 
 
-class EditFileError(ValueError):
+class EditFileError(FacteditError, ValueError):
     """An edit file (or an edit) that is malformed, has non-finite values or was made for another model."""
 
 
@@ -147,11 +148,6 @@ class EditDelta:
         return delta
 
 
-def _json_type(value) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
 def _read_metadata(metadata: dict[str, str], source: str) -> dict:
     """The edit file's metadata, type-checked: format version, method, fingerprint, settings (object),
     requests (list of request objects) and info (object)."""
@@ -178,17 +174,17 @@ def _read_metadata(metadata: dict[str, str], source: str) -> dict:
         except json.JSONDecodeError as err:
             raise EditFileError(f"{source}: metadata {key!r} is not valid JSON ({err})") from None
         if not isinstance(value, kind):
-            raise EditFileError(f"{source}: metadata {key!r} must be {_json_type(kind())}, not {_json_type(value)}")
+            raise EditFileError(f"{source}: metadata {key!r} must be {json_type(kind())}, not {json_type(value)}")
         fields[key] = value
     for i, request in enumerate(fields["requests"]):
         if not isinstance(request, dict):
-            raise EditFileError(f"{source}: requests[{i}] must be an object, not {_json_type(request)}")
+            raise EditFileError(f"{source}: requests[{i}] must be an object, not {json_type(request)}")
         for key in REQUEST_FIELDS:
             if not isinstance(request.get(key), str):
-                raise EditFileError(f"{source}: requests[{i}].{key} must be a string, not {_json_type(request.get(key))}")
+                raise EditFileError(f"{source}: requests[{i}].{key} must be a string, not {json_type(request.get(key))}")
         if not isinstance(request.get("target_true"), (str, type(None))):
             raise EditFileError(f"{source}: requests[{i}].target_true must be a string or null, "
-                                f"not {_json_type(request['target_true'])}")
+                                f"not {json_type(request['target_true'])}")
     return fields
 
 

@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import InputError
 from ..hooks import Hook
 from ..models import LoadedModel
 from ..settings import JsonSettings
@@ -109,7 +110,7 @@ def kn_delta(lm: LoadedModel, requests: list[EditRequest], settings: KnSettings,
     total, diagnostics = None, []
     for request in requests:
         if request.target_true is None:
-            raise ValueError("knowledge neurons need the true target (the fact to find neurons for)")
+            raise InputError("knowledge neurons need the true target (the fact to find neurons for)")
         old = target_ids(lm.tokenizer, request.target_true)[0]
         new = target_ids(lm.tokenizer, request.target_new)[0]
         scores = torch.stack([neuron_attributions(lm, request.text, old, layer, settings.ig_steps) for layer in layers])

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import InputError
 from ..models import LoadedModel, cache_root, weights_fingerprint
 from ..settings import JsonSettings
 from ..stats import second_moments
@@ -67,7 +68,7 @@ class MemitSettings(JsonSettings):
         first 10 CounterFact records.)"""
         top = layer if layer is not None else min(lm.n_layers - 1, edit_layer(lm)[0] + 1)
         if not 0 <= top < lm.n_layers:
-            raise ValueError(f"layer {top} out of range: the model has {lm.n_layers} layers")
+            raise InputError(f"layer {top} out of range: the model has {lm.n_layers} layers")
         rule = "given top layer" if layer is not None else "5 layers ending one above ROME's default layer"
         overrides.setdefault("mom2_update_weight", round(15000.0 * lm.arch.d_mlp / GPTJ_D_MLP, 1))
         return cls(layers=list(range(max(0, top - 4), top + 1)), layer_rule=rule, **overrides)

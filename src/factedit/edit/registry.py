@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..errors import InputError
 from ..models import LoadedModel
+from ..settings import JsonSettings, SettingsError
+from ..tokens import check_prompt_length
 from .delta import EditDelta, EditStack
 from . import kn, memit, rome
 from .finetune import FT_L_PAPER_SETTINGS, FinetuneSettings, finetune_delta
@@ -17,6 +20,7 @@ from .kn import KnSettings, kn_delta
 from .memit import MemitSettings, memit_delta
 from ..request import EditRequest
 from .rome import RomeSettings, context_templates, key_statistics, rome_delta
+from .value import EARLY_STOP_CRITERIA
 
 Progress = Callable[[int], None] | None
 DEFAULT_PRESET = "default"
@@ -32,30 +36,57 @@ class Method:
     # Named settings beside the defaults: field values applied on top of the per-model defaults.
     # "paper" is the reference implementation's protocol (e.g. ROME's 20 value steps for GPT-2 XL).
     presets: dict[str, dict] = field(default_factory=dict)
+    # Settings fields that take one of a few values, and those values (e.g. ROME's key_mode).
+    choices: dict[str, tuple] = field(default_factory=dict)
 
     def settings_with(self, lm: LoadedModel, layer: int | None = None, preset: str = DEFAULT_PRESET, **options):
         """Per-model defaults (or the named `preset`) with those `options` that this method's settings
         have (e.g. a statistics corpus, which fine-tuning does not use)."""
         import dataclasses
 
+        if layer is not None:
+            lm.check_layer(layer)
         names = {f.name for f in dataclasses.fields(self.settings_type)}
         if preset != DEFAULT_PRESET and preset not in self.presets:
             choices = ", ".join([DEFAULT_PRESET, *self.presets])
-            raise ValueError(f"method {self.name} has no settings named {preset!r}; choose from {choices} "
-                             "or give a settings JSON file")
+            raise SettingsError(f"method {self.name} has no settings named {preset!r}; choose from {choices} "
+                                "or give a settings JSON file")
         overrides = {**self.presets.get(preset, {}), **{k: v for k, v in options.items() if k in names}}
         if "preset" in names:
             overrides["preset"] = preset
         return self.defaults(lm, layer, **overrides)
 
+    def load_settings(self, lm: LoadedModel, path: str | Path):
+        """Settings from a JSON file (as `save` writes them), with types, layers and choices checked."""
+        settings = self.settings_type.load(path)
+        self.check_settings(lm, settings, source=path)
+        return settings
+
+    def check_settings(self, lm: LoadedModel, settings, source: str | Path | None = None) -> None:
+        """A SettingsError if `settings` do not fit this method on `lm`: a layer the model lacks, an
+        empty list of layers, a field outside its choices."""
+        where = f"{source}: " if source is not None else ""
+        layers = [settings.layer] if hasattr(settings, "layer") else []
+        if getattr(settings, "layers", None) is not None:
+            if not settings.layers:
+                raise SettingsError(f"{where}layers is empty; give at least one layer (or null where allowed)")
+            layers += settings.layers
+        for layer in layers:
+            if not 0 <= layer < lm.n_layers:
+                raise SettingsError(f"{where}layer {layer} out of range: the model has {lm.n_layers} layers "
+                                    f"(0..{lm.n_layers - 1})")
+        for name, allowed in self.choices.items():
+            value = getattr(settings, name)
+            if value not in allowed:
+                raise SettingsError(f"{where}{name} must be {' or '.join(map(repr, allowed))} for method "
+                                    f"{self.name}, not {value!r}")
+
     def preset_names(self) -> list[str]:
         return [DEFAULT_PRESET, *self.presets]
 
 
-def _rome(key_mode: str, name: str):
+def _rome(key_mode: str):
     def compute(lm, requests, settings, cache_dir=None, progress=None, stats_progress=None):
-        if settings.key_mode != key_mode:
-            raise ValueError(f"method {name} uses key_mode {key_mode!r}, the settings say {settings.key_mode!r}")
         stats, path, _ = key_statistics(lm, settings, cache_dir=cache_dir, progress=stats_progress)
         C = stats.matrix.to(lm.device)
         templates = context_templates(lm, settings, cache_dir)
@@ -89,11 +120,8 @@ def _finetune(name: str, constrained: bool):
 
 
 @dataclass
-class NoSettings:
-    """The unedited model has nothing to set."""
-
-    def to_dict(self) -> dict:
-        return {}
+class NoSettings(JsonSettings):
+    """The unedited model has nothing to set: its settings file is an empty JSON object."""
 
 
 def _none_compute(lm, requests, settings, cache_dir=None, progress=None, stats_progress=None):
@@ -110,9 +138,11 @@ def register(method: Method) -> None:
 register(Method("none", "the unedited model (baseline)", NoSettings, lambda lm, layer=None, **kw: NoSettings(),
                 _none_compute))
 register(Method("rome", "ROME with consistent keys (the averaged key in every step)", RomeSettings,
-                *_rome("consistent", "rome"), presets={"paper": rome.PAPER_SETTINGS}))
+                *_rome("consistent"), presets={"paper": rome.PAPER_SETTINGS},
+                choices={"key_mode": ("consistent",), "early_stop_on": EARLY_STOP_CRITERIA}))
 register(Method("rome-original", "ROME as in the reference code (plain-prompt key in the solve)", RomeSettings,
-                *_rome("original", "rome-original"), presets={"paper": rome.PAPER_SETTINGS}))
+                *_rome("original"), presets={"paper": rome.PAPER_SETTINGS},
+                choices={"key_mode": ("original",), "early_stop_on": EARLY_STOP_CRITERIA}))
 register(Method("ft", "fine-tune one MLP output matrix", FinetuneSettings, *_finetune("ft", False),
                 presets={"paper": {"steps": 25, "lr": 5e-4}}))
 register(Method("ft-l", "fine-tune one MLP output matrix under an L-infinity constraint (FT+L), relative to its scale",
@@ -122,7 +152,8 @@ register(Method("memit", "MEMIT: all requests at once, spread over a range of la
                 lambda lm, layer=None, **kw: MemitSettings.defaults_for(lm, layer, **kw),
                 lambda lm, requests, settings, cache_dir=None, progress=None, stats_progress=None:
                 memit_delta(lm, requests, settings, cache_dir=cache_dir, progress=progress,
-                            stats_progress=stats_progress), presets={"paper": memit.PAPER_SETTINGS}))
+                            stats_progress=stats_progress), presets={"paper": memit.PAPER_SETTINGS},
+                choices={"early_stop_on": EARLY_STOP_CRITERIA}))
 
 register(Method("kn", "knowledge neurons: integrated-gradients attribution, then rewrite their value vectors",
                 KnSettings, lambda lm, layer=None, **kw: KnSettings.defaults_for(lm, layer, **kw),
@@ -132,7 +163,7 @@ register(Method("kn", "knowledge neurons: integrated-gradients attribution, then
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        raise InputError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     return METHODS[name]
 
 
@@ -141,13 +172,17 @@ def edit(lm: LoadedModel, requests: EditRequest | list[EditRequest], method: str
          ) -> tuple[EditDelta, list[dict]]:
     """Compute the edit for `requests` with `method` and return it with per-request diagnostics.
     The model is left exactly as it was, also when something fails; apply the result with
-    EditStack(lm).apply(delta)."""
+    EditStack(lm).apply(delta). Prompts longer than the prompt limit (tokens.MAX_PROMPT_TOKENS) and
+    settings that do not fit the method or the model are refused before any work."""
     spec = get_method(method)
     requests = [requests] if isinstance(requests, EditRequest) else list(requests)
     if not requests:
-        raise ValueError("no edit requests given")
+        raise InputError("no edit requests given")
     if settings is None:
         settings = spec.defaults(lm)
     elif not isinstance(settings, spec.settings_type):
         raise ValueError(f"method {method} takes {spec.settings_type.__name__}, not {type(settings).__name__}")
+    spec.check_settings(lm, settings)
+    for i, request in enumerate(requests):
+        check_prompt_length(lm, request.text, "the prompt" if len(requests) == 1 else f"the prompt of request {i}")
     return spec.compute(lm, requests, settings, cache_dir=cache_dir, progress=progress, stats_progress=stats_progress)

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import InputError
 from ..models import LoadedModel, cache_root
 from ..settings import JsonSettings
 from ..stats import Corpus, corpus_from, model_sampled_corpus, second_moment
@@ -91,7 +92,7 @@ def edit_layer(lm: LoadedModel, layer: int | None = None) -> tuple[int, str]:
     else:
         rule = "given"
     if not 0 <= layer < lm.n_layers:
-        raise ValueError(f"layer {layer} out of range: the model has {lm.n_layers} layers (0..{lm.n_layers - 1})")
+        raise InputError(f"layer {layer} out of range: the model has {lm.n_layers} layers (0..{lm.n_layers - 1})")
     return layer, rule
 
 
@@ -215,7 +216,7 @@ def rome_delta(lm: LoadedModel, request: EditRequest, settings: RomeSettings, C:
     layer = settings.layer
     keys = compute_keys(lm, layer, request, templates)
     if settings.key_mode not in ("consistent", "original"):
-        raise ValueError(f"unknown key_mode {settings.key_mode!r}; expected consistent or original")
+        raise InputError(f"unknown key_mode {settings.key_mode!r}; expected consistent or original")
     # The value the update is written for, and its key: averaged (consistent) or the plain prompt's.
     v_current = keys.v_avg if settings.key_mode == "consistent" else keys.v_plain
     k_residual = keys.k_avg if settings.key_mode == "consistent" else keys.k_plain

@@ -20,10 +20,11 @@ from typing import Callable
 
 import torch
 
+from ..errors import InputError
 from ..hooks import Hook, Hooks
 from ..models import LoadedModel
-from ..trace.runs import forward_kwargs
 from ..request import EditRequest, target_ids
+from ..trace.runs import forward_kwargs
 
 
 @dataclass
@@ -237,7 +238,7 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
     then its essence prompt) that delta is multiplied by there (ROME's `value_through_update`);
     default 1 everywhere, as in the reference."""
     if settings.early_stop_on not in EARLY_STOP_CRITERIA:
-        raise ValueError(f"early_stop_on must be one of {', '.join(EARLY_STOP_CRITERIA)}, "
+        raise InputError(f"early_stop_on must be one of {', '.join(EARLY_STOP_CRITERIA)}, "
                          f"not {settings.early_stop_on!r}")
     rows = value_rows(lm, requests, templates, settings.essence_prompt)
     runner = {"cached": CachedForward, "full": FullForward}[forward](lm, rows, layer, kind)

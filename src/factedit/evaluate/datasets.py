@@ -11,6 +11,7 @@ from typing import Callable
 
 from ..data.counterfact import CounterFactRecord, load_counterfact
 from ..data.zsre import ZsreRecord, load_zsre
+from ..errors import InputError
 from ..request import target_ids
 from ..generate import generate_batch
 from ..models import LoadedModel
@@ -22,12 +23,23 @@ from .metrics import counterfact_record_scores, generative_scores, token_accurac
 class Dataset:
     name: str
     load: Callable[..., list]  # (path=None, n=None) -> records with .case_id and .request
+    prompts: Callable[[object], dict[str, list[str]]]  # record -> its prompts by field (for the length check)
     probabilities: Callable[[LoadedModel, object], dict]  # (lm, record) -> raw numbers to score
     scores: Callable[[dict], dict[str, float]]  # raw numbers -> per-record scores
     # Fluency and consistency (optional): prompts to generate from on the edited model, and prompts
     # whose generations on the unedited model serve as reference texts about the new object.
     generation_prompts: Callable[[object], list[str]] | None = None
     reference_prompts: Callable[[object], list[str]] | None = None
+
+
+def counterfact_prompts(record: CounterFactRecord) -> dict[str, list[str]]:
+    return {"prompt": [record.request.text], "paraphrase_prompts": record.paraphrase_prompts,
+            "neighborhood_prompts": record.neighborhood_prompts, "attribute_prompts": record.attribute_prompts,
+            "generation_prompts": record.generation_prompts}
+
+
+def zsre_prompts(record: ZsreRecord) -> dict[str, list[str]]:
+    return {"src": [record.request.text], "rephrase": [record.paraphrase], "loc": [record.loc]}
 
 
 def counterfact_probabilities(lm: LoadedModel, record: CounterFactRecord) -> dict:
@@ -98,15 +110,15 @@ def zsre_scores(raw: dict) -> dict[str, float]:
 
 
 DATASETS: dict[str, Dataset] = {
-    "counterfact": Dataset("counterfact", load_counterfact, counterfact_probabilities,
+    "counterfact": Dataset("counterfact", load_counterfact, counterfact_prompts, counterfact_probabilities,
                            counterfact_scores,
                            generation_prompts=lambda r: r.generation_prompts,
                            reference_prompts=lambda r: r.attribute_prompts),
-    "zsre": Dataset("zsre", load_zsre, zsre_predictions, zsre_scores),
+    "zsre": Dataset("zsre", load_zsre, zsre_prompts, zsre_predictions, zsre_scores),
 }
 
 
 def get_dataset(name: str) -> Dataset:
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+        raise InputError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     return DATASETS[name]

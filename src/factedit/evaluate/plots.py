@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import figures
+from ..errors import InputError
 
 
 def _save(fig, path_stem: str | Path) -> list[Path]:
@@ -65,7 +66,7 @@ def plot_by_layer(summaries: list[dict], path_stem: str | Path, keys: tuple[str,
     unedited: dict[str, dict] = {}
     for s in summaries:
         if s.get("layer") is None:
-            raise ValueError(f"run {s.get('run')} edits no single layer; plot it by run instead")
+            raise InputError(f"run {s.get('run')} edits no single layer; plot it by run instead")
         lines.setdefault(f"{s['model']}, {s['method']}", []).append((s["layer"], s["post"]))
         unedited.setdefault(s["model"], s["pre"])
     for ax, key in zip(axes, keys):

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..edit import EditDelta, EditStack, edit, get_method
+from ..errors import InputError
 from ..generate import generate_batch
 from ..models import LoadedModel, default_cache_dir
+from ..tokens import check_prompt_length
 from .datasets import Dataset, get_dataset
 from .metrics import aggregate, generation_entropy, tfidf_consistency
 
@@ -66,12 +68,21 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
     spec, ds = get_method(method), get_dataset(dataset)
     settings = settings or spec.defaults(lm)
     if start < 0:
-        raise ValueError(f"start must be 0 or more, not {start}")
-    records = ds.load(data, start + n if n else None)[start:]
+        raise InputError(f"start must be 0 or more, not {start}")
+    if n is not None and n < 1:
+        raise InputError(f"n must be at least 1 (or None: every record), not {n}")
+    if edits_per_batch < 1:
+        raise InputError(f"edits_per_batch must be at least 1, not {edits_per_batch}")
+    if generation and ds.generation_prompts is None:
+        raise InputError(f"dataset {dataset} has no generation prompts")
+    loaded = ds.load(data, start + n if n is not None else None)
+    records = loaded[start:]
+    if not records:
+        raise InputError(f"no {dataset} records to evaluate: start {start} skips all {len(loaded)} records read")
+    check_record_prompts(lm, ds, records)
+    spec.check_settings(lm, settings)  # before the first case, not after the unedited scores
     out = Path(out_dir)
     (out / "cases").mkdir(parents=True, exist_ok=True)
-    if generation and ds.generation_prompts is None:
-        raise ValueError(f"dataset {dataset} has no generation prompts")
     run_info = {"method": method, "dataset": dataset, "data": str(data) if data else "default", "n": len(records),
                 "start": start,
                 "edits_per_batch": edits_per_batch, "model": lm.name, "fingerprint": lm.fingerprint,
@@ -82,7 +93,7 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
         previous = {"start": 0, **json.loads(info_path.read_text())}  # runs from before --start began at 0
         differ = _differences(previous, run_info)
         if differ:
-            raise ValueError(f"{out} holds a run with other settings ({'; '.join(differ)}); use another --out")
+            raise InputError(f"{out} holds a run with other settings ({'; '.join(differ)}); use another --out")
     info_path.write_text(json.dumps(run_info, indent=1))
 
     if sequential:
@@ -109,6 +120,16 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
         if progress:
             progress(len(batch))
     return summarize(out)
+
+
+def check_record_prompts(lm: LoadedModel, ds: Dataset, records: list) -> None:
+    """Every prompt of every record within the prompt limit (tokens.check_prompt_length), checked
+    before the first edit; the message names the case and the field."""
+    for record in records:
+        for name, prompts in ds.prompts(record).items():
+            for i, prompt in enumerate(prompts):
+                label = name if len(prompts) == 1 else f"{name}[{i}]"
+                check_prompt_length(lm, prompt, f"{ds.name} case {record.case_id}: {label}")
 
 
 def _differences(previous: dict, current: dict) -> list[str]:
@@ -236,6 +257,8 @@ def _edited_layer(settings: dict) -> int | None:
 
 def summarize(out_dir: str | Path) -> dict:
     out = Path(out_dir)
+    if not (out / "settings.json").is_file():
+        raise InputError(f"{out} is not an evaluation run: it has no settings.json (factedit eval writes one)")
     cases = [json.loads(p.read_text()) for p in sorted((out / "cases").glob("*.json"))]
     info = json.loads((out / "settings.json").read_text())
     settings = info.get("settings", {})

@@ -21,6 +21,7 @@ from ..edit import EditStack, RomeSettings, get_method
 from ..edit.rome import context_templates, key_statistics, rome_delta
 from ..models import LoadedModel
 from ..scoring import target_logprobs
+from ..settings import SettingsError
 from ..stats import Corpus, token_chunks
 
 
@@ -63,7 +64,7 @@ def sequential_editing(lm: LoadedModel, records: list[CounterFactRecord], method
     restored exactly at the end (also after an error). `settings` must be the method's (see
     factedit.edit.get_method(method).defaults)."""
     if settings.key_mode != get_method(method).defaults(lm, settings.layer).key_mode:
-        raise ValueError(f"settings with key_mode {settings.key_mode!r} do not belong to method {method}")
+        raise SettingsError(f"settings with key_mode {settings.key_mode!r} do not belong to method {method}")
     stats, _, _ = key_statistics(lm, settings)
     C = stats.matrix.to(lm.device)
     templates = context_templates(lm, settings)

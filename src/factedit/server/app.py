@@ -10,7 +10,8 @@ from pydantic import BaseModel, Field
 
 from ..edit import METHODS, EditDelta, EditRequest
 from ..edit.delta import EditFileError
-from ..tokens import PromptError, tokenize_prompt
+from ..errors import FacteditError
+from ..tokens import PromptError, check_prompt_length, prompt_token_limit, tokenize_prompt
 from ..trace.heatmap import expand_kinds
 from .workbench import Workbench
 
@@ -53,8 +54,9 @@ def create_app(bench: Workbench) -> FastAPI:
             return JSONResponse({"detail": f"request too large: {length} bytes, at most {limit}"}, status_code=413)
         return await call_next(request)
 
-    @app.exception_handler(ValueError)
-    async def user_error(request: Request, err: ValueError):
+    @app.exception_handler(FacteditError)
+    async def user_error(request: Request, err: FacteditError):
+        # Only user errors; any other exception is a bug and becomes a 500 (with its traceback logged).
         return JSONResponse({"detail": str(err)}, status_code=400)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -76,7 +78,8 @@ def create_app(bench: Workbench) -> FastAPI:
     @app.post("/api/trace", status_code=202)
     def trace(body: TraceIn):
         kinds = expand_kinds(body.kinds)
-        tokenize_prompt(bench.lm.tokenizer, body.prompt, body.subject)  # bad input: 400 now, not a failed job
+        tokenize_prompt(bench.lm.tokenizer, body.prompt, body.subject,  # bad input: 400 now, not a failed job
+                        max_tokens=prompt_token_limit(bench.lm.model))
         return bench.trace_job(body.prompt, body.subject, kinds, body.samples, body.window, body.seed).view()
 
     @app.post("/api/edit", status_code=202)
@@ -84,11 +87,14 @@ def create_app(bench: Workbench) -> FastAPI:
         if body.method not in METHODS or body.method == "none":
             raise HTTPException(400, f"unknown method {body.method!r}; choose from "
                                      f"{', '.join(m for m in METHODS if m != 'none')}")
-        if body.layer is not None and not 0 <= body.layer < bench.lm.n_layers:
-            raise HTTPException(400, f"layer {body.layer} out of range 0..{bench.lm.n_layers - 1}")
+        if body.layer is not None:
+            bench.lm.check_layer(body.layer)
         request = EditRequest.create(body.prompt, body.subject, body.target, body.target_true or None)
-        tokenize_prompt(bench.lm.tokenizer, request.text, request.subject)
+        tokenize_prompt(bench.lm.tokenizer, request.text, request.subject,
+                        max_tokens=prompt_token_limit(bench.lm.model))
         paraphrases = [p for p in body.paraphrases if p.strip()]
+        for i, paraphrase in enumerate(paraphrases):
+            check_prompt_length(bench.lm, paraphrase, f"paraphrase {i + 1}")
         return bench.edit_job(request, body.method, body.layer, paraphrases).view()
 
     @app.get("/api/jobs/{job_id}")

@@ -20,13 +20,13 @@ from typing import Callable
 import torch
 
 from ..edit import EditDelta, EditRequest, EditStack, edit, get_method
-from ..generate import greedy_continuation
+from ..errors import FacteditError
+from ..generate import greedy_continuation, with_current_target
 from ..models import LoadedModel
 from ..scoring import target_probs
+from ..tokens import check_prompt_length
 from ..trace.heatmap import heatmap
 from ..trace.runs import last_token_probs, prepare
-
-USER_ERRORS = (ValueError, KeyError)  # PromptError, EditFileError, DatasetError are ValueErrors
 
 
 @dataclass
@@ -80,9 +80,9 @@ class Workbench:
                 with self.lock:
                     job.result = work(job)
                 job.status = "done"
-            except USER_ERRORS as err:
+            except FacteditError as err:  # the user's input: the message is for them
                 job.status, job.error = "error", str(err)
-            except Exception as err:  # reported to the page, never crashes the server
+            except Exception as err:  # a bug: reported to the page with its type, logged with its traceback
                 job.status, job.error = "error", f"{type(err).__name__}: {err}"
                 traceback.print_exc()
 
@@ -121,7 +121,7 @@ class Workbench:
 
     def _top_unlocked(self, prompt: str, k: int = 10) -> list[dict]:
         with torch.no_grad():
-            ids = torch.tensor([self.lm.tokenizer(prompt)["input_ids"]], device=self.lm.device)
+            ids = torch.tensor([check_prompt_length(self.lm, prompt)], device=self.lm.device)
             probs, _ = last_token_probs(self.lm, ids)
         top = probs[0].topk(k)
         return [{"token": self.lm.tokenizer.decode([int(i)]), "p": float(p)} for p, i in zip(top.values, top.indices)]
@@ -132,9 +132,7 @@ class Workbench:
 
         def work(job: Job) -> dict:
             nonlocal request
-            if request.target_true is None:
-                top = greedy_continuation(self.lm, request.text, 1).strip()
-                request = EditRequest.create(request.prompt, request.subject, request.target_new, top or None)
+            request = with_current_target(self.lm, request)
             checks = [request.text] + paraphrases
             labels = ["prompt"] + ["paraphrase"] * len(paraphrases)
 

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ..data.known import KnownFact
+from ..errors import InputError
 from ..models import LoadedModel
 from ..stats_running import RunningMean
 from ..tokens import answer_matches
@@ -177,7 +178,7 @@ def average_effects(lm: LoadedModel, facts: list[KnownFact], kinds: str | list[s
         if settings_file.exists() and log_path.exists():
             previous = json.loads(settings_file.read_text())
             if previous != asdict(settings):
-                raise ValueError(f"{out} holds a run with other settings ({previous}); use another --out")
+                raise InputError(f"{out} holds a run with other settings ({previous}); use another --out")
             for line in log_path.read_text().splitlines():
                 if line.strip():
                     record = json.loads(line)

@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import InputError
 from ..models import LoadedModel
 from .restore import HEATMAP_KINDS, heatmap_cells, restored_probs
 from .runs import TraceRun, prepare
@@ -118,5 +119,5 @@ def expand_kinds(kinds: str | list[str]) -> list[str]:
         kinds = ["hidden", "mlp", "attn"] if kinds == "all" else kinds.split(",")
     for kind in kinds:
         if kind not in HEATMAP_KINDS:
-            raise ValueError(f"unknown trace kind {kind!r}; choose from all, {', '.join(HEATMAP_KINDS)}")
+            raise InputError(f"unknown trace kind {kind!r}; choose from all, {', '.join(HEATMAP_KINDS)}")
     return list(kinds)

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import InputError
 from ..hooks import Hook, Hooks
 from .runs import TraceRun, as_batch_seq, last_token_probs, noise_hook
 
@@ -55,9 +56,9 @@ def window_layers(layer: int, window: int, n_layers: int) -> range:
 
 def heatmap_cells(kind: str, n_tokens: int, n_layers: int, window: int = 10) -> list[Cell]:
     if kind not in HEATMAP_KINDS:
-        raise ValueError(f"unknown trace kind {kind!r}; choose from {', '.join(HEATMAP_KINDS)}")
+        raise InputError(f"unknown trace kind {kind!r}; choose from {', '.join(HEATMAP_KINDS)}")
     if window < 1:
-        raise ValueError("window must be at least 1")
+        raise InputError(f"window must be at least 1, not {window}")
     cells = []
     for t in range(n_tokens):
         for l in range(n_layers):

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
 from ..hooks import Hook, Hooks
 from ..models import LoadedModel
-from ..tokens import PromptError, TokenizedPrompt, tokenize_prompt
+from ..tokens import PromptError, TokenizedPrompt, prompt_token_limit, tokenize_prompt
 
 KINDS = ("hidden", "mlp", "attn")
 
@@ -132,13 +133,13 @@ def prepare(lm: LoadedModel, prompt: str, subject: str, *, samples: int = 10, no
     answer: trace the probability of this continuation's first token instead of the clean top token.
     """
     if samples < 1:
-        raise ValueError("samples must be at least 1")
-    limit = getattr(lm.model.config, "max_position_embeddings", None) or 512
+        raise InputError(f"samples must be at least 1, not {samples}")
+    limit = prompt_token_limit(lm.model)
     tokenized = tokenize_prompt(lm.tokenizer, prompt, subject, max_tokens=min(limit, max_tokens or limit),
                                 device=lm.device)
     noise_std = float(noise) if noise is not None else noise_multiplier * embedding_std(lm)
-    if noise_std < 0:
-        raise ValueError("noise must be non-negative")
+    if not noise_std >= 0:
+        raise InputError(f"the noise standard deviation must be 0 or more, not {noise_std}")
     generator = torch.Generator().manual_seed(seed)
     start, end = tokenized.subject_range
     draws = torch.randn(samples, end - start, lm.arch.d_model, generator=generator) * noise_std
