@@ -18,7 +18,7 @@ import math
 import torch
 
 from factedit import load
-from factedit.edit.mlp_change import block_response
+from factedit.edit.mlp_change import block_response, response_clamp
 from factedit.edit.rome import clamp_for_block
 
 FACTORS = [0.25, 0.5, 1.0, 2.0, 4.0]
@@ -33,13 +33,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lm = load(args.model)
     print(f"{args.model}: response to a change of c x ||m|| (1 = passed on as it is)")
-    print("| layer | " + " | ".join(f"c = {c:g}" for c in FACTORS) + " | derived clamp |")
-    print("|---|" + "---|" * (len(FACTORS) + 1))
+    print("| layer | " + " | ".join(f"c = {c:g}" for c in FACTORS) + " | c at response 0.75 | derived clamp (0.9) |")
+    print("|---|" + "---|" * (len(FACTORS) + 2))
     print("| closed form, uniform-gain norm | " + " | ".join(f"{2 * math.sin(math.atan(c) / 2) / c:.3f}" for c in FACTORS)
-          + " | 1.07 |")
+          + " | 1.07 | 0.57 |")
     for layer in args.layers:
         response = block_response(lm, layer, FACTORS)
-        print(f"| {layer} | " + " | ".join(f"{r:.3f}" for r in response) + f" | {clamp_for_block(lm, layer):g} |")
+        print(f"| {layer} | " + " | ".join(f"{r:.3f}" for r in response)
+              + f" | {response_clamp(lm, layer, 4.0, keep=0.75):g} | {clamp_for_block(lm, layer):g} |")
 
 
 if __name__ == "__main__":
