@@ -34,6 +34,17 @@ def tiny_llama():
     return from_model(tiny_model("llama"), word_tokenizer(), name="tiny-llama")
 
 
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """The tiny Llama saved as a model folder, for the command line."""
+    from tiny import tiny_model, word_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture()
 def word_corpus(tmp_path, monkeypatch) -> Path:
     """Random words of the tiny models' vocabulary (varied text: well-conditioned key statistics),

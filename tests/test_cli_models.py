@@ -10,14 +10,6 @@ from factedit.models import ModelLoadError, load, weights_fingerprint
 from factedit.trace.runs import prepare
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def test_load_model_folder_and_fingerprint(tiny_folder):
     lm = load(str(tiny_folder))
     again = load(str(tiny_folder))

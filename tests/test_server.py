@@ -66,7 +66,8 @@ def test_edit_undo_download_upload(client):
     done = wait(client, job.json())
     assert done["status"] == "done", done["error"]
     rows = done["result"]["rows"]
-    assert len(rows) == 2 and rows[0]["new_after"] > rows[0]["old_after"] and rows[0]["new_before"] < rows[0]["old_before"]
+    assert [row["label"] for row in rows] == ["prompt", "paraphrase"] + ["prefixed (sampled)"] * 2
+    assert rows[0]["new_after"] > rows[0]["old_after"] and rows[0]["new_before"] < rows[0]["old_before"]
     edit_id = done["result"]["edit"]["id"]
     assert [e["id"] for e in client.get("/api/edits").json()["edits"]] == [edit_id]
     assert not all(torch.equal(weights[k], v) for k, v in client.bench.lm.model.state_dict().items())

@@ -92,3 +92,14 @@ def test_tracing_loads_neither_the_editors_nor_a_plotting_backend():
             "print(sorted(m for m in ('factedit.edit', 'matplotlib.pyplot') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_transformers_cache_internals_sit_in_one_module():
+    """The key/value cache and the forward arguments' names, which change across transformers versions,
+    are handled in factedit.kv_cache only: the trace engine, generation and the value step call it."""
+    internals = ("past_key_values", "inspect.signature", ".crop(", "batch_repeat_interleave", "DynamicCache",
+                 "cache.layers")
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "kv_cache.py":
+            text = path.read_text()
+            assert not [word for word in internals if word in text], path

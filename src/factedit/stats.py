@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from .errors import InputError
 from .hooks import Hook, Hooks
 from .models import LoadedModel, cache_root
+from .progress import SAMPLING, STATISTICS, Phases, on_first_step, start_phase
 
 
 @dataclass
@@ -134,15 +135,18 @@ def held_out_corpus(source: str, last_docs: int = 3) -> Corpus:
     return Corpus(f"{base.name}-last{last_docs}", texts, f"{base.identity}:last{last_docs}")
 
 
-def model_sampled_corpus(lm: LoadedModel, seed: int = 0, n_texts: int = 512, length: int = 128) -> Corpus:
-    """Fallback when no text is given and no network exists: text sampled from the model itself."""
-    from .generate import sample_texts
+def model_sampled_corpus(lm: LoadedModel, seed: int = 0, n_texts: int = 512, length: int = 128, *,
+                         progress: Phases | None = None) -> Corpus:
+    """Fallback when no text is given and no network exists: text sampled from the model itself
+    (slow: n_texts x length tokens generated; phase progress.SAMPLING when its texts are read)."""
+    from .generate import sample_texts, sampled_tokens
 
     starts = ["The", "In", "A", "It", "This", "He", "She", "When"]
     per_start = max(1, n_texts // len(starts))
 
     def texts():
-        yield from sample_texts(lm, starts, per_start, length, top_k=40, seed=seed)
+        step = start_phase(progress, SAMPLING, sampled_tokens(lm, starts, per_start, length), "tok")
+        yield from sample_texts(lm, starts, per_start, length, top_k=40, seed=seed, progress=step)
 
     return Corpus(f"model-sampled-seed{seed}", texts, f"model-sampled:{lm.fingerprint}:{seed}:{n_texts}:{length}")
 
@@ -218,16 +222,17 @@ def stats_cache_path(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int,
 
 
 def second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens: int = 100_000, *,
-                   cache_dir: Path | None = None, progress: Callable[[int], None] | None = None,
+                   cache_dir: Path | None = None, progress: Phases | None = None,
                    chunk_len: int = 256, batch_size: int = 8) -> dict[int, tuple[SecondMoment, Path, bool]]:
-    """C for each layer, from the disk cache where present; the missing layers in one pass.
-    Returns {layer: (stats, cache path, cache hit)}."""
+    """C for each layer, from the disk cache where present; the missing layers in one pass, reported
+    as phase progress.STATISTICS (n_tokens tokens). Returns {layer: (stats, cache path, cache hit)}."""
     paths = {layer: stats_cache_path(lm, layer, corpus, n_tokens, cache_dir) for layer in layers}
     result = {layer: (SecondMoment.load(path), path, True) for layer, path in paths.items() if path.exists()}
     missing = [layer for layer in layers if layer not in result]
     if missing:
+        step = on_first_step(progress, STATISTICS, n_tokens, "tok")  # after any text sampling the corpus needs
         computed = collect_second_moments(lm, missing, corpus, n_tokens, chunk_len=chunk_len, batch_size=batch_size,
-                                          progress=progress)
+                                          progress=step)
         for layer, stats in computed.items():
             stats.save(paths[layer], {"model": lm.name, "fingerprint": lm.fingerprint, "layer": layer,
                                       "corpus": corpus.name, "corpus_identity": corpus.identity,

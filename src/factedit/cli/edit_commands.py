@@ -41,8 +41,8 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
                  paraphrase, corpus, stats_tokens, seed, save):
     """Rewrite one fact with ROME and show the model before and after."""
     from ..edit import EditRequest, EditStack, edit, get_method
-    from ..generate import greedy_continuation, sample_texts, with_current_target
-    from ..scoring import target_probs
+    from ..generate import with_current_target
+    from ..report import checks_for, report_around
     from ..tokens import check_prompt_length
 
     if save:
@@ -59,39 +59,63 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
     where = getattr(settings, "layer", None) if hasattr(settings, "layer") else getattr(settings, "layers", None)
     click.echo(f"editing layer(s) {where} ({getattr(settings, 'layer_rule', '')}) with {method}: "
                f"{request.text!r}: {request.target_true!r} -> {request.target_new!r}")
-    prefixes = sample_texts(lm, ["The", "In"], 1, 8, top_k=5, seed=seed + 7, context="\n")  # not ROME's templates
-    checks = [request.text] + [f"{p.strip()}. {request.text}" for p in prefixes] + list(paraphrase)
-    labels = ["prompt"] + ["prefixed (sampled)"] * len(prefixes) + ["paraphrase"] * len(paraphrase)
 
-    def table():
-        new = target_probs(lm, checks, [request.target_new] * len(checks))
-        old = target_probs(lm, checks, [request.target_true] * len(checks))
-        return new, old
+    def make_edit():
+        with PhaseBars() as bars:
+            delta, diagnostics = edit(lm, request, method, settings, progress=bars)
+        EditStack(lm).apply(delta)
+        return delta, diagnostics
 
-    before = table()
-    generation_before = greedy_continuation(lm, request.text, 20)
-    with tqdm(desc="editing", unit="step", file=sys.stderr) as bar, \
-            tqdm(desc="key statistics", unit="tok", file=sys.stderr, disable=None) as stats_bar:
-        delta, diagnostics = edit(lm, request, method, settings, progress=bar.update, stats_progress=stats_bar.update)
-    stack = EditStack(lm)
-    stack.apply(delta)
-    after = table()
-    generation_after = greedy_continuation(lm, request.text, 20)
-    click.echo(f"{'':22} {'p(' + request.target_true.strip() + ')':>22} {'p(' + request.target_new.strip() + ')':>22}")
-    for i, (label, text) in enumerate(zip(labels, checks)):
-        click.echo(f"{label:22} {before[1][i]:9.4f} -> {after[1][i]:<9.4f} {before[0][i]:9.4f} -> {after[0][i]:<9.4f}"
-                   f"  {text!r}")
-    click.echo(f"before: {request.text}{generation_before}".replace("\n", " / "))
-    click.echo(f"after:  {request.text}{generation_after}".replace("\n", " / "))
+    checks = checks_for(lm, request, list(paraphrase), seed=seed)
+    report, (delta, diagnostics) = report_around(lm, request, checks, make_edit)
+    for line in report_lines(report):
+        click.echo(line)
     if "stats_file" in delta.info:
         click.echo(f"key statistics: {delta.info['stats_keys']} keys ({delta.info['stats_file']}; 'model-sampled' "
                    f"in the name means text sampled from the model, as no corpus was given)")
-    report = optimisation_report(diagnostics[0], settings) if diagnostics else ""
-    if report:  # methods without an optimisation (KN) have nothing to say here
-        click.echo(report)
+    summary = optimisation_report(diagnostics[0], settings) if diagnostics else ""
+    if summary:  # methods without an optimisation (KN) have nothing to say here
+        click.echo(summary)
     if save:
         save_edit(delta, Path(save))
         click.echo(f"saved the edit to {save}")
+
+
+class PhaseBars:
+    """A progress reporter (factedit.progress.Phases) that draws one bar with its total per phase on
+    stderr, closing the previous phase's bar when the next one starts."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, name: str, total: int, unit: str):
+        self.close()
+        self.bar = tqdm(total=total, desc=name, unit=unit, file=sys.stderr)
+        return self.bar.update
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            sys.stderr.flush()  # the bar's closing line break, before anything else is printed
+            self.bar = None
+
+    def __enter__(self) -> "PhaseBars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def report_lines(report) -> list[str]:
+    """The before/after report (factedit.report.EditReport) as text: a table of p(old) and p(new)
+    before -> after per prompt, then the greedy generations (line breaks shown as ' / ')."""
+    lines = [f"{'':22} {'p(' + report.old.strip() + ')':>22} {'p(' + report.new.strip() + ')':>22}"]
+    for row in report.rows:
+        lines.append(f"{row.label:22} {row.old_before:9.4f} -> {row.old_after:<9.4f} "
+                     f"{row.new_before:9.4f} -> {row.new_after:<9.4f}  {row.prompt!r}")
+    lines.append(f"before: {report.generation_before}".replace("\n", " / "))
+    lines.append(f"after:  {report.generation_after}".replace("\n", " / "))
+    return lines
 
 
 def check_writable(path: Path) -> None:
@@ -187,8 +211,8 @@ def stats(model, device, dtype, threads, layer, corpus, stats_tokens):
     lm = _load(model, device, dtype, threads)
     lm.check_layer(layer)
     settings = RomeSettings.defaults_for(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
-    with tqdm(total=stats_tokens, desc="key statistics", unit="tok", file=sys.stderr) as bar:
-        result, path, hit = key_statistics(lm, settings, progress=bar.update)
+    with PhaseBars() as bars:
+        result, path, hit = key_statistics(lm, settings, progress=bars)
     click.echo(f"{'loaded' if hit else 'computed'} C at layer {layer}: {result.count} keys, "
                f"d_mlp {result.sum_outer.shape[0]}, {path}")
 

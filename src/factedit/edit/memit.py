@@ -18,12 +18,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ..errors import InputError
 from ..models import LoadedModel, cache_root, weights_fingerprint
+from ..progress import OPTIMISATION, Phases, start_phase
 from ..settings import JsonSettings
 from ..stats import second_moments
 from .delta import EditDelta, EditStack
@@ -81,8 +81,8 @@ PAPER_SETTINGS = {"v_lr": 0.5, "v_steps": 25, "v_weight_decay": 0.5, "clamp_norm
                   "mom2_update_weight": 15000.0}
 
 
-def _statistics(lm: LoadedModel, settings: MemitSettings, cache_dir, progress):
-    corpus = statistics_corpus(lm, settings)
+def _statistics(lm: LoadedModel, settings: MemitSettings, cache_dir, progress: Phases | None):
+    corpus = statistics_corpus(lm, settings, progress)
     found = second_moments(lm, settings.layers, corpus, settings.stats_tokens, cache_dir=cache_dir, progress=progress)
     return {layer: stats.matrix.to(lm.device) for layer, (stats, _, _) in found.items()}
 
@@ -154,13 +154,16 @@ def _as_mlp_change(lm: LoadedModel, layer: int, requests: list[EditRequest], wan
 
 
 def memit_delta(lm: LoadedModel, requests: list[EditRequest], settings: MemitSettings, *, cache_dir=None,
-                progress: Callable[[int], None] | None = None, stats_progress=None) -> tuple[EditDelta, list[dict]]:
+                progress: Phases | None = None) -> tuple[EditDelta, list[dict]]:
+    """`progress`: the phases (factedit.progress): key statistics, context prefixes, then the value
+    optimisation of the requests' targets, counted in requests."""
     layers = sorted(settings.layers)
     top = layers[-1]
-    C = _statistics(lm, settings, cache_dir, stats_progress)
-    templates = context_templates(lm, settings, cache_dir)
+    C = _statistics(lm, settings, cache_dir, progress)
+    templates = context_templates(lm, settings, cache_dir, progress=progress)
     # 1. target hidden states z at the top layer, optimised for several requests at once
-    found = _targets(lm, requests, settings, top, templates, TargetCache(lm, settings, top, cache_dir), progress)
+    targets_done = start_phase(progress, OPTIMISATION, len(requests), "request")
+    found = _targets(lm, requests, settings, top, templates, TargetCache(lm, settings, top, cache_dir), targets_done)
     z = torch.stack([f["z"] for f in found], 1).to(lm.device).double()  # (d, n)
     diagnostics = [{key: value for key, value in f.items() if key != "z"} for f in found]
     # 2. spread the change over the layers, lowest first, each on the model updated so far

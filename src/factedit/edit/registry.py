@@ -11,6 +11,7 @@ from typing import Callable
 
 from ..errors import InputError
 from ..models import LoadedModel
+from ..progress import OPTIMISATION, Phases, start_phase
 from ..settings import JsonSettings, SettingsError
 from ..tokens import check_prompt_length
 from .delta import EditDelta, EditStack
@@ -22,7 +23,6 @@ from ..request import EditRequest
 from .rome import RomeSettings, context_templates, key_statistics, rome_delta
 from .value import EARLY_STOP_CRITERIA
 
-Progress = Callable[[int], None] | None
 DEFAULT_PRESET = "default"
 
 
@@ -32,7 +32,7 @@ class Method:
     description: str
     settings_type: type
     defaults: Callable[..., object]  # (lm, layer=None, **overrides) -> settings
-    compute: Callable[..., tuple[EditDelta, list[dict]]]  # (lm, requests, settings, cache_dir, progress)
+    compute: Callable[..., tuple[EditDelta, list[dict]]]  # (lm, requests, settings, cache_dir, progress: Phases)
     # Named settings beside the defaults: field values applied on top of the per-model defaults.
     # "paper" is the reference implementation's protocol (e.g. ROME's 20 value steps for GPT-2 XL).
     presets: dict[str, dict] = field(default_factory=dict)
@@ -86,14 +86,15 @@ class Method:
 
 
 def _rome(key_mode: str):
-    def compute(lm, requests, settings, cache_dir=None, progress=None, stats_progress=None):
-        stats, path, _ = key_statistics(lm, settings, cache_dir=cache_dir, progress=stats_progress)
+    def compute(lm, requests, settings, cache_dir=None, progress=None):
+        stats, path, _ = key_statistics(lm, settings, cache_dir=cache_dir, progress=progress)
         C = stats.matrix.to(lm.device)
-        templates = context_templates(lm, settings, cache_dir)
+        templates = context_templates(lm, settings, cache_dir, progress=progress)
         stack, total, diagnostics = EditStack(lm), None, []
         try:  # several requests: each is computed on the model with the previous ones applied
             for request in requests:
-                delta, info = rome_delta(lm, request, settings, C, templates, progress=progress)
+                steps = start_phase(progress, OPTIMISATION, settings.v_steps, "step")  # at most v_steps: it may converge first
+                delta, info = rome_delta(lm, request, settings, C, templates, progress=steps)
                 diagnostics.append(info)
                 if len(requests) > 1:
                     stack.apply(delta)
@@ -110,8 +111,8 @@ def _rome(key_mode: str):
 
 
 def _finetune(name: str, constrained: bool):
-    def compute(lm, requests, settings, cache_dir=None, progress=None, stats_progress=None):
-        return finetune_delta(lm, requests, settings, name, progress)
+    def compute(lm, requests, settings, cache_dir=None, progress=None):
+        return finetune_delta(lm, requests, settings, name, start_phase(progress, "fine-tuning", settings.steps, "step"))
 
     def defaults(lm, layer=None, **overrides):
         return FinetuneSettings.defaults_for(lm, layer, constrained=constrained, **overrides)
@@ -124,7 +125,7 @@ class NoSettings(JsonSettings):
     """The unedited model has nothing to set: its settings file is an empty JSON object."""
 
 
-def _none_compute(lm, requests, settings, cache_dir=None, progress=None, stats_progress=None):
+def _none_compute(lm, requests, settings, cache_dir=None, progress=None):
     return EditDelta("none", lm.fingerprint, {}, {}, [r.to_dict() for r in requests]), [{} for _ in requests]
 
 
@@ -150,15 +151,15 @@ register(Method("ft-l", "fine-tune one MLP output matrix under an L-infinity con
 
 register(Method("memit", "MEMIT: all requests at once, spread over a range of layers", MemitSettings,
                 lambda lm, layer=None, **kw: MemitSettings.defaults_for(lm, layer, **kw),
-                lambda lm, requests, settings, cache_dir=None, progress=None, stats_progress=None:
-                memit_delta(lm, requests, settings, cache_dir=cache_dir, progress=progress,
-                            stats_progress=stats_progress), presets={"paper": memit.PAPER_SETTINGS},
+                lambda lm, requests, settings, cache_dir=None, progress=None:
+                memit_delta(lm, requests, settings, cache_dir=cache_dir, progress=progress), presets={"paper": memit.PAPER_SETTINGS},
                 choices={"early_stop_on": EARLY_STOP_CRITERIA}))
 
 register(Method("kn", "knowledge neurons: integrated-gradients attribution, then rewrite their value vectors",
                 KnSettings, lambda lm, layer=None, **kw: KnSettings.defaults_for(lm, layer, **kw),
-                lambda lm, requests, settings, cache_dir=None, progress=None, stats_progress=None:
-                kn_delta(lm, requests, settings, progress), presets={"paper": kn.PAPER_SETTINGS}))
+                lambda lm, requests, settings, cache_dir=None, progress=None:
+                kn_delta(lm, requests, settings, start_phase(progress, "knowledge neurons", len(requests), "request")),
+                presets={"paper": kn.PAPER_SETTINGS}))
 
 
 def get_method(name: str) -> Method:
@@ -168,9 +169,9 @@ def get_method(name: str) -> Method:
 
 
 def edit(lm: LoadedModel, requests: EditRequest | list[EditRequest], method: str = "rome", settings=None, *,
-         cache_dir: Path | None = None, progress: Progress = None, stats_progress: Progress = None,
-         ) -> tuple[EditDelta, list[dict]]:
+         cache_dir: Path | None = None, progress: Phases | None = None) -> tuple[EditDelta, list[dict]]:
     """Compute the edit for `requests` with `method` and return it with per-request diagnostics.
+    `progress` hears of each phase that can take long, with its total, as it starts (factedit.progress).
     The model is left exactly as it was, also when something fails; apply the result with
     EditStack(lm).apply(delta). Prompts longer than the prompt limit (tokens.MAX_PROMPT_TOKENS) and
     settings that do not fit the method or the model are refused before any work."""
@@ -185,4 +186,4 @@ def edit(lm: LoadedModel, requests: EditRequest | list[EditRequest], method: str
     spec.check_settings(lm, settings)
     for i, request in enumerate(requests):
         check_prompt_length(lm, request.text, "the prompt" if len(requests) == 1 else f"the prompt of request {i}")
-    return spec.compute(lm, requests, settings, cache_dir=cache_dir, progress=progress, stats_progress=stats_progress)
+    return spec.compute(lm, requests, settings, cache_dir=cache_dir, progress=progress)

@@ -28,6 +28,7 @@ import torch
 
 from ..errors import InputError
 from ..models import LoadedModel, cache_root
+from ..progress import PREFIXES, Phases, start_phase
 from ..settings import JsonSettings
 from ..stats import Corpus, corpus_from, model_sampled_corpus, second_moment
 from .delta import EditDelta
@@ -119,9 +120,11 @@ PAPER_SETTINGS = {"v_lr": 0.5, "v_steps": 20, "v_weight_decay": 0.5, "clamp_norm
 
 # ------------------------------------------------------------------------------ 1. context templates
 
-def context_templates(lm: LoadedModel, settings: RomeSettings, cache_dir: Path | None = None) -> list[str]:
-    """["{}"] + ["<sampled text>. {}", ...], sampled once per model and seed, cached on disk."""
-    from ..generate import sample_texts
+def context_templates(lm: LoadedModel, settings: RomeSettings, cache_dir: Path | None = None, *,
+                      progress: Phases | None = None) -> list[str]:
+    """["{}"] + ["<sampled text>. {}", ...], sampled once per model and seed, cached on disk; the
+    sampling is phase progress.PREFIXES, counted in tokens."""
+    from ..generate import sample_texts, sampled_tokens
 
     spec = "-".join(f"{n}x{length}" for length, n in settings.prefix_lengths)
     if settings.prefix_context:
@@ -130,10 +133,13 @@ def context_templates(lm: LoadedModel, settings: RomeSettings, cache_dir: Path |
     if path.exists():
         return json.loads(path.read_text())
     starts = ["The", "Therefore", "Because", "I", "You"]
+    total = sum(sampled_tokens(lm, starts, max(1, count // len(starts)), length, settings.prefix_context)
+                for length, count in settings.prefix_lengths)
+    step = start_phase(progress, PREFIXES, total, "tok")
     templates = ["{}"]
     for length, count in settings.prefix_lengths:
         texts = sample_texts(lm, starts, max(1, count // len(starts)), length, top_k=5,
-                             seed=settings.prefix_seed * 100 + length, context=settings.prefix_context)
+                             seed=settings.prefix_seed * 100 + length, context=settings.prefix_context, progress=step)
         templates += [t.replace("{", " ").replace("}", " ").strip() + ". {}" for t in texts]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(templates, indent=1))
@@ -184,18 +190,21 @@ def solve_rank_one(C: torch.Tensor, k_direction: torch.Tensor, k_residual: torch
 
 # -------------------------------------------------------------------------------------- the editor
 
-def statistics_corpus(lm: LoadedModel, settings) -> Corpus:
+def statistics_corpus(lm: LoadedModel, settings, progress: Phases | None = None) -> Corpus:
     """The corpus for the key statistics: the settings' source, else $FACTEDIT_STATS_CORPUS, else
-    text sampled from the model itself (its name says so: model-sampled-seedN)."""
+    text sampled from the model itself (its name says so: model-sampled-seedN; `progress` hears of
+    the sampling)."""
     import os
 
     source = settings.stats_corpus or os.environ.get("FACTEDIT_STATS_CORPUS")
-    return corpus_from(source) if source else model_sampled_corpus(lm, seed=settings.prefix_seed)
+    return corpus_from(source) if source else model_sampled_corpus(lm, seed=settings.prefix_seed, progress=progress)
 
 
 def key_statistics(lm: LoadedModel, settings: RomeSettings, *, cache_dir: Path | None = None,
-                   progress: Callable[[int], None] | None = None):
-    corpus = statistics_corpus(lm, settings)
+                   progress: Phases | None = None):
+    """C at the settings' layer, from the disk cache or computed (phases progress.SAMPLING where the
+    model's own text is the corpus, then progress.STATISTICS). Returns (stats, path, cache hit)."""
+    corpus = statistics_corpus(lm, settings, progress)
     return second_moment(lm, settings.layer, corpus, settings.stats_tokens, cache_dir=cache_dir, progress=progress)
 
 

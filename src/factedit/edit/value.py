@@ -22,9 +22,9 @@ import torch
 
 from ..errors import InputError
 from ..hooks import Hook, Hooks
+from ..kv_cache import forward_kwargs, output_cache
 from ..models import LoadedModel
 from ..request import EditRequest, target_ids
-from ..trace.runs import forward_kwargs
 
 
 @dataclass
@@ -144,7 +144,7 @@ class CachedForward:
             with torch.no_grad():
                 out = lm.model(input_ids=torch.tensor(prefix_ids, device=lm.device), attention_mask=self.mask[:, :P],
                                position_ids=positions[:, :P], use_cache=True)
-            self.cache = out.get("cache") if "cache" in out else out.get("past_key_values")
+            self.cache = output_cache(out)
         entries = rows.loss_entries()
         self.entry_rows = torch.tensor([row for row, _ in entries], device=lm.device)
         self.entry_positions = torch.tensor([p for _, p in entries], device=lm.device)

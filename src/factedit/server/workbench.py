@@ -23,7 +23,8 @@ from ..edit import EditDelta, EditRequest, EditStack, edit, get_method
 from ..errors import FacteditError
 from ..generate import greedy_continuation, with_current_target
 from ..models import LoadedModel
-from ..scoring import target_probs
+from ..progress import Step
+from ..report import checks_for, report_around
 from ..tokens import check_prompt_length
 from ..trace.heatmap import heatmap
 from ..trace.runs import last_token_probs, prepare
@@ -44,6 +45,15 @@ class Job:
     def view(self) -> dict:
         return {"id": self.id, "kind": self.kind, "status": self.status, "phase": self.phase, "done": self.done,
                 "total": self.total, "result": self.result, "error": self.error}
+
+    def start_phase(self, name: str, total: int, unit: str = "") -> Step:
+        """A progress reporter (factedit.progress.Phases): the job now runs phase `name` of `total` steps."""
+        self.phase, self.done, self.total = name, 0, total
+
+        def step(n: int) -> None:
+            self.done += n
+
+        return step
 
 
 @dataclass
@@ -131,38 +141,18 @@ class Workbench:
         spec = get_method(method)
 
         def work(job: Job) -> dict:
-            nonlocal request
-            request = with_current_target(self.lm, request)
-            checks = [request.text] + paraphrases
-            labels = ["prompt"] + ["paraphrase"] * len(paraphrases)
-
-            def table():
-                new = target_probs(self.lm, checks, [request.target_new] * len(checks))
-                old = target_probs(self.lm, checks, [request.target_true] * len(checks))
-                return new, old
-
-            before, gen_before = table(), greedy_continuation(self.lm, request.text, 20)
+            edited = with_current_target(self.lm, request)
             settings = spec.settings_with(self.lm, layer, stats_corpus=self.stats_corpus, stats_tokens=self.stats_tokens)
+            label = f"{edited.subject}: {edited.target_true.strip()} -> {edited.target_new.strip()} ({method})"
 
-            def stats_step(n):
-                job.phase, job.total = "key statistics (first time only)", self.stats_tokens
-                job.done += n
+            def make_edit():
+                delta, info = edit(self.lm, edited, method, settings, progress=job.start_phase)
+                return self._apply(delta, label, "edited here"), info
 
-            def step(n):
-                if job.phase != "optimising":
-                    job.phase, job.done, job.total = "optimising", 0, getattr(settings, "v_steps", 0)
-                job.done += n
-
-            delta, info = edit(self.lm, request, method, settings, progress=step, stats_progress=stats_step)
-            applied = self._apply(delta, f"{request.subject}: {request.target_true.strip()} -> "
-                                         f"{request.target_new.strip()} ({method})", "edited here")
-            after, gen_after = table(), greedy_continuation(self.lm, request.text, 20)
-            rows = [{"label": label, "prompt": text, "old_before": before[1][i], "old_after": after[1][i],
-                     "new_before": before[0][i], "new_after": after[0][i]}
-                    for i, (label, text) in enumerate(zip(labels, checks))]
+            report, (applied, info) = report_around(self.lm, edited, checks_for(self.lm, edited, paraphrases),
+                                                    make_edit)
             optimisation = {k: info[0][k] for k in ("steps", "final_nll", "converged") if k in info[0]}
-            return {"edit": self._view(applied), "old": request.target_true, "new": request.target_new, "rows": rows,
-                    "generation_before": request.text + gen_before, "generation_after": request.text + gen_after,
+            return {"edit": self._view(applied), **report.to_dict(),
                     "optimisation": optimisation if "converged" in optimisation else None}
 
         return self.submit("edit", work)

@@ -13,8 +13,6 @@ with their clean value (restoration) or their corrupted value (severing freezes 
 
 from __future__ import annotations
 
-import copy
-import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,6 +20,7 @@ import torch
 
 from ..errors import InputError
 from ..hooks import Hook, Hooks
+from ..kv_cache import keep_rows, prefix
 from .runs import TraceRun, as_batch_seq, last_token_probs, noise_hook
 
 HEATMAP_KINDS = ("hidden", "mlp", "attn", "hidden_no_mlp", "hidden_no_attn")
@@ -102,32 +101,13 @@ def _partial_block(run: TraceRun, layer: int, offset: int, active: torch.Tensor,
         if len(active):
             batch = out.shape[0]
             if cache is not None:  # this block's cache layer is read by this block only
-                cache_layer = cache.layers[layer]
-                cache_layer.keys, cache_layer.values = cache_layer.keys[active], cache_layer.values[active]
+                keep_rows(cache, layer, active)
             result = original(*_select_rows(args, active, batch),
                               **{key: _select_rows(value, active, batch) for key, value in kwargs.items()})
             out[active] = (result[0] if isinstance(result, tuple) else result).to(out.dtype)
         return (out,) if run.block_returns_tuple else out
 
     return forward
-
-
-def _prefix_cache(run: TraceRun, length: int, repeats: int):
-    """The corrupted run's cache cut to its first `length` tokens, or None where the cache cannot be
-    cut (a sliding-window layer already past its window); the caller then runs the whole prompt."""
-    if length == 0 or run.corrupt_cache is None:
-        return None
-    cache = copy.deepcopy(run.corrupt_cache)
-    try:
-        # transformers 5 takes how many tokens to drop (negative); older versions the length to keep.
-        if "tokens_to_remove" in inspect.signature(cache.crop).parameters:
-            cache.crop(length - run.n_tokens)
-        else:
-            cache.crop(length)
-    except (RuntimeError, ValueError, NotImplementedError):
-        return None
-    cache.batch_repeat_interleave(repeats)
-    return cache
 
 
 def _run_group(run: TraceRun, cells: list[Cell], token: int) -> torch.Tensor:
@@ -139,7 +119,7 @@ def _run_group(run: TraceRun, cells: list[Cell], token: int) -> torch.Tensor:
     batch = run.samples * n_cells
     first_block = torch.tensor([cell.first_computed_block for cell in cells], device=device)
     cell_of_row = torch.arange(batch, device=device) % n_cells
-    cache = _prefix_cache(run, token, n_cells)
+    cache = prefix(run.corrupt_cache, token, run.n_tokens, repeats=n_cells)  # None: run the whole prompt
     offset = token if cache is not None else 0  # absolute position of the first input token
     suffix = run.tokenized.input_ids[:, offset:].expand(batch, -1)
 
@@ -175,9 +155,8 @@ def _run_group(run: TraceRun, cells: list[Cell], token: int) -> torch.Tensor:
 
         hooks.append(Hook(run.lm.arch.module(kind, layer), edit_output=write))
 
-    kwargs = {"use_cache": True} if cache is None else {"use_cache": True, "cache": cache}
     with Hooks(hooks):
-        probs, _ = last_token_probs(run.lm, suffix, **kwargs)
+        probs, _ = last_token_probs(run.lm, suffix, cache=cache, use_cache=True)
     return probs[:, run.answer_id].view(run.samples, n_cells).mean(0)
 
 

@@ -8,13 +8,13 @@ the paper's code, which is what lets restorations reuse the corrupted run's acti
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import InputError
 from ..hooks import Hook, Hooks
+from ..kv_cache import forward
 from ..models import LoadedModel
 from ..tokens import PromptError, TokenizedPrompt, prompt_token_limit, tokenize_prompt
 
@@ -50,26 +50,12 @@ class TraceRun:
         return self.tokenized.n_tokens
 
 
-def forward_kwargs(model) -> dict[str, str]:
-    """Names of optional forward arguments this model understands (they changed across versions)."""
-    params = inspect.signature(model.forward).parameters
-    return {
-        "cache": "cache" if "cache" in params else "past_key_values",
-        "logits_to_keep": "logits_to_keep" if "logits_to_keep" in params else "",
-        "position_ids": "position_ids" if "position_ids" in params else "",
-    }
-
-
-def last_token_probs(lm: LoadedModel, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, object]:
-    """Softmax at the last position, computing logits only there when the model allows it."""
-    names = forward_kwargs(lm.model)
-    if names["logits_to_keep"]:
-        kwargs[names["logits_to_keep"]] = 1
-    if "cache" in kwargs:
-        kwargs[names["cache"]] = kwargs.pop("cache")
-    out = lm.model(input_ids=input_ids, **kwargs)
-    cache = out.get("cache") if "cache" in out else out.get("past_key_values")
-    return torch.softmax(out.logits[:, -1].float(), dim=-1), cache
+def last_token_probs(lm: LoadedModel, input_ids: torch.Tensor, *, cache=None, use_cache: bool = False
+                     ) -> tuple[torch.Tensor, object]:
+    """Softmax at the last position (computing logits only there when the model allows it), after
+    `cache` if given; returns the cache too when `use_cache` (see kv_cache.forward)."""
+    logits, cache = forward(lm.model, input_ids, cache=cache, use_cache=use_cache, last_only=True)
+    return torch.softmax(logits[:, -1].float(), dim=-1), cache
 
 
 def embedding_std(lm: LoadedModel, texts: list[str] | None = None, chunk: int = 8192) -> float:
