@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -20,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from .errors import InputError
 from .hooks import Hook, Hooks
-from .models import LoadedModel, cache_root
+from .cache_files import read_cached, write_atomic
+from .models import LoadedModel, cache_root, weights_fingerprint
 from .progress import SAMPLING, STATISTICS, Phases, on_first_step, start_phase
 
 
@@ -55,12 +55,9 @@ class SecondMoment:
         return self.sum_outer / self.count
 
     def save(self, path: str | Path, metadata: dict | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
         meta = {"count": str(self.count), "info": json.dumps(metadata or {})}
-        save_file({"sum_outer": self.sum_outer.contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)  # atomic: an interrupted save never leaves a corrupt cache file
+        write_atomic(Path(path), lambda partial: save_file({"sum_outer": self.sum_outer.contiguous()}, str(partial),
+                                                           metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path) -> "SecondMoment":
@@ -215,19 +212,38 @@ def collect_second_moment(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens:
     return collect_second_moments(lm, [layer], corpus, n_tokens, **kwargs)[layer]
 
 
-def stats_cache_path(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int, cache_dir: Path | None = None) -> Path:
+def stats_cache_path(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int, cache_dir: Path | None = None,
+                     weights: str | None = None) -> Path:
+    """Keyed by the weights the statistics are computed on (`weights`: their fingerprint, measured
+    when not given): the model as loaded, or, while edits are applied to it (the workbench after an
+    upload), those edited weights, in a folder of their own so that they never stand in for the
+    unedited model's statistics."""
     digest = hashlib.sha256(corpus.identity.encode()).hexdigest()[:10]
     slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in corpus.name)[:40]
-    return cache_root(cache_dir) / "stats" / lm.fingerprint / f"layer{layer}_{slug}-{digest}_{n_tokens}tok.safetensors"
+    weights = weights or weights_fingerprint(lm.model)
+    folder = lm.fingerprint if weights == lm.fingerprint else f"{lm.fingerprint}-edited-{weights}"
+    return cache_root(cache_dir) / "stats" / folder / f"layer{layer}_{slug}-{digest}_{n_tokens}tok.safetensors"
 
 
 def second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens: int = 100_000, *,
                    cache_dir: Path | None = None, progress: Phases | None = None,
                    chunk_len: int = 256, batch_size: int = 8) -> dict[int, tuple[SecondMoment, Path, bool]]:
     """C for each layer, from the disk cache where present; the missing layers in one pass, reported
-    as phase progress.STATISTICS (n_tokens tokens). Returns {layer: (stats, cache path, cache hit)}."""
-    paths = {layer: stats_cache_path(lm, layer, corpus, n_tokens, cache_dir) for layer in layers}
-    result = {layer: (SecondMoment.load(path), path, True) for layer, path in paths.items() if path.exists()}
+    as phase progress.STATISTICS (n_tokens tokens). Returns {layer: (stats, cache path, cache hit)}.
+
+    While edits are applied (edits on top of earlier ones, the workbench after an upload), the
+    unedited model's statistics are used where cached, as the reference does for sequential edits;
+    statistics computed on edited weights are cached under those weights, never the model's."""
+    weights = weights_fingerprint(lm.model)
+    unedited = {layer: stats_cache_path(lm, layer, corpus, n_tokens, cache_dir, lm.fingerprint) for layer in layers}
+    paths = {layer: stats_cache_path(lm, layer, corpus, n_tokens, cache_dir, weights) for layer in layers}
+    result = {}
+    for layer in layers:
+        for path in dict.fromkeys([unedited[layer], paths[layer]]):
+            stats = read_cached(path, SecondMoment.load)
+            if stats is not None:
+                result[layer] = (stats, path, True)
+                break
     missing = [layer for layer in layers if layer not in result]
     if missing:
         step = on_first_step(progress, STATISTICS, n_tokens, "tok")  # after any text sampling the corpus needs

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..cache_files import read_cached, write_atomic
 from ..errors import InputError
 from ..models import LoadedModel, cache_root, weights_fingerprint
 from ..progress import OPTIMISATION, Phases, start_phase
@@ -110,14 +111,10 @@ class TargetCache:
         return self.folder / f"{_digest(request.to_dict())}.pt"
 
     def get(self, request: EditRequest) -> dict | None:
-        path = self._path(request)
-        return torch.load(path, weights_only=True) if path.exists() else None
+        return read_cached(self._path(request), lambda path: torch.load(path, weights_only=True))
 
     def put(self, request: EditRequest, found: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        partial = self._path(request).with_suffix(".part")
-        torch.save(found, partial)
-        partial.replace(self._path(request))  # atomic: an interruption never leaves a half-written target
+        write_atomic(self._path(request), lambda partial: torch.save(found, partial))
 
 
 def _targets(lm: LoadedModel, requests: list[EditRequest], settings: MemitSettings, top: int, templates: list[str],

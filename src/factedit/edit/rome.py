@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from ..cache_files import read_cached, write_atomic
 from ..errors import InputError
 from ..models import LoadedModel, cache_root
 from ..progress import PREFIXES, Phases, start_phase
@@ -130,8 +131,9 @@ def context_templates(lm: LoadedModel, settings: RomeSettings, cache_dir: Path |
     if settings.prefix_context:
         spec += "_after-" + hashlib.sha256(settings.prefix_context.encode()).hexdigest()[:8]
     path = cache_root(cache_dir) / "prefixes" / f"{lm.fingerprint}_seed{settings.prefix_seed}_{spec}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    cached = read_cached(path, lambda p: json.loads(p.read_text()))
+    if isinstance(cached, list) and all(isinstance(t, str) and "{}" in t for t in cached):
+        return cached
     starts = ["The", "Therefore", "Because", "I", "You"]
     total = sum(sampled_tokens(lm, starts, max(1, count // len(starts)), length, settings.prefix_context)
                 for length, count in settings.prefix_lengths)
@@ -142,7 +144,7 @@ def context_templates(lm: LoadedModel, settings: RomeSettings, cache_dir: Path |
                              seed=settings.prefix_seed * 100 + length, context=settings.prefix_context, progress=step)
         templates += [t.replace("{", " ").replace("}", " ").strip() + ". {}" for t in texts]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(templates, indent=1))
+    write_atomic(path, lambda partial: partial.write_text(json.dumps(templates, indent=1)))
     return templates
 
 

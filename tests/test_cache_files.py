@@ -1,0 +1,96 @@
+"""Caches are shortcuts: statistics computed on edited weights never stand in for the model's, and a
+truncated or corrupt cache file is recomputed instead of failing every run."""
+
+import json
+
+import torch
+from tiny import tiny_model, word_tokenizer
+
+from factedit.cache_files import read_cached, write_atomic
+from factedit.edit import EditDelta, EditRequest, EditStack, RomeSettings
+from factedit.edit.memit import MemitSettings, TargetCache
+from factedit.edit.rome import context_templates
+from factedit.models import from_model
+from factedit.stats import collect_second_moment, corpus_from, second_moment
+
+TEXT = "The Eiffel Tower is located in the city of Paris . The Space Needle is in the city of Seattle . " * 20
+
+
+def tiny():
+    return from_model(tiny_model("llama"), word_tokenizer(), name="tiny-llama")
+
+
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return corpus_from(str(path))
+
+
+def an_edit(lm) -> EditDelta:
+    name = f"{lm.arch.blocks_name}.1.{lm.arch.blocks[1].mlp_out_name}"
+    up = torch.randn(lm.arch.d_model, 1)
+    down = torch.randn(1, lm.arch.d_mlp)
+    return EditDelta("rome", lm.fingerprint, {name: {"up": up, "down": down}}, {}, [])
+
+
+def test_statistics_on_edited_weights_are_kept_apart(tmp_path):
+    lm, text = tiny(), corpus(tmp_path)
+    stack = EditStack(lm)
+    stack.apply(an_edit(lm))
+    edited, edited_path, hit = second_moment(lm, 2, text, 100, cache_dir=tmp_path)
+    assert not hit and "-edited-" in edited_path.parent.name
+    stack.revert()
+    clean, clean_path, hit = second_moment(lm, 2, text, 100, cache_dir=tmp_path)
+    assert not hit and clean_path.parent.name == lm.fingerprint  # not the edited weights' statistics
+    assert torch.allclose(clean.sum_outer, collect_second_moment(lm, 2, text, 100).sum_outer)
+    assert not torch.allclose(clean.sum_outer, edited.sum_outer)
+    # With edits applied again, the unedited model's statistics are used, as for sequential edits.
+    stack.apply(an_edit(lm))
+    again, again_path, hit = second_moment(lm, 2, text, 100, cache_dir=tmp_path)
+    assert hit and again_path == clean_path and torch.equal(again.sum_outer, clean.sum_outer)
+
+
+def test_a_truncated_statistics_file_is_recomputed(tmp_path):
+    lm, text = tiny(), corpus(tmp_path)
+    first, path, _ = second_moment(lm, 1, text, 100, cache_dir=tmp_path)
+    path.write_bytes(path.read_bytes()[:50])
+    again, path2, hit = second_moment(lm, 1, text, 100, cache_dir=tmp_path)
+    assert not hit and path2 == path and torch.equal(again.sum_outer, first.sum_outer)
+    assert second_moment(lm, 1, text, 100, cache_dir=tmp_path)[2]  # rewritten whole
+
+
+def test_a_corrupt_prefix_cache_is_resampled(tmp_path):
+    lm = tiny()
+    settings = RomeSettings.defaults_for(lm, 1, prefix_lengths=[[3, 5]])
+    templates = context_templates(lm, settings, cache_dir=tmp_path)
+    (path,) = (tmp_path / "prefixes").iterdir()
+    for broken in ('["The cat. {}", ', '{"not": "a list"}', "\x00\x01"):
+        path.write_text(broken)
+        assert context_templates(lm, settings, cache_dir=tmp_path) == templates
+        assert json.loads(path.read_text()) == templates
+
+
+def test_a_corrupt_memit_target_counts_as_missing(tmp_path):
+    lm = tiny()
+    cache = TargetCache(lm, MemitSettings.defaults_for(lm, 2), 2, tmp_path)
+    request = EditRequest.create("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
+    cache.put(request, {"z": torch.ones(3)})
+    assert torch.equal(cache.get(request)["z"], torch.ones(3))
+    cache._path(request).write_bytes(b"truncated")
+    assert cache.get(request) is None
+
+
+def test_atomic_writes_leave_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "cache.json"
+    write_atomic(path, lambda p: p.write_text("old"))
+
+    def failing(partial):
+        partial.write_text("half")
+        raise OSError("disk full")
+
+    try:
+        write_atomic(path, failing)
+    except OSError:
+        pass
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["cache.json"]
+    assert read_cached(tmp_path / "absent.json", lambda p: p.read_text()) is None
