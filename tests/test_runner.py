@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -178,3 +179,17 @@ def test_start_takes_a_later_slice_and_is_part_of_the_run(env, tmp_path):
         run_evaluation(lm, "ft", "counterfact", tmp_path / "run", data=str(data), n=2, settings=settings)
     with pytest.raises(ValueError, match="start must be 0 or more"):
         run_evaluation(lm, "ft", "counterfact", tmp_path / "other", data=str(data), n=2, start=-1, settings=settings)
+
+
+def test_cli_eval_shows_the_first_edits_statistics_and_prefixes_with_their_totals(env, tmp_path):
+    lm, data = env  # word_corpus: a fresh cache folder, nothing computed yet
+    folder = tmp_path / "model"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    args = ["eval", "--model", str(folder), "--method", "rome", "--dataset", "counterfact", "--data", str(data),
+            "--n", "2", "--layer", "1", "--tokens", "300", "--out", str(tmp_path / "rome")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"key statistics: 100%.*300/300", result.output)
+    assert re.search(r"context prefixes: 100%", result.output)
+    assert "value optimisation" not in result.output  # per edit, counted by the cases bar instead

@@ -81,14 +81,18 @@ def eval_command(model, device, dtype, threads, method, dataset, data, n, start,
     """Evaluate an editing method with the paper's metrics (resumable: finished cases are kept)."""
     from ..edit import get_method
     from ..evaluate.runner import markdown_table, run_evaluation
+    from ..progress import OPTIMISATION
+    from .edit_commands import PhaseBars
 
     lm = _load(model, device, dtype, threads)
     spec = get_method(method)
     settings = _settings(spec, lm, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
-    with tqdm(total=n, desc=f"{method} on {dataset}", unit="case", file=sys.stderr) as bar:
+    # The first edit's statistics and prefixes (minutes when not cached) get bars of their own.
+    with PhaseBars(skip=(OPTIMISATION,)) as phases, \
+            tqdm(total=n, desc=f"{method} on {dataset}", unit="case", file=sys.stderr) as bar:
         summary = run_evaluation(lm, method, dataset, out, data=data, n=n, start=start, edits_per_batch=edits_per_batch,
                                  settings=settings, generation=generation, generation_tokens=generation_tokens,
-                                 sequential=sequential, progress=bar.update)
+                                 sequential=sequential, progress=bar.update, phases=phases)
     click.echo(markdown_table([summary]))
     click.echo(f"wrote cases/, summary.json and summary.md to {out}")
 

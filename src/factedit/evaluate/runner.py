@@ -23,6 +23,7 @@ from ..edit import EditDelta, EditStack, edit, get_method
 from ..errors import InputError
 from ..generate import generate_batch
 from ..models import LoadedModel, default_cache_dir
+from ..progress import Phases
 from ..tokens import check_prompt_length
 from .datasets import Dataset, get_dataset
 from .metrics import aggregate, generation_entropy, tfidf_consistency
@@ -55,7 +56,7 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
                    n: int | None = None, start: int = 0, edits_per_batch: int = 1, settings=None,
                    generation: bool = False,
                    generation_tokens: int = 100, sequential: bool = False,
-                   progress: Callable[[int], None] | None = None) -> dict:
+                   progress: Callable[[int], None] | None = None, phases: Phases | None = None) -> dict:
     """Evaluate `method` on `n` records from the `start`-th (default: the first n). Each batch of
     records is edited together, scored, and the edit reverted, so every case is measured against the
     unedited model. Finished cases (cases/<id>.json) are skipped, so an interrupted run resumes.
@@ -98,7 +99,7 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
 
     if sequential:
         _run_sequential(lm, method, ds, records, out, edits_per_batch, settings, generation, generation_tokens,
-                        progress)
+                        phases, progress)
         return summarize(out)
     stack = EditStack(lm)
     for batch in _chunks(records, edits_per_batch):
@@ -109,7 +110,7 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
         pre = [ds.probabilities(lm, r) for r in batch]
         references = [_references(lm, ds, r, generation, generation_tokens) for r in batch]
         began = time.perf_counter()  # not `start`: that is the first record's index
-        delta, diagnostics = edit(lm, [r.request for r in batch], method, settings)
+        delta, diagnostics = edit(lm, [r.request for r in batch], method, settings, progress=phases)
         edit_seconds = time.perf_counter() - began
         stack.apply(delta)
         try:
@@ -198,7 +199,7 @@ def _score_and_write(lm, ds: Dataset, out: Path, batch, pre, references, generat
 
 
 def _run_sequential(lm, method, ds: Dataset, records, out: Path, edits_per_batch, settings, generation, tokens,
-                    progress) -> None:
+                    phases, progress) -> None:
     """Edits accumulate: each batch is edited on the model that holds all earlier batches, and scored
     there; "pre" scores are still the unedited model's. Each batch's edit is saved in deltas/, so a
     resumed run re-applies finished batches instead of recomputing them. The model is restored at
@@ -216,7 +217,7 @@ def _run_sequential(lm, method, ds: Dataset, records, out: Path, edits_per_batch
                 stack.apply(EditDelta.load(delta_path))
             else:
                 start = time.perf_counter()
-                delta, diagnostics = edit(lm, [r.request for r in batch], method, settings)
+                delta, diagnostics = edit(lm, [r.request for r in batch], method, settings, progress=phases)
                 edit_seconds = time.perf_counter() - start
                 stack.apply(delta)
                 delta.save(delta_path)
