@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -134,6 +135,8 @@ def test_cli_sequential_editing_restores_the_model(tiny_folder, tmp_path, monkey
     # Every run starts from the unedited model: the baseline perplexity is the same for both methods.
     assert summary["rome"][0]["perplexity"] == pytest.approx(summary["rome-original"][0]["perplexity"], rel=1e-6)
     assert (tmp_path / "seq" / "sequential.png").exists()
+    # The statistics (computed once, then cached for the second method) show their total.
+    assert re.search(r"key statistics: 100%.*200/200", result.output)
 
 
 def test_counterfact_loader(data_dir, tmp_path):

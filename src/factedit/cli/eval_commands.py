@@ -10,6 +10,7 @@ import click
 from tqdm import tqdm
 
 from . import COUNT, INDEX, SETTINGS_HELP, CommandError, _load, _model_options, _settings, _stats_options, main
+from .edit_commands import PhaseBars
 
 
 @main.command()
@@ -42,9 +43,11 @@ def sequential(model, device, dtype, threads, data, n, every, methods, layer, co
     results = {}
     for method in methods:
         settings = get_method(method).settings_with(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
-        with tqdm(total=len(records), desc=f"{method} edits", unit="edit", file=sys.stderr) as bar:
+        # The statistics and prefixes (minutes when not cached) as phases before the edits' bar.
+        with PhaseBars() as phases, tqdm(total=len(records), desc=f"{method} edits", unit="edit",
+                                         file=sys.stderr) as bar:
             results[method] = sequential_editing(
-                lm, records, method, settings, ppl_corpus, every=every, progress=bar.update,
+                lm, records, method, settings, ppl_corpus, every=every, progress=bar.update, phases=phases,
                 on_point=lambda p: bar.write(f"{method}: {p.n_edits} edits, efficacy {p.efficacy:.2f}, "
                                              f"perplexity {p.perplexity:.1f}"))
         settings.save(out_dir / f"settings_{method}.json")
@@ -82,7 +85,6 @@ def eval_command(model, device, dtype, threads, method, dataset, data, n, start,
     from ..edit import get_method
     from ..evaluate.runner import markdown_table, run_evaluation
     from ..progress import OPTIMISATION
-    from .edit_commands import PhaseBars
 
     lm = _load(model, device, dtype, threads)
     spec = get_method(method)

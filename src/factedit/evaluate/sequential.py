@@ -20,6 +20,7 @@ from ..data.counterfact import CounterFactRecord
 from ..edit import EditStack, RomeSettings, get_method
 from ..edit.rome import context_templates, key_statistics, rome_delta
 from ..models import LoadedModel
+from ..progress import Phases
 from ..scoring import target_logprobs
 from ..settings import SettingsError
 from ..stats import Corpus, token_chunks
@@ -59,15 +60,16 @@ def efficacy(lm: LoadedModel, records: list[CounterFactRecord]) -> tuple[float, 
 def sequential_editing(lm: LoadedModel, records: list[CounterFactRecord], method: str, settings: RomeSettings,
                        held_out: Corpus, *, every: int = 10, ppl_tokens: int = 4096,
                        on_point: Callable[[SequentialPoint], None] | None = None,
-                       progress: Callable[[int], None] | None = None) -> list[SequentialPoint]:
+                       progress: Callable[[int], None] | None = None,
+                       phases: Phases | None = None) -> list[SequentialPoint]:
     """Apply the records' edits one by one; measure at 0, every, 2*every, ... edits. The model is
     restored exactly at the end (also after an error). `settings` must be the method's (see
     factedit.edit.get_method(method).defaults)."""
     if settings.key_mode != get_method(method).defaults(lm, settings.layer).key_mode:
         raise SettingsError(f"settings with key_mode {settings.key_mode!r} do not belong to method {method}")
-    stats, _, _ = key_statistics(lm, settings)
+    stats, _, _ = key_statistics(lm, settings, progress=phases)
     C = stats.matrix.to(lm.device)
-    templates = context_templates(lm, settings)
+    templates = context_templates(lm, settings, progress=phases)
     start, points, stack = time.perf_counter(), [], EditStack(lm)
 
     def measure(n: int):
