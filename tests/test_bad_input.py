@@ -171,6 +171,9 @@ def test_cli_settings_errors_are_one_line(tiny_folder, tmp_path):
         result = CliRunner().invoke(main, base + ["--settings", str(write(tmp_path / "s.json", content))])
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output, result.output
+    result = CliRunner().invoke(main, base + ["--settings", str(write(tmp_path / "s.json", {"layer": 1})),
+                                              "--layer", "2"])  # before: --layer silently lost to the file
+    assert result.exit_code == 2 and "both choose the layer" in result.output, result.output
 
 
 def test_eval_with_method_none_takes_a_settings_file(tiny_folder, tmp_path):

@@ -98,6 +98,9 @@ def _settings(spec, lm, name_or_file: str | None, layer: int | None, **options):
     if not Path(name_or_file).is_file():
         raise SettingsError(f"--settings {name_or_file!r} is neither a settings file nor a name for method "
                             f"{spec.name} ({', '.join(spec.preset_names())})")
+    if layer is not None:  # the file's layer would silently win
+        raise SettingsError(f"--layer {layer} and the settings file {name_or_file} both choose the layer; "
+                            "give one of them (the file's layer field, or --layer with a preset)")
     return spec.load_settings(lm, name_or_file)
 
 
