@@ -10,7 +10,6 @@ requests and the fingerprint of the model the edit was made for.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..arch import linear_dims
+from ..cache_files import write_atomic
 from ..errors import FacteditError, json_type
 from ..models import LoadedModel
 
@@ -111,14 +111,7 @@ class EditDelta:
         metadata = {"format": "factedit-edit", "version": str(FORMAT_VERSION), "method": self.method,
                     "model_fingerprint": self.model_fingerprint, "settings": json.dumps(self.settings),
                     "requests": json.dumps(self.requests), "info": json.dumps(self.info)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            save_file(tensors, str(partial), metadata=metadata)
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
-        return path
+        return write_atomic(path, lambda partial: save_file(tensors, str(partial), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> "EditDelta":

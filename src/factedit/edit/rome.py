@@ -93,9 +93,7 @@ def edit_layer(lm: LoadedModel, layer: int | None = None) -> tuple[int, str]:
         layer, rule = max(0, lm.n_layers // 6), "n_layers // 6 (structural default; see suggest-layer)"
     else:
         rule = "given"
-    if not 0 <= layer < lm.n_layers:
-        raise InputError(f"layer {layer} out of range: the model has {lm.n_layers} layers (0..{lm.n_layers - 1})")
-    return layer, rule
+    return lm.check_layer(layer), rule
 
 
 CLAMP_RULE = "largest factor <= 4 at which the block passes on 0.9 of the change (mlp_change.response_clamp)"
