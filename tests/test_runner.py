@@ -8,6 +8,8 @@ from tiny import tiny_model, word_tokenizer
 
 from factedit.cli import main
 from factedit.edit import get_method
+from factedit.edit import history as history_module
+from factedit.evaluate import cases as cases_module
 from factedit.evaluate import runner as runner_module
 from factedit.evaluate.runner import run_evaluation
 from factedit.models import from_model
@@ -111,8 +113,8 @@ def test_reference_generations_are_cached_across_runs(env, tmp_path, monkeypatch
     run_evaluation(lm, "none", "counterfact", tmp_path / "a", data=str(data), n=1, generation=True,
                    generation_tokens=8)
     calls = []
-    real = runner_module.generations
-    monkeypatch.setattr(runner_module, "generations", lambda lm, prompts, *a: calls.append(prompts) or real(lm, prompts, *a))
+    real = cases_module.generations
+    monkeypatch.setattr(cases_module, "generations", lambda lm, prompts, *a: calls.append(prompts) or real(lm, prompts, *a))
     run_evaluation(lm, "none", "counterfact", tmp_path / "b", data=str(data), n=1, generation=True,
                    generation_tokens=8)
     assert calls == [["The Eiffel Tower is", "The city of The Eiffel Tower is"]]  # only the edited model's texts
@@ -126,7 +128,7 @@ def test_sequential_runner_accumulates_resumes_and_restores(env, tmp_path, monke
     settings = get_method("ft").defaults(lm, 1, lr=1e-2)
     out = tmp_path / "seq"
     first = run_evaluation(lm, "ft", "counterfact", out, data=str(data), n=2, settings=settings, sequential=True)
-    assert first["cases"] == 2 and len(list((out / "deltas").iterdir())) == 2
+    assert first["cases"] == 2 and len(list((out / "history").glob("batch_*.safetensors"))) == 2
     assert all(torch.equal(weights[k], v) for k, v in lm.model.state_dict().items())
     case_11 = json.loads((out / "cases" / "11.json").read_text())
     # Case 11 was edited on top of case 10: its pre scores are the unedited model's, as for case 10.
@@ -135,11 +137,45 @@ def test_sequential_runner_accumulates_resumes_and_restores(env, tmp_path, monke
     # Scored again once all edits are in: the last case's numbers cannot have moved, the first's did.
     assert case_11["final"] == case_11["post"] and case_10["final"] != case_10["post"]
     assert "final" in first and "after all 2 edits" in runner_module.markdown_table([first])
+    # Measured after every batch: batch 0 is the unedited model, whose weights have not grown.
+    points = [json.loads(line) for line in (out / "lifelong.jsonl").read_text().splitlines()]
+    assert [p["batch"] for p in points] == [0, 1, 2] and [p["n_edits"] for p in points] == [0, 1, 2]
+    assert points[0]["norm_growth"] == {} and points[2]["norm_growth"] and points[2]["edits_kept"] is not None
+    assert (out / "lifelong.png").exists() and first["lifelong"]["last"]["batch"] == 2
     calls = []
-    original = runner_module.edit
-    monkeypatch.setattr(runner_module, "edit", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = history_module.edit
+    monkeypatch.setattr(history_module, "edit", lambda *a, **k: calls.append(1) or original(*a, **k))
     resumed = run_evaluation(lm, "ft", "counterfact", out, data=str(data), n=3, settings=settings, sequential=True)
-    assert resumed["cases"] == 3 and len(calls) == 1  # only the new case is edited; the others re-applied
+    assert resumed["cases"] == 3 and len(calls) == 1  # only the new case is edited; the others replayed
+
+
+def test_a_killed_sequential_run_resumes_to_the_same_numbers(env, tmp_path, monkeypatch):
+    lm, data = env
+    settings = get_method("ft").defaults(lm, 1, lr=1e-2)
+    whole = tmp_path / "whole"
+    run_evaluation(lm, "ft", "counterfact", whole, data=str(data), n=3, settings=settings, sequential=True)
+    original, calls = history_module.edit, []
+
+    def dies_on_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # a kill mid-sequence
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(history_module, "edit", dies_on_the_third_batch)
+    broken = tmp_path / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(lm, "ft", "counterfact", broken, data=str(data), n=3, settings=settings, sequential=True)
+    assert len(list((broken / "cases").iterdir())) == 2
+    (broken / "cases" / "11.json").unlink()  # killed after batch 2 was saved but before its cases were written
+    monkeypatch.setattr(history_module, "edit", original)
+    run_evaluation(lm, "ft", "counterfact", broken, data=str(data), n=3, settings=settings, sequential=True)
+    for case_id in (10, 11, 12):
+        a, b = (json.loads((run / "cases" / f"{case_id}.json").read_text()) for run in (whole, broken))
+        assert a["post"] == b["post"] and a["final"] == b["final"]
+    strip = [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+             for run in (whole, broken) for line in (run / "lifelong.jsonl").read_text().splitlines()]
+    assert strip[:4] == strip[4:]
 
 
 def test_resuming_with_other_settings_is_refused_and_says_what_differs(env, tmp_path):

@@ -22,6 +22,15 @@ from .hooks import Hook, Hooks
 from .cache_files import read_cached, write_atomic
 from .models import LoadedModel, cache_root, weights_fingerprint
 from .progress import SAMPLING, STATISTICS, Phases, on_first_step, start_phase
+from .settings import JsonSettings
+
+
+@dataclass(kw_only=True)
+class StatisticsSettings(JsonSettings):
+    """Where the key statistics C come from, one set for every editor that reads them."""
+
+    stats_corpus: str | None = None  # text/JSONL/folder/"wikitext"; None: $FACTEDIT_STATS_CORPUS or model text
+    stats_tokens: int = 100_000
 
 
 @dataclass

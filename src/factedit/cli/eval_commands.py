@@ -2,64 +2,78 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 from tqdm import tqdm
 
-from . import COUNT, INDEX, SETTINGS_HELP, CommandError, _load, _model_options, _settings, _stats_options, main
+from . import COUNT, INDEX, SETTINGS_HELP, _load, _model_options, _settings, _stats_options, main
 from .edit_commands import PhaseBars
+
+
+def _lifelong_inputs(held_out: str | None, corpus: str | None, known: str | None):
+    """Held-out text (the last documents of --held-out, else of the statistics corpus) and the known
+    facts (--known, else $FACTEDIT_DATA_DIR/known_1000.json where present) for sequential runs."""
+    import os
+
+    from ..data.known import data_dir, load_known_facts
+    from ..stats import held_out_corpus
+
+    source = held_out or corpus or os.environ.get("FACTEDIT_STATS_CORPUS")
+    text = held_out_corpus(source) if source else None
+    if known is None and data_dir() is not None and (data_dir() / "known_1000.json").exists():
+        known = str(data_dir() / "known_1000.json")
+    return text, load_known_facts(known) if known else None
+
+
+def _lifelong_options(command):
+    command = click.option("--known", default=None, help="known facts for --sequential runs' measurements "
+                           "(default $FACTEDIT_DATA_DIR/known_1000.json)")(command)
+    command = click.option("--held-out", default=None, help="corpus whose last 3 documents give the perplexity text "
+                           "of --sequential runs (default: the statistics corpus)")(command)
+    return command
 
 
 @main.command()
 @_model_options
+@click.option("--dataset", default="counterfact", show_default=True, help="counterfact or zsre")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
-              help="CounterFact file (default $FACTEDIT_DATA_DIR/counterfact/counterfact_dev.json)")
+              help="dataset file (default: from $FACTEDIT_DATA_DIR)")
 @click.option("--n", type=COUNT, default=100, show_default=True, help="edits to apply one after another")
-@click.option("--every", type=COUNT, default=10, show_default=True, help="measure after this many edits")
-@click.option("--method", "methods", multiple=True, type=click.Choice(["rome", "rome-original"]),
-              default=["rome", "rome-original"], show_default=True)
+@click.option("--edits-per-batch", type=COUNT, default=1, show_default=True)
+@click.option("--method", "methods", multiple=True, default=["rome", "rome-original"], show_default=True,
+              help="editing method (repeat the option to compare several)")
 @click.option("--layer", type=INDEX, default=None)
 @_stats_options
-@click.option("--held-out", default=None, help="corpus whose last 3 documents give the perplexity text "
-                                                "(default: the statistics corpus)")
+@_lifelong_options
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="sequential-out", show_default=True)
-def sequential(model, device, dtype, threads, data, n, every, methods, layer, corpus, stats_tokens, held_out, out):
-    """Apply many edits one after another; track efficacy and held-out perplexity."""
-    from ..data.counterfact import load_counterfact
+def sequential(model, device, dtype, threads, dataset, data, n, edits_per_batch, methods, layer, corpus, stats_tokens,
+               held_out, known, out):
+    """Apply many edits one after another with each method (as `eval --sequential`, one run folder
+    per method under OUT); plot what they do to the model against the number of edits."""
     from ..edit import get_method
-    from ..evaluate.sequential import plot_sequential, points_to_dicts, sequential_editing
-    from ..stats import held_out_corpus
+    from ..evaluate.lifelong import plot_lifelong
+    from ..evaluate.runner import run_evaluation
+    from ..evaluate.sequential import lifelong_table, read_points
+    from ..progress import OPTIMISATION
 
-    if not (held_out or corpus):
-        raise CommandError("give --held-out or --corpus: perplexity needs held-out text")
     lm = _load(model, device, dtype, threads)
-    records = load_counterfact(data, n)
-    ppl_corpus = held_out_corpus(held_out or corpus)
+    text, facts = _lifelong_inputs(held_out, corpus, known)
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for method in methods:
         settings = get_method(method).settings_with(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
-        # The statistics and prefixes (minutes when not cached) as phases before the edits' bar.
-        with PhaseBars() as phases, tqdm(total=len(records), desc=f"{method} edits", unit="edit",
-                                         file=sys.stderr) as bar:
-            results[method] = sequential_editing(
-                lm, records, method, settings, ppl_corpus, every=every, progress=bar.update, phases=phases,
-                on_point=lambda p: bar.write(f"{method}: {p.n_edits} edits, efficacy {p.efficacy:.2f}, "
-                                             f"perplexity {p.perplexity:.1f}"))
-        settings.save(out_dir / f"settings_{method}.json")
-    (out_dir / "sequential.json").write_text(json.dumps({m: points_to_dicts(p) for m, p in results.items()}, indent=1))
-    plot_sequential(results, out_dir / "sequential")
-    click.echo("| edits | " + " | ".join(f"{m} efficacy | {m} perplexity" for m in results) + " |")
-    click.echo("|---|" + "---|---|" * len(results))
-    for i in range(len(next(iter(results.values())))):
-        row = [results[m][i] for m in results]
-        click.echo(f"| {row[0].n_edits} | " + " | ".join(f"{p.efficacy:.2f} | {p.perplexity:.1f}" for p in row) + " |")
-    click.echo(f"wrote sequential.json and sequential.png/.svg to {out_dir}")
-
+        with PhaseBars(skip=(OPTIMISATION,)) as phases, tqdm(total=n, desc=f"{method} edits", unit="edit",
+                                                             file=sys.stderr) as bar:
+            run_evaluation(lm, method, dataset, out_dir / method, data=data, n=n, edits_per_batch=edits_per_batch,
+                           settings=settings, sequential=True, held_out=text, known=facts, progress=bar.update,
+                           phases=phases)
+        points = read_points(out_dir / method)
+        results[method] = [points[b] for b in sorted(points)]
+    for path in plot_lifelong(results, out_dir / "lifelong"):
+        click.echo(f"wrote {path}")
+    click.echo(lifelong_table(results))
 
 
 @main.command("eval")
@@ -76,11 +90,13 @@ def sequential(model, device, dtype, threads, data, n, every, methods, layer, co
 @click.option("--settings", "settings_file", default=None, help=SETTINGS_HELP)
 @_stats_options
 @click.option("--generation", is_flag=True, help="also score fluency (GE) and consistency (RS*) of generations")
-@click.option("--sequential", is_flag=True, help="keep every edit: each batch is edited on top of the earlier ones")
+@click.option("--sequential", is_flag=True, help="keep every edit: each batch is edited on top of the earlier ones, "
+              "and the model is measured after each (lifelong.jsonl, lifelong.png)")
+@_lifelong_options
 @click.option("--generation-tokens", type=COUNT, default=100, show_default=True)
 @click.option("--out", "-o", type=click.Path(file_okay=False), required=True)
 def eval_command(model, device, dtype, threads, method, dataset, data, n, start, edits_per_batch, layer, settings_file,
-                 corpus, stats_tokens, generation, generation_tokens, sequential, out):
+                 corpus, stats_tokens, generation, generation_tokens, sequential, held_out, known, out):
     """Evaluate an editing method with the paper's metrics (resumable: finished cases are kept)."""
     from ..edit import get_method
     from ..evaluate.runner import markdown_table, run_evaluation
@@ -89,12 +105,14 @@ def eval_command(model, device, dtype, threads, method, dataset, data, n, start,
     lm = _load(model, device, dtype, threads)
     spec = get_method(method)
     settings = _settings(spec, lm, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
+    text, facts = _lifelong_inputs(held_out, corpus, known) if sequential else (None, None)
     # The first edit's statistics and prefixes (minutes when not cached) get bars of their own.
     with PhaseBars(skip=(OPTIMISATION,)) as phases, \
             tqdm(total=n, desc=f"{method} on {dataset}", unit="case", file=sys.stderr) as bar:
         summary = run_evaluation(lm, method, dataset, out, data=data, n=n, start=start, edits_per_batch=edits_per_batch,
                                  settings=settings, generation=generation, generation_tokens=generation_tokens,
-                                 sequential=sequential, progress=bar.update, phases=phases)
+                                 sequential=sequential, held_out=text, known=facts, progress=bar.update,
+                                 phases=phases)
     click.echo(markdown_table([summary]))
     click.echo(f"wrote cases/, summary.json and summary.md to {out}")
 

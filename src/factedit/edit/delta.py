@@ -3,7 +3,8 @@
 An EditDelta holds, per weight matrix, either low-rank factors (Delta W = up @ down, as ROME's
 rank-one update and MEMIT's batched update are) or a dense change (fine-tuning). Weights are
 always described in nn.Linear orientation (d_out x d_in); GPT-2's transposed Conv1D is handled
-when applying. Files are .safetensors (no pickle) with JSON metadata naming the method, settings,
+when applying. An edit may also carry, per module, the keys it wrote (d_in x n): editors that
+preserve earlier edits (AlphaEdit) read them from the edits applied before (history.py). Files are .safetensors (no pickle) with JSON metadata naming the method, settings,
 requests and the fingerprint of the model the edit was made for.
 """
 
@@ -39,6 +40,7 @@ class EditDelta:
     settings: dict = field(default_factory=dict)
     requests: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)  # module name -> (d_in, n) keys written there
 
     def validate(self, source: str = "the edit") -> None:
         """Check the changes' structure and values; raises EditFileError naming `source` and the problem.
@@ -77,6 +79,13 @@ class EditDelta:
                                         f"{tuple(down)}; up must be (d_out, r) and down (r, d_in)")
                 if up[1] == 0:
                     raise EditFileError(f"{source}: {name} has factors of rank 0")
+        for name, keys in self.keys.items():
+            if name not in self.changes:
+                raise EditFileError(f"{source}: keys for {name}, which the edit does not change")
+            if not isinstance(keys, torch.Tensor) or keys.dtype not in FLOAT_DTYPES or keys.dim() != 2:
+                raise EditFileError(f"{source}: {name}::keys must be a 2-D floating-point matrix (d_in x n)")
+            if not torch.isfinite(keys).all():
+                raise EditFileError(f"{source}: {name}::keys contains NaN or infinite values; refusing the edit")
 
     def weight_change(self, module_name: str) -> torch.Tensor:
         """Delta W in (d_out, d_in) orientation, float32."""
@@ -99,15 +108,19 @@ class EditDelta:
             else:
                 changes[name] = {"up": torch.cat([mine["up"], change["up"]], 1),
                                  "down": torch.cat([mine["down"], change["down"]], 0)}
+        keys = dict(self.keys)
+        for name, more in other.keys.items():
+            keys[name] = torch.cat([keys[name], more], 1) if name in keys else more
         method = self.method if self.method == other.method else f"{self.method}+{other.method}"
         return EditDelta(method, self.model_fingerprint, changes, self.settings, self.requests + other.requests,
-                         {"composed": True})
+                         {"composed": True}, keys)
 
     def save(self, path: str | Path) -> Path:
         """Write the edit as .safetensors. Atomic: a failed write leaves no partial file at `path`."""
         path = Path(path)
         tensors = {f"{name}::{part}": t.detach().contiguous().cpu() for name, change in self.changes.items()
                    for part, t in change.items()}
+        tensors.update({f"{name}::keys": keys.detach().contiguous().cpu() for name, keys in self.keys.items()})
         metadata = {"format": "factedit-edit", "version": str(FORMAT_VERSION), "method": self.method,
                     "model_fingerprint": self.model_fingerprint, "settings": json.dumps(self.settings),
                     "requests": json.dumps(self.requests), "info": json.dumps(self.info)}
@@ -130,13 +143,17 @@ class EditDelta:
             raise EditFileError(f"{path} is a safetensors file but not a factedit edit (no 'format' metadata)")
         fields = _read_metadata(metadata, str(path))
         changes: dict[str, dict[str, torch.Tensor]] = {}
+        keys: dict[str, torch.Tensor] = {}
         for key, tensor in tensors.items():
             name, _, part = key.rpartition("::")
-            if part not in ("up", "down", "dense") or not name:
-                raise EditFileError(f"{path}: unexpected tensor {key!r} (expected MODULE::up, ::down or ::dense)")
-            changes.setdefault(name, {})[part] = tensor
+            if part not in ("up", "down", "dense", "keys") or not name:
+                raise EditFileError(f"{path}: unexpected tensor {key!r} (expected MODULE::up, ::down, ::dense or ::keys)")
+            if part == "keys":
+                keys[name] = tensor
+            else:
+                changes.setdefault(name, {})[part] = tensor
         delta = cls(fields["method"], fields["model_fingerprint"], changes, fields["settings"], fields["requests"],
-                    fields["info"])
+                    fields["info"], keys)
         delta.validate(str(path))
         return delta
 
@@ -218,6 +235,9 @@ class EditStack:
             if got != shape:
                 raise EditFileError(f"{name}: the edit changes a {got[0]}x{got[1]} matrix, but the model's weight is "
                                     f"{shape[0]}x{shape[1]} (d_out x d_in); refusing to apply it")
+            if name in delta.keys and delta.keys[name].shape[0] != shape[1]:
+                raise EditFileError(f"{name}: the edit's keys have {delta.keys[name].shape[0]} entries, but the "
+                                    f"weight takes inputs of {shape[1]}; refusing to apply it")
 
     @torch.no_grad()
     def _add(self, delta: EditDelta, *, check_finite: bool = False) -> None:
@@ -255,6 +275,10 @@ class EditStack:
         for delta in self.applied:
             self._add(delta)
         return removed
+
+    def originals(self) -> dict[str, torch.Tensor]:
+        """The unedited weights of every module an applied edit touches (as stored: Conv1D transposed)."""
+        return dict(self._originals)
 
     def revert_all(self) -> None:
         while self.applied:

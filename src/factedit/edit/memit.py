@@ -18,6 +18,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,54 +26,56 @@ from ..cache_files import read_cached, write_atomic
 from ..errors import InputError
 from ..models import LoadedModel, cache_root, weights_fingerprint
 from ..progress import OPTIMISATION, Phases, start_phase
-from ..settings import JsonSettings
-from ..stats import second_moments
+from ..stats import StatisticsSettings, second_moments
 from .delta import EditDelta, EditStack
 from .mlp_change import mlp_change
 from ..request import EditRequest
 from .prompts import io_at_subject
 from .rome import context_templates, edit_layer, statistics_corpus
-from .value import compute_value_deltas
+from .value import ValueSettings, compute_value_deltas
 
 
 GPTJ_D_MLP = 16384  # the MLP width of GPT-J, where MEMIT's lambda = 15,000 was tuned
 
 
-@dataclass
-class MemitSettings(JsonSettings):
+@dataclass(kw_only=True)
+class MassEditSettings(ValueSettings, StatisticsSettings):
+    """What every editor that spreads many edits over a range of layers shares (MEMIT, AlphaEdit):
+    the targets' value optimisation (ValueSettings, with MEMIT's clamp and prefixes), the statistics
+    (StatisticsSettings) and the layers."""
+
     layers: list[int]
-    v_lr: float = 0.5
-    v_steps: int = 100  # at most; each target's optimisation stops at early_stop_loss (reference: 25)
-    v_weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 0.05
-    early_stop_on: str = "nll"  # "nll": the target's NLL; "total": the whole objective (reference; value.py)
-    essence_prompt: str = "{} is a"
     prefix_lengths: list[list[int]] = field(default_factory=lambda: [[10, 5]])  # [tokens, count]
-    prefix_seed: int = 0
-    prefix_context: str = "\n"  # see RomeSettings
-    mom2_update_weight: float = 15000.0  # lambda: weight of the existing keys' statistics (see defaults_for)
     batch_requests: int = 16  # requests whose targets are optimised together (same result, faster)
-    stats_corpus: str | None = None
-    stats_tokens: int = 100_000
     layer_rule: str = ""
     preset: str = "default"
 
-    @classmethod
-    def defaults_for(cls, lm: LoadedModel, layer: int | None = None, **overrides) -> "MemitSettings":
-        """Five layers ending one above ROME's default layer (or ending at `layer`), and lambda scaled
-        from GPT-J's 15,000 by the MLP width: a typical key has k^T C^-1 k close to d_mlp, so the share
-        of the residual one layer's update achieves, about s / (1 + s) with s = k^T C^-1 k / lambda,
-        stays what MEMIT tuned only when lambda grows with d_mlp. (On SmolLM2, d_mlp 1,536, the
-        unscaled 15,000 leaves a tenth of the fact written per layer: efficacy 0.8 against 1.0 on the
-        first 10 CounterFact records.)"""
+    @staticmethod
+    def default_layers(lm: LoadedModel, layer: int | None = None) -> tuple[list[int], str]:
+        """Five layers ending one above ROME's default layer (or ending at `layer`), and the rule."""
         top = layer if layer is not None else min(lm.n_layers - 1, edit_layer(lm)[0] + 1)
         if not 0 <= top < lm.n_layers:
             raise InputError(f"layer {top} out of range: the model has {lm.n_layers} layers")
         rule = "given top layer" if layer is not None else "5 layers ending one above ROME's default layer"
+        return list(range(max(0, top - 4), top + 1)), rule
+
+
+@dataclass(kw_only=True)
+class MemitSettings(MassEditSettings):
+    mom2_update_weight: float = 15000.0  # lambda: weight of the existing keys' statistics (see defaults_for)
+
+    @classmethod
+    def defaults_for(cls, lm: LoadedModel, layer: int | None = None, **overrides) -> "MemitSettings":
+        """The default layers (MassEditSettings.default_layers), and lambda scaled from GPT-J's 15,000
+        by the MLP width: a typical key has k^T C^-1 k close to d_mlp, so the share of the residual one
+        layer's update achieves, about s / (1 + s) with s = k^T C^-1 k / lambda, stays what MEMIT
+        tuned only when lambda grows with d_mlp. (On SmolLM2, d_mlp 1,536, the unscaled 15,000 leaves
+        a tenth of the fact written per layer: efficacy 0.8 against 1.0 on the first 10 CounterFact
+        records.)"""
+        layers, rule = cls.default_layers(lm, layer)
         overrides.setdefault("mom2_update_weight", round(15000.0 * lm.arch.d_mlp / GPTJ_D_MLP, 1))
-        return cls(layers=list(range(max(0, top - 4), top + 1)), layer_rule=rule, **overrides)
+        return cls(layers=layers, layer_rule=rule, **overrides)
 
 
 # The reference implementation's settings for GPT-J (hparams/MEMIT/EleutherAI_gpt-j-6B.json), by name;
@@ -82,15 +85,10 @@ PAPER_SETTINGS = {"v_lr": 0.5, "v_steps": 25, "v_weight_decay": 0.5, "clamp_norm
                   "mom2_update_weight": 15000.0}
 
 
-def _statistics(lm: LoadedModel, settings: MemitSettings, cache_dir, progress: Phases | None):
+def key_statistics_at(lm: LoadedModel, settings: MassEditSettings, cache_dir, progress: Phases | None) -> dict:
+    """{layer: (SecondMoment, cache path, cache hit)} for every layer of the settings."""
     corpus = statistics_corpus(lm, settings, progress)
-    found = second_moments(lm, settings.layers, corpus, settings.stats_tokens, cache_dir=cache_dir, progress=progress)
-    return {layer: stats.matrix.to(lm.device) for layer, (stats, _, _) in found.items()}
-
-
-# The settings that determine a request's target z (with the weights, the device and the top layer).
-TARGET_FIELDS = ("v_lr", "v_steps", "v_weight_decay", "clamp_norm_factor", "kl_factor", "early_stop_loss",
-                 "early_stop_on", "essence_prompt", "prefix_lengths", "prefix_seed", "prefix_context")
+    return second_moments(lm, settings.layers, corpus, settings.stats_tokens, cache_dir=cache_dir, progress=progress)
 
 
 def _digest(value) -> str:
@@ -104,7 +102,7 @@ class TargetCache:
 
     def __init__(self, lm: LoadedModel, settings: MemitSettings, top: int, cache_dir: Path | None):
         key = {"weights": weights_fingerprint(lm.model), "device": str(lm.device), "layer": top,
-               "settings": {name: getattr(settings, name) for name in TARGET_FIELDS}}
+               "settings": settings.value_settings()}
         self.folder = cache_root(cache_dir) / "memit_targets" / _digest(key)
 
     def _path(self, request: EditRequest) -> Path:
@@ -150,37 +148,64 @@ def _as_mlp_change(lm: LoadedModel, layer: int, requests: list[EditRequest], wan
     return torch.cat(columns, 1)
 
 
-def memit_delta(lm: LoadedModel, requests: list[EditRequest], settings: MemitSettings, *, cache_dir=None,
-                progress: Phases | None = None) -> tuple[EditDelta, list[dict]]:
-    """`progress`: the phases (factedit.progress): key statistics, context prefixes, then the value
-    optimisation of the requests' targets, counted in requests."""
+# solve(layer, K, residual) -> down (n, d_mlp): the layer's update is Delta W = residual @ down.
+LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def spread_over_layers(lm: LoadedModel, requests: list[EditRequest], settings: MassEditSettings, solve: LayerSolve,
+                       method: str, *, cache_dir=None, progress: Phases | None = None, record_keys: bool = False
+                       ) -> tuple[EditDelta, list[dict]]:
+    """Steps 1 and 2 of the module docstring with the per-layer solve given (MEMIT's, AlphaEdit's).
+    `record_keys`: the delta also carries each layer's keys, read once every layer is updated (as
+    the reference's AlphaEdit does), for editors that preserve earlier edits. `progress`: the phases
+    (factedit.progress): statistics and prefixes before, then the value optimisation of the
+    requests' targets, counted in requests."""
     layers = sorted(settings.layers)
     top = layers[-1]
-    C = _statistics(lm, settings, cache_dir, progress)
     templates = context_templates(lm, settings, cache_dir, progress=progress)
     # 1. target hidden states z at the top layer, optimised for several requests at once
     targets_done = start_phase(progress, OPTIMISATION, len(requests), "request")
     found = _targets(lm, requests, settings, top, templates, TargetCache(lm, settings, top, cache_dir), targets_done)
     z = torch.stack([f["z"] for f in found], 1).to(lm.device).double()  # (d, n)
     diagnostics = [{key: value for key, value in f.items() if key != "z"} for f in found]
+
+    def keys_at(layer: int) -> torch.Tensor:  # (d_mlp, n), each averaged over the templates
+        return torch.stack([io_at_subject(lm, "mlp", layer, r, templates)[0].mean(0) for r in requests], 1).double()
+
+    def module(layer: int) -> str:
+        return f"{lm.arch.blocks_name}.{layer}.{lm.arch.blocks[layer].mlp_out_name}"
+
     # 2. spread the change over the layers, lowest first, each on the model updated so far
     stack, total = EditStack(lm), None
     try:
         for i, layer in enumerate(layers):
-            keys = torch.stack([io_at_subject(lm, "mlp", layer, r, templates)[0].mean(0) for r in requests], 1)
+            K = keys_at(layer)
             current = torch.stack([io_at_subject(lm, "hidden", top, r, templates[:1])[1][0] for r in requests], 1)
-            K = keys.double()
             wanted = (z - current.double()) / (len(layers) - i)  # this layer's share of the block-output change
             residual = _as_mlp_change(lm, layer, requests, wanted, templates[0], diagnostics)
-            A = settings.mom2_update_weight * C[layer].double() + K @ K.T
-            down = torch.linalg.solve(A, K).T  # (n, d_mlp): Delta W = residual @ down
-            name = f"{lm.arch.blocks_name}.{layer}.{lm.arch.blocks[layer].mlp_out_name}"
-            delta = EditDelta("memit", lm.fingerprint, {name: {"up": residual.float().cpu(), "down": down.float().cpu()}},
+            down = solve(layer, K, residual)
+            delta = EditDelta(method, lm.fingerprint, {module(layer): {"up": residual.float().cpu(),
+                                                                       "down": down.float().cpu()}},
                               settings.to_dict(), [r.to_dict() for r in requests])
             stack.apply(delta)
             total = delta if total is None else total.compose(delta)
+        if record_keys:
+            total.keys = {module(layer): keys_at(layer).float().cpu() for layer in layers}
     finally:
         stack.revert_all()
-    total.method = "memit"
+    total.method = method
     total.requests = [r.to_dict() for r in requests]
     return total, diagnostics
+
+
+def memit_delta(lm: LoadedModel, requests: list[EditRequest], settings: MemitSettings, *, cache_dir=None,
+                progress: Phases | None = None, history=None) -> tuple[EditDelta, list[dict]]:
+    """MEMIT's solve at each layer: Delta W = R K^T (lambda C + K K^T)^-1. (Earlier edits in
+    `history` are not read: MEMIT preserves only what the statistics C hold.)"""
+    C = {layer: stats.matrix for layer, (stats, _, _) in key_statistics_at(lm, settings, cache_dir, progress).items()}
+
+    def solve(layer: int, K: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        A = settings.mom2_update_weight * C[layer].to(K.device, torch.float64) + K @ K.T
+        return torch.linalg.solve(A, K).T
+
+    return spread_over_layers(lm, requests, settings, solve, "memit", cache_dir=cache_dir, progress=progress)

@@ -15,7 +15,8 @@ from ..progress import OPTIMISATION, Phases, start_phase
 from ..settings import JsonSettings, SettingsError
 from ..tokens import check_prompt_length
 from .delta import EditDelta, EditStack
-from . import kn, memit, rome
+from . import alphaedit, kn, memit, rome
+from .alphaedit import AlphaEditSettings, alphaedit_delta
 from .finetune import FT_L_PAPER_SETTINGS, FinetuneSettings, finetune_delta
 from .kn import KnSettings, kn_delta
 from .memit import MemitSettings, memit_delta
@@ -32,7 +33,8 @@ class Method:
     description: str
     settings_type: type
     defaults: Callable[..., object]  # (lm, layer=None, **overrides) -> settings
-    compute: Callable[..., tuple[EditDelta, list[dict]]]  # (lm, requests, settings, cache_dir, progress: Phases)
+    # (lm, requests, settings, cache_dir=, progress=: Phases, history=: EditHistory or None)
+    compute: Callable[..., tuple[EditDelta, list[dict]]]
     # Named settings beside the defaults: field values applied on top of the per-model defaults.
     # "paper" is the reference implementation's protocol (e.g. ROME's 20 value steps for GPT-2 XL).
     presets: dict[str, dict] = field(default_factory=dict)
@@ -86,7 +88,7 @@ class Method:
 
 
 def _rome(key_mode: str):
-    def compute(lm, requests, settings, cache_dir=None, progress=None):
+    def compute(lm, requests, settings, cache_dir=None, progress=None, history=None):
         stats, path, _ = key_statistics(lm, settings, cache_dir=cache_dir, progress=progress)
         C = stats.matrix.to(lm.device)
         templates = context_templates(lm, settings, cache_dir, progress=progress)
@@ -111,7 +113,7 @@ def _rome(key_mode: str):
 
 
 def _finetune(name: str, constrained: bool):
-    def compute(lm, requests, settings, cache_dir=None, progress=None):
+    def compute(lm, requests, settings, cache_dir=None, progress=None, history=None):
         return finetune_delta(lm, requests, settings, name, start_phase(progress, "fine-tuning", settings.steps, "step"))
 
     def defaults(lm, layer=None, **overrides):
@@ -125,7 +127,7 @@ class NoSettings(JsonSettings):
     """The unedited model has nothing to set: its settings file is an empty JSON object."""
 
 
-def _none_compute(lm, requests, settings, cache_dir=None, progress=None):
+def _none_compute(lm, requests, settings, cache_dir=None, progress=None, history=None):
     return EditDelta("none", lm.fingerprint, {}, {}, [r.to_dict() for r in requests]), [{} for _ in requests]
 
 
@@ -150,14 +152,17 @@ register(Method("ft-l", "fine-tune one MLP output matrix under an L-infinity con
                 FinetuneSettings, *_finetune("ft-l", True), presets={"paper": FT_L_PAPER_SETTINGS}))
 
 register(Method("memit", "MEMIT: all requests at once, spread over a range of layers", MemitSettings,
-                lambda lm, layer=None, **kw: MemitSettings.defaults_for(lm, layer, **kw),
-                lambda lm, requests, settings, cache_dir=None, progress=None:
-                memit_delta(lm, requests, settings, cache_dir=cache_dir, progress=progress), presets={"paper": memit.PAPER_SETTINGS},
+                MemitSettings.defaults_for, memit_delta, presets={"paper": memit.PAPER_SETTINGS},
                 choices={"early_stop_on": EARLY_STOP_CRITERIA}))
+register(Method("alphaedit", "AlphaEdit: MEMIT projected onto the null space of the preserved keys and earlier edits",
+                AlphaEditSettings, AlphaEditSettings.defaults_for, alphaedit_delta,
+                presets={"paper": alphaedit.PAPER_SETTINGS},
+                choices={"early_stop_on": EARLY_STOP_CRITERIA, "null_space_rule": alphaedit.NULL_SPACE_RULES,
+                         "l2_rule": alphaedit.L2_RULES}))
 
 register(Method("kn", "knowledge neurons: integrated-gradients attribution, then rewrite their value vectors",
                 KnSettings, lambda lm, layer=None, **kw: KnSettings.defaults_for(lm, layer, **kw),
-                lambda lm, requests, settings, cache_dir=None, progress=None:
+                lambda lm, requests, settings, cache_dir=None, progress=None, history=None:
                 kn_delta(lm, requests, settings, start_phase(progress, "knowledge neurons", len(requests), "request")),
                 presets={"paper": kn.PAPER_SETTINGS}))
 
@@ -169,12 +174,15 @@ def get_method(name: str) -> Method:
 
 
 def edit(lm: LoadedModel, requests: EditRequest | list[EditRequest], method: str = "rome", settings=None, *,
-         cache_dir: Path | None = None, progress: Phases | None = None) -> tuple[EditDelta, list[dict]]:
+         cache_dir: Path | None = None, progress: Phases | None = None,
+         history=None) -> tuple[EditDelta, list[dict]]:
     """Compute the edit for `requests` with `method` and return it with per-request diagnostics.
     `progress` hears of each phase that can take long, with its total, as it starts (factedit.progress).
     The model is left exactly as it was, also when something fails; apply the result with
     EditStack(lm).apply(delta). Prompts longer than the prompt limit (tokens.MAX_PROMPT_TOKENS) and
-    settings that do not fit the method or the model are refused before any work."""
+    settings that do not fit the method or the model are refused before any work. `history`: the
+    EditHistory of the edits applied before, for methods that preserve them (alphaedit); to edit on
+    top of earlier edits, use EditHistory.edit, which passes itself."""
     spec = get_method(method)
     requests = [requests] if isinstance(requests, EditRequest) else list(requests)
     if not requests:
@@ -186,4 +194,4 @@ def edit(lm: LoadedModel, requests: EditRequest | list[EditRequest], method: str
     spec.check_settings(lm, settings)
     for i, request in enumerate(requests):
         check_prompt_length(lm, request.text, "the prompt" if len(requests) == 1 else f"the prompt of request {i}")
-    return spec.compute(lm, requests, settings, cache_dir=cache_dir, progress=progress)
+    return spec.compute(lm, requests, settings, cache_dir=cache_dir, progress=progress, history=history)

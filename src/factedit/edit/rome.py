@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,39 +30,21 @@ from ..cache_files import read_cached, write_atomic
 from ..errors import InputError
 from ..models import LoadedModel, cache_root
 from ..progress import PREFIXES, Phases, start_phase
-from ..settings import JsonSettings
-from ..stats import Corpus, corpus_from, model_sampled_corpus, second_moment
+from ..stats import Corpus, StatisticsSettings, corpus_from, model_sampled_corpus, second_moment
 from .delta import EditDelta
 from .mlp_change import response_clamp
 from .prompts import io_at_subject
 from ..request import EditRequest
-from .value import compute_value_delta
+from .value import ValueSettings, compute_value_delta
 
 
-@dataclass
-class RomeSettings(JsonSettings):
+@dataclass(kw_only=True)
+class RomeSettings(ValueSettings, StatisticsSettings):
+    """ROME's settings: the value optimisation's (ValueSettings; the norm clamp derived per model, see
+    defaults_for), the statistics' (StatisticsSettings), and the solve's."""
+
     layer: int
     key_mode: str = "consistent"  # "consistent" (rome) or "original" (rome-original)
-    v_lr: float = 0.5
-    # The value step runs until its loss is below early_stop_loss, for at most v_steps steps. The
-    # reference's 20 (tuned for GPT-2 XL) leaves many zsRE and some CounterFact edits unconverged on
-    # the small models here; see benchmarks/convergence.py and the "paper" preset.
-    v_steps: int = 100
-    v_weight_decay: float = 0.5
-    # ||delta|| <= clamp_norm_factor x ||v||. The reference's 4 where the block adds the MLP output to
-    # the residual stream as it is; smaller where a norm follows the MLP (see defaults_for).
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 0.05
-    early_stop_on: str = "nll"  # "nll": the target's NLL; "total": the whole objective (reference; value.py)
-    essence_prompt: str = "{} is a"
-    prefix_lengths: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])  # [tokens, count]
-    prefix_seed: int = 0
-    # Text the prefixes are sampled after when the tokenizer adds no start-of-text token (see
-    # generate.sample_texts); "" samples from the bare start word, as the reference did.
-    prefix_context: str = "\n"
-    stats_corpus: str | None = None  # text/JSONL/folder/"wikitext"; None: $FACTEDIT_STATS_CORPUS or model text
-    stats_tokens: int = 100_000
     ridge: float = 1e-4  # added to C's diagonal, relative to its mean diagonal (conditioning)
     # True: the value step adds to each prompt the share of the change that the rank-one update will
     # give it (update_shares), so it optimises what the edit will do; False: the same change at every

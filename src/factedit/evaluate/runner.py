@@ -13,54 +13,35 @@ Datasets and their scoring: datasets.py. Layout of an output folder:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Callable
 
-from ..edit import EditDelta, EditStack, edit, get_method
+from ..edit import EditStack, edit, get_method
 from ..errors import InputError
-from ..generate import generate_batch
-from ..models import LoadedModel, default_cache_dir
+from ..models import LoadedModel
 from ..progress import Phases
 from ..tokens import check_prompt_length
+from ..data.known import KnownFact
+from ..stats import Corpus
+from .cases import case_path, chunks, references_for, score_and_write
 from .datasets import Dataset, get_dataset
-from .metrics import aggregate, generation_entropy, tfidf_consistency
-
-
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def generations(lm: LoadedModel, prompts: list[str], seed: int, n_new: int = 100, top_k: int = 5) -> list[str]:
-    """Sampled continuations (top-k, seeded), as the paper generated its fluency texts; all prompts
-    in one batch."""
-    if not prompts:
-        return []
-    prompt_ids = [list(lm.tokenizer(prompt)["input_ids"]) for prompt in prompts]
-    out = generate_batch(lm, prompt_ids, n_new, top_k=top_k, seed=seed)
-    return [lm.tokenizer.decode(row, skip_special_tokens=True) for row in out]
-
-
-def generation_scores(generated: list[str], references: list[str]) -> dict[str, float]:
-    """GE (generation entropy) and RS* (TF-IDF consistency against the stand-in references), as
-    fractions of the paper's x100 scale (the summary multiplies by 100)."""
-    scores = {"GE": generation_entropy(generated) / 100}
-    if references:
-        scores["RS*"] = tfidf_consistency(generated, references) / 100
-    return scores
+from .metrics import aggregate
+from .sequential import read_points, run_sequential
 
 
 def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Path, *, data: str | None = None,
                    n: int | None = None, start: int = 0, edits_per_batch: int = 1, settings=None,
                    generation: bool = False,
-                   generation_tokens: int = 100, sequential: bool = False,
+                   generation_tokens: int = 100, sequential: bool = False, held_out: Corpus | None = None,
+                   known: list[KnownFact] | None = None,
                    progress: Callable[[int], None] | None = None, phases: Phases | None = None) -> dict:
     """Evaluate `method` on `n` records from the `start`-th (default: the first n). Each batch of
     records is edited together, scored, and the edit reverted, so every case is measured against the
     unedited model. Finished cases (cases/<id>.json) are skipped, so an interrupted run resumes.
-    With `sequential`, edits accumulate instead (see `_run_sequential`).
+    With `sequential`, edits accumulate instead, and the model is measured after every batch on
+    `held_out` text (perplexity) and `known` facts (sequential.py).
 
     generation: also generate from the dataset's generation prompts on the edited model and score
     fluency (GE) and consistency (RS*: TF-IDF cosine against the unedited model's generations for
@@ -89,6 +70,9 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
                 "edits_per_batch": edits_per_batch, "model": lm.name, "fingerprint": lm.fingerprint,
                 "settings": settings.to_dict(), "generation": generation, "sequential": sequential,
                 "generation_tokens": generation_tokens if generation else None}
+    if sequential:  # what the measurements after each batch read
+        run_info.update({"held_out": held_out.identity if held_out else None,
+                         "known_facts": len(known) if known is not None else None})
     info_path = out / "settings.json"
     if info_path.exists():
         previous = {"start": 0, **json.loads(info_path.read_text())}  # runs from before --start began at 0
@@ -98,23 +82,24 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
     info_path.write_text(json.dumps(run_info, indent=1))
 
     if sequential:
-        _run_sequential(lm, method, ds, records, out, edits_per_batch, settings, generation, generation_tokens,
-                        phases, progress)
+        run_sequential(lm, method, ds, records, out, edits_per_batch=edits_per_batch, settings=settings,
+                       generation=generation, tokens=generation_tokens, held_out=held_out, known=known,
+                       phases=phases, progress=progress)
         return summarize(out)
     stack = EditStack(lm)
-    for batch in _chunks(records, edits_per_batch):
-        if all(_case_path(out, r).exists() for r in batch):
+    for batch in chunks(records, edits_per_batch):
+        if all(case_path(out, r).exists() for r in batch):
             if progress:
                 progress(len(batch))
             continue
         pre = [ds.probabilities(lm, r) for r in batch]
-        references = [_references(lm, ds, r, generation, generation_tokens) for r in batch]
+        references = [references_for(lm, ds, r, generation, generation_tokens) for r in batch]
         began = time.perf_counter()  # not `start`: that is the first record's index
         delta, diagnostics = edit(lm, [r.request for r in batch], method, settings, progress=phases)
         edit_seconds = time.perf_counter() - began
         stack.apply(delta)
         try:
-            _score_and_write(lm, ds, out, batch, pre, references, generation, generation_tokens, edit_seconds,
+            score_and_write(lm, ds, out, batch, pre, references, generation, generation_tokens, edit_seconds,
                              diagnostics)
         finally:
             stack.revert()
@@ -147,100 +132,6 @@ def _differences(previous: dict, current: dict) -> list[str]:
     return differ
 
 
-def _write_json(path: Path, value) -> None:
-    """Write through a temporary file and rename: a crash never leaves half a file."""
-    path.with_suffix(".part").write_text(json.dumps(value))
-    path.with_suffix(".part").rename(path)
-
-
-def _case_path(out: Path, record) -> Path:
-    return out / "cases" / f"{record.case_id}.json"
-
-
-def _references(lm, ds: Dataset, record, generation: bool, tokens: int) -> list[str]:
-    """The unedited model's generations for the reference prompts. They do not depend on the method,
-    so they are cached on disk, keyed by the model's weights, the prompts, the seed and the length."""
-    if not generation:
-        return []
-    prompts = ds.reference_prompts(record)
-    key = hashlib.sha256(json.dumps([prompts, record.case_id, tokens]).encode()).hexdigest()[:16]
-    path = default_cache_dir() / "references" / lm.fingerprint / f"{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    texts = generations(lm, prompts, record.case_id, tokens)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, texts)
-    return texts
-
-
-def _per_case(diagnostics: list[dict], n: int) -> list[dict]:
-    """One diagnostics dict per case: methods report one per request, or one for the whole batch
-    (fine-tuning trains all requests together)."""
-    if len(diagnostics) == n:
-        return diagnostics
-    return [diagnostics[0] if diagnostics else {}] * n
-
-
-def _score_and_write(lm, ds: Dataset, out: Path, batch, pre, references, generation, tokens, edit_seconds,
-                     diagnostics: list[dict]) -> None:
-    """Score the batch on the (edited) model as it is now and write one case file each, with what the
-    editor reported about each edit (steps, final loss, whether the optimisation converged)."""
-    for record, before, refs, info in zip(batch, pre, references, _per_case(diagnostics, len(batch))):
-        after = ds.probabilities(lm, record)
-        texts = generations(lm, ds.generation_prompts(record), record.case_id, tokens) if generation else []
-        post_scores = ds.scores(after)
-        if generation:
-            post_scores.update(generation_scores(texts, refs))
-        case = {"case_id": record.case_id, "request": record.request.to_dict(), "pre": before, "post": after,
-                "pre_scores": ds.scores(before), "post_scores": post_scores, "generated": texts, "references": refs,
-                "edit_seconds": edit_seconds / len(batch), "batch_size": len(batch), "edit": info}
-        path = _case_path(out, record)
-        _write_json(path, case)
-
-
-def _run_sequential(lm, method, ds: Dataset, records, out: Path, edits_per_batch, settings, generation, tokens,
-                    phases, progress) -> None:
-    """Edits accumulate: each batch is edited on the model that holds all earlier batches, and scored
-    there; "pre" scores are still the unedited model's. Each batch's edit is saved in deltas/, so a
-    resumed run re-applies finished batches instead of recomputing them. The model is restored at
-    the end."""
-    (out / "deltas").mkdir(exist_ok=True)
-    batches = _chunks(records, edits_per_batch)
-    pending = [r for r in records if not _case_path(out, r).exists()]
-    pre = {r.case_id: ds.probabilities(lm, r) for r in pending}  # all on the unedited model
-    references = {r.case_id: _references(lm, ds, r, generation, tokens) for r in pending}
-    stack = EditStack(lm)
-    try:
-        for batch in batches:
-            delta_path = out / "deltas" / f"batch_{batch[0].case_id}.safetensors"
-            if all(_case_path(out, r).exists() for r in batch) and delta_path.exists():
-                stack.apply(EditDelta.load(delta_path))
-            else:
-                start = time.perf_counter()
-                delta, diagnostics = edit(lm, [r.request for r in batch], method, settings, progress=phases)
-                edit_seconds = time.perf_counter() - start
-                stack.apply(delta)
-                delta.save(delta_path)
-                _score_and_write(lm, ds, out, batch, [pre[r.case_id] for r in batch],
-                                 [references[r.case_id] for r in batch], generation, tokens, edit_seconds, diagnostics)
-            if progress:
-                progress(len(batch))
-        _score_after_all(lm, ds, out, records)
-    finally:
-        stack.revert_all()
-
-
-def _score_after_all(lm, ds: Dataset, out: Path, records) -> None:
-    """Score every case again on the model that holds all the edits ("final"): an early edit may be
-    undone or damaged by later ones, which the scores taken right after each edit cannot show."""
-    for record in records:
-        path = _case_path(out, record)
-        case = json.loads(path.read_text())
-        case["final"] = ds.probabilities(lm, record)
-        case["final_scores"] = ds.scores(case["final"])
-        _write_json(path, case)
-
-
 def convergence_counts(cases: list[dict]) -> dict:
     """How many edits optimised a value and how many of those did not reach the early-stop loss
     within their step budget (cases of methods without such an optimisation are not counted)."""
@@ -270,6 +161,9 @@ def summarize(out_dir: str | Path) -> dict:
                **convergence_counts(cases)}
     if cases and all("final_scores" in c for c in cases):
         summary["final"] = aggregate([c["final_scores"] for c in cases])
+    points = read_points(out)
+    if points:
+        summary["lifelong"] = {"first": vars(points[min(points)]), "last": vars(points[max(points)])}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(markdown_table([summary]) + "\n")
     return summary

@@ -1,112 +1,116 @@
-"""Sequential editing: many ROME edits applied one after another to the same model.
+"""Sequential (lifelong) evaluation: batches of edits applied one after another to the same model.
 
-After every `every` edits: the efficacy of all edits so far (share whose new target beats the true
-one on its rewrite prompt, and the mean probability margin) and the perplexity of held-out text.
-The reference implementation's key mix is known to produce "disabling" edits that collapse the
-model after some edits; the consistent-key variant should not.
+Each batch is edited on the model holding all earlier batches (EditHistory.edit, the one loop for
+that), its cases are scored right after it, and the model is measured (lifelong.py: edits kept,
+perplexity, known facts kept, norm growth). Once the last batch is in, every case is scored again
+("final"). "pre" scores are the unedited model's.
+
+On disk, beside cases/: history/ (each batch's edit, in order, with the keys AlphaEdit preserves) and
+lifelong.jsonl (one measurement per batch; batch 0 is the unedited model). A killed run resumes from
+them: saved batches are replayed one by one, the cases and measurements missing after each are made
+on the model exactly as it stood then, and the run goes on with the same numbers as one without a
+break.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import asdict, dataclass
+import json
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from ..data.counterfact import CounterFactRecord
-from ..edit import EditStack, RomeSettings, get_method
-from ..edit.rome import context_templates, key_statistics, rome_delta
-from ..models import LoadedModel
+from ..data.known import KnownFact
+from ..edit.history import EditHistory
+from ..errors import InputError
 from ..progress import Phases
-from ..scoring import target_logprobs
-from ..settings import SettingsError
-from ..stats import Corpus, token_chunks
+from ..stats import Corpus
+from .cases import case_path, chunks, references_for, score_after_all, score_and_write
+from .datasets import Dataset
+from .lifelong import LifelongPoint, LifelongProbe, plot_lifelong
+
+POINTS_FILE = "lifelong.jsonl"
 
 
-@dataclass
-class SequentialPoint:
-    n_edits: int
-    efficacy: float  # share of edits so far with P(new) > P(true) on the rewrite prompt
-    margin: float  # mean P(new) - P(true) over them
-    perplexity: float
-    seconds: float  # wall time since the start
-
-
-@torch.no_grad()
-def perplexity(lm: LoadedModel, corpus: Corpus, n_tokens: int = 4096, chunk_len: int = 256) -> float:
-    total_nll, count = 0.0, 0
-    for chunk in token_chunks(lm, corpus, n_tokens, chunk_len):
-        ids = torch.tensor([chunk], device=lm.device)
-        logits = lm.model(input_ids=ids, use_cache=False).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
-        total_nll += float(nll)
-        count += ids.shape[1] - 1
-    mean = total_nll / max(count, 1)
-    return math.exp(mean) if mean < 700 else float("inf")  # a collapsed model: report inf, do not crash
-
-
-def efficacy(lm: LoadedModel, records: list[CounterFactRecord]) -> tuple[float, float]:
-    if not records:
-        return float("nan"), float("nan")
-    prompts = [r.request.text for r in records]
-    p_new = target_logprobs(lm, prompts, [r.request.target_new for r in records]).exp()
-    p_true = target_logprobs(lm, prompts, [r.request.target_true for r in records]).exp()
-    return float((p_new > p_true).float().mean()), float((p_new - p_true).mean())
-
-
-def sequential_editing(lm: LoadedModel, records: list[CounterFactRecord], method: str, settings: RomeSettings,
-                       held_out: Corpus, *, every: int = 10, ppl_tokens: int = 4096,
-                       on_point: Callable[[SequentialPoint], None] | None = None,
-                       progress: Callable[[int], None] | None = None,
-                       phases: Phases | None = None) -> list[SequentialPoint]:
-    """Apply the records' edits one by one; measure at 0, every, 2*every, ... edits. The model is
-    restored exactly at the end (also after an error). `settings` must be the method's (see
-    factedit.edit.get_method(method).defaults)."""
-    if settings.key_mode != get_method(method).defaults(lm, settings.layer).key_mode:
-        raise SettingsError(f"settings with key_mode {settings.key_mode!r} do not belong to method {method}")
-    stats, _, _ = key_statistics(lm, settings, progress=phases)
-    C = stats.matrix.to(lm.device)
-    templates = context_templates(lm, settings, progress=phases)
-    start, points, stack = time.perf_counter(), [], EditStack(lm)
-
-    def measure(n: int):
-        eff, margin = efficacy(lm, records[:n])
-        point = SequentialPoint(n, eff, margin, perplexity(lm, held_out, ppl_tokens), time.perf_counter() - start)
-        points.append(point)
-        if on_point:
-            on_point(point)
-
-    try:
-        measure(0)
-        for i, record in enumerate(records, 1):
-            delta, _ = rome_delta(lm, record.request, settings, C, templates)
-            stack.apply(delta)
-            if progress:
-                progress(1)
-            if i % every == 0 or i == len(records):
-                measure(i)
-    finally:
-        stack.revert_all()
+def read_points(out: Path) -> dict[int, LifelongPoint]:
+    """The measurements of a run so far, by batch (an unfinished last line, from a kill, is ignored)."""
+    path = Path(out) / POINTS_FILE
+    points = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                point = LifelongPoint.from_dict(json.loads(line))
+            except (json.JSONDecodeError, TypeError):
+                continue
+            points[point.batch] = point
     return points
 
 
-def points_to_dicts(points: list[SequentialPoint]) -> list[dict]:
-    return [asdict(p) for p in points]
+def _append_point(out: Path, point: LifelongPoint) -> None:
+    from dataclasses import asdict
+
+    with (out / POINTS_FILE).open("a") as f:
+        f.write(json.dumps(asdict(point)) + "\n")
 
 
-def plot_sequential(results: dict[str, list[SequentialPoint]], path_stem) -> list:
-    """Efficacy and held-out perplexity against the number of edits, one line per method."""
-    from .. import figures
+def run_sequential(lm, method: str, ds: Dataset, records: list, out: Path, *, edits_per_batch: int, settings,
+                   generation: bool = False, tokens: int = 100, held_out: Corpus | None = None,
+                   known: list[KnownFact] | None = None, phases: Phases | None = None,
+                   progress: Callable[[int], None] | None = None) -> list[LifelongPoint]:
+    """See the module docstring. The model is restored at the end (also after an error)."""
+    batches = chunks(records, edits_per_batch)
+    pending = [r for r in records if not case_path(out, r).exists()]
+    pre = {r.case_id: ds.probabilities(lm, r) for r in pending}  # all on the unedited model
+    references = {r.case_id: references_for(lm, ds, r, generation, tokens) for r in pending}
+    points = read_points(out)
+    probe = LifelongProbe(lm, [r.request for r in records], held_out=held_out, known=known)
+    history = EditHistory(lm, out / "history")
+    if history.pending > len(batches):
+        raise InputError(f"{out / 'history'} holds {history.pending} batches, more than the {len(batches)} of this "
+                         "run; use another --out")
+    try:
+        if 0 not in points:
+            points[0] = probe.measure(history, 0, [])
+            _append_point(out, points[0])
+        done: list = []
+        for number, batch in enumerate(batches, 1):
+            requests = [r.request for r in batch]
+            if history.pending:
+                history.replay(1)
+                saved = history.batches[-1]
+                if saved.requests != [r.to_dict() for r in requests]:
+                    raise InputError(f"{out / 'history'}: batch {number} was made for other records than this run's "
+                                     f"(cases {batch[0].case_id}..{batch[-1].case_id}); use another --out")
+            else:
+                history.edit(requests, method, settings, progress=phases)
+            done += requests
+            if any(not case_path(out, r).exists() for r in batch):
+                info = history.batches[-1].info
+                score_and_write(lm, ds, out, batch, [pre[r.case_id] for r in batch],
+                                [references[r.case_id] for r in batch], generation, tokens,
+                                info.get("edit_seconds", 0.0), info.get("diagnostics", []))
+            if number not in points:
+                points[number] = probe.measure(history, number, done)
+                _append_point(out, points[number])
+            if progress:
+                progress(len(batch))
+        score_after_all(lm, ds, out, records)
+    finally:
+        history.release()
+    ordered = [points[b] for b in sorted(points)]
+    plot_lifelong({method: ordered}, out / "lifelong")
+    return ordered
 
-    fig, (left, right) = figures.subplots(1, 2, figsize=(10, 3.6))
-    for method, points in results.items():
-        n = [p.n_edits for p in points]
-        left.plot(n[1:], [p.efficacy for p in points[1:]], marker="o", label=method)
-        right.plot(n, [p.perplexity for p in points], marker="o", label=method)
-    left.set(xlabel="edits applied", ylabel="efficacy of all edits so far", ylim=(-0.05, 1.05))
-    right.set(xlabel="edits applied", ylabel="held-out perplexity", yscale="log")
-    left.legend(), right.legend()
-    return figures.save(fig, Path(path_stem).with_suffix(""), dpi=130, bbox_inches="tight")
+
+def lifelong_table(runs: dict[str, list[LifelongPoint]]) -> str:
+    """Markdown: one row per run and measurement."""
+    lines = ["| run | batch | edits | edits kept | perplexity | known facts kept | largest norm growth |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(value, fmt):
+        return "" if value is None else format(value, fmt)
+
+    for name, points in runs.items():
+        for p in points:
+            growth = max(p.norm_growth.values(), default=None)
+            lines.append(f"| {name} | {p.batch} | {p.n_edits} | {cell(p.edits_kept, '.3f')} | "
+                         f"{cell(p.perplexity, '.2f')} | {cell(p.known_kept, '.3f')} | {cell(growth, '.3f')} |")
+    return "\n".join(lines)

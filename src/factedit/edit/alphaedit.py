@@ -1,0 +1,168 @@
+"""AlphaEdit (Fang et al., ICLR 2025): MEMIT's update projected onto the null space of what to keep.
+
+MEMIT's targets and its spreading over layers (memit.spread_over_layers), with another solve per
+layer: with K the batch's keys, R their residuals, P the projector onto the null space of the
+preserved keys (directions the keys of ordinary text hardly use, from the cached statistics C) and
+H = sum of K_p K_p^T over the keys of the earlier edits in the history,
+
+    Delta W = R (A^-1 P K)^T,   A = P (K K^T + H) + l2 I.
+
+Delta W k = 0 for any key with P k = 0, so text whose keys live outside the null space is left
+alone, and the H term keeps the outputs at the earlier edits' keys. With P = U U^T (U: an orthonormal
+basis of the null space), A^-1 P K = U (U^T (K K^T + H) U + l2 I)^-1 U^T K exactly, which is how it is
+computed: a solve of the null space's size, and no round-off of P leaking into the directions the
+update must not touch (l2 / the null space's energy would amplify it). Each batch carries its keys
+(EditDelta.keys, read after the update, as the reference does), so H belongs to the editing history
+(history.py): it survives a restart and leaves with a reverted batch.
+
+Where the reference uses absolute numbers that depend on the scale of a model's keys (eigenvalues
+of C below 2e-2, l2 = 10), the defaults here are relative (see AlphaEditSettings); "paper" keeps the
+reference's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cache_files import read_cached, write_atomic
+from ..errors import InputError
+from ..models import LoadedModel, cache_root
+from ..progress import Phases
+from ..request import EditRequest
+from .delta import EditDelta
+from .memit import MassEditSettings, key_statistics_at, spread_over_layers
+
+NULL_SPACE_RULES = ("trace_share", "absolute")
+L2_RULES = ("null_energy", "absolute")
+
+
+@dataclass(kw_only=True)
+class AlphaEditSettings(MassEditSettings):
+    # "trace_share": keep the eigenvectors of C with the smallest eigenvalues, as many as hold at most
+    # null_space_threshold of C's trace: a key of the statistics' text then has, on average, that share
+    # of its energy where the update acts. "absolute": eigenvalues below null_space_threshold (the
+    # reference's 2e-2, which keeps 70% of SmolLM2's directions and 20-75% of Gemma 3's).
+    null_space_rule: str = "trace_share"
+    null_space_threshold: float = 0.05
+    # "null_energy": l2 x the mean energy a key of the statistics has inside the null space (the sum
+    # of the kept eigenvalues), the scale the solve works at; "absolute": l2 as it is (reference: 10).
+    l2_rule: str = "null_energy"
+    l2: float = 0.1
+
+    @classmethod
+    def defaults_for(cls, lm: LoadedModel, layer: int | None = None, **overrides) -> "AlphaEditSettings":
+        layers, rule = cls.default_layers(lm, layer)
+        return cls(layers=layers, layer_rule=rule, **overrides)
+
+
+# The reference's settings (hparams/AlphaEdit/gpt2-xl.json; Llama3-8B and GPT-J use the same null-space
+# threshold and l2), by name.
+PAPER_SETTINGS = {"v_lr": 0.5, "v_steps": 20, "v_weight_decay": 0.5, "clamp_norm_factor": 0.75, "kl_factor": 0.0625,
+                  "early_stop_loss": 0.05, "early_stop_on": "total", "prefix_lengths": [[10, 5]], "prefix_context": "",
+                  "null_space_rule": "absolute", "null_space_threshold": 2e-2, "l2_rule": "absolute", "l2": 10.0}
+
+
+@dataclass
+class Projector:
+    """P = basis basis^T, kept as its basis."""
+
+    basis: torch.Tensor  # (d_mlp, kept) float64 on the CPU: orthonormal eigenvectors of C
+    null_energy: float  # mean energy of a statistics key inside the null space (sum of the kept eigenvalues)
+
+    @property
+    def kept(self) -> int:
+        """The null space's dimension."""
+        return self.basis.shape[1]
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return self.basis @ self.basis.T
+
+    def nbytes(self) -> int:
+        return self.basis.numel() * self.basis.element_size()
+
+
+def null_space_projector(C: torch.Tensor, rule: str, threshold: float) -> Projector:
+    """The eigenvectors of C kept by `rule` (see AlphaEditSettings)."""
+    if rule not in NULL_SPACE_RULES:
+        raise InputError(f"null_space_rule must be one of {', '.join(NULL_SPACE_RULES)}, not {rule!r}")
+    eigenvalues, vectors = torch.linalg.eigh(C.double())
+    eigenvalues = eigenvalues.clamp(min=0)  # round-off makes the smallest slightly negative
+    if rule == "trace_share":
+        keep = torch.cumsum(eigenvalues, 0) <= threshold * eigenvalues.sum()
+    else:
+        keep = eigenvalues < threshold
+    return Projector(vectors[:, keep].contiguous(), float(eigenvalues[keep].sum()))
+
+
+def projectors(lm: LoadedModel, settings: AlphaEditSettings, cache_dir=None, progress: Phases | None = None
+               ) -> dict[int, Projector]:
+    """The projector per layer from the cached key statistics, itself cached on disk beside them
+    (keyed by the statistics file and the rule). Statistics from fewer keys than d_mlp, or a rule that
+    keeps no direction, are errors that say what to change."""
+    found = {}
+    d_mlp = lm.arch.d_mlp
+    for layer, (stats, path, _) in key_statistics_at(lm, settings, cache_dir, progress).items():
+        if stats.count < d_mlp:
+            raise InputError(f"the key statistics at layer {layer} come from {stats.count:,} keys, fewer than the "
+                             f"{d_mlp:,} dimensions of a key: no null space can be estimated from them; collect at "
+                             f"least {10 * d_mlp:,} tokens (--tokens / stats_tokens)")
+        rule = f"{settings.null_space_rule}-{settings.null_space_threshold:g}"
+        cached_at = cache_root(cache_dir) / "nullspace" / path.parent.name / f"{path.stem}_{rule}.pt"
+        projector = read_cached(cached_at, lambda p: Projector(**torch.load(p, weights_only=True)))
+        if projector is not None and not isinstance(projector.basis, torch.Tensor):
+            projector = None
+        if projector is None:
+            projector = null_space_projector(stats.matrix, settings.null_space_rule, settings.null_space_threshold)
+            write_atomic(cached_at, lambda partial: torch.save(vars(projector), partial))
+        if projector.kept == 0:
+            raise InputError(f"the null space at layer {layer} is empty: rule {settings.null_space_rule} with "
+                             f"threshold {settings.null_space_threshold:g} keeps no direction of the {d_mlp:,}; "
+                             "raise null_space_threshold")
+        found[layer] = projector
+    return found
+
+
+def alphaedit_solve(K: torch.Tensor, basis: torch.Tensor, H: torch.Tensor, l2: float) -> torch.Tensor:
+    """down (n, d_mlp) with Delta W = R down: (A^-1 P K)^T, A = P (K K^T + H) + l2 I, P = basis basis^T,
+    computed in the null space (module docstring), in float64."""
+    K = K.double()
+    U, H = basis.to(K.device, torch.float64), H.to(K.device, torch.float64)
+    KU = U.T @ K  # (kept, n)
+    reduced = KU @ KU.T + U.T @ H @ U + l2 * torch.eye(U.shape[1], dtype=torch.float64, device=K.device)
+    return (U @ torch.linalg.solve(reduced, KU)).T
+
+
+def alphaedit_delta(lm: LoadedModel, requests: list[EditRequest], settings: AlphaEditSettings, *, cache_dir=None,
+                    progress: Phases | None = None, history=None) -> tuple[EditDelta, list[dict]]:
+    """The AlphaEdit update for `requests` on the model as it is, preserving the keys of the batches in
+    `history` (an EditHistory; None: nothing edited before). The model is not modified."""
+    layers = sorted(settings.layers)
+    modules = {layer: f"{lm.arch.blocks_name}.{layer}.{lm.arch.blocks[layer].mlp_out_name}" for layer in layers}
+    if history is not None and history.key_modules() and history.key_modules() != set(modules.values()):
+        raise InputError(f"the editing history preserves keys at {', '.join(sorted(history.key_modules()))}, but "
+                         f"these settings edit layers {layers}; continue a history with the layers it was made with")
+    found = projectors(lm, settings, cache_dir, progress)
+    d_mlp = lm.arch.d_mlp
+    H = {layer: history.key_moment(modules[layer], d_mlp) if history is not None else
+         torch.zeros(d_mlp, d_mlp, dtype=torch.float64) for layer in layers}
+
+    def solve(layer: int, K: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        projector = found[layer]
+        l2 = settings.l2 * projector.null_energy if settings.l2_rule == "null_energy" else settings.l2
+        return alphaedit_solve(K, projector.basis, H[layer], l2)
+
+    if settings.l2_rule not in L2_RULES:
+        raise InputError(f"l2_rule must be one of {', '.join(L2_RULES)}, not {settings.l2_rule!r}")
+    delta, diagnostics = spread_over_layers(lm, requests, settings, solve, "alphaedit", cache_dir=cache_dir,
+                                            progress=progress, record_keys=True)
+    n_preserved = history.preserved_keys(modules[layers[0]]).shape[1] \
+        if history is not None and history.key_modules() else 0
+    delta.info.update({
+        "null_space_dims": {layer: found[layer].kept for layer in layers},
+        "projector_bytes": sum(p.nbytes() for p in found.values()),
+        "history_bytes": sum(h.numel() * h.element_size() for h in H.values()),
+        "preserved_keys": n_preserved})
+    return delta, diagnostics
