@@ -229,3 +229,34 @@ def test_cli_eval_shows_the_first_edits_statistics_and_prefixes_with_their_total
     assert re.search(r"key statistics: 100%.*300/300", result.output)
     assert re.search(r"context prefixes: 100%", result.output)
     assert "value optimisation" not in result.output  # per edit, counted by the cases bar instead
+
+
+def test_lifelong_probe_counts_the_untouched_known_facts_and_measures_perplexity(env, word_corpus):
+    from factedit.data.known import KnownFact
+    from factedit.edit import EditHistory, EditRequest
+    from factedit.evaluate.lifelong import LifelongProbe
+    from factedit.stats import corpus_from
+
+    lm, _ = env
+    prompt = "The Space Needle is located in the city of"
+    with torch.no_grad():
+        ids = lm.tokenizer(prompt, return_tensors="pt").input_ids
+        answer = lm.tokenizer.decode(lm.model(input_ids=ids).logits[0, -1].argmax())
+    wrong = "Seattle" if answer.strip() != "Seattle" else "Rome"
+    facts = [KnownFact(1, "The Space Needle", answer.strip(), prompt),  # answered
+             KnownFact(2, "The Space Needle", wrong, prompt),  # not answered: does not count
+             KnownFact(3, "The Eiffel Tower", answer.strip(), prompt.replace("Space Needle", "Eiffel Tower"))]
+    edited = [EditRequest.create("{} is located in the city of", "the eiffel tower", "Rome", "Paris")]  # touches fact 3
+    held_out = corpus_from(str(word_corpus))
+    probe = LifelongProbe(lm, edited, held_out=held_out, known=facts, ppl_tokens=64)
+    assert [f.known_id for f in probe.known] == [1]
+    point = probe.measure(EditHistory(lm), 0, [])
+    assert point.known_kept == 1.0 and point.known_count == 1 and point.edits_kept is None
+    # The slow reference: the text's tokens one forward pass each, the next token's log-probability.
+    chunk = lm.tokenizer(word_corpus.read_text(), add_special_tokens=False).input_ids[:64]  # 3,000 words: no EOS yet
+    nll = []
+    with torch.no_grad():
+        for i in range(1, len(chunk)):
+            logits = lm.model(input_ids=torch.tensor([chunk[:i]])).logits[0, -1]
+            nll.append(-torch.log_softmax(logits.float(), -1)[chunk[i]])
+    assert point.perplexity == pytest.approx(float(torch.exp(torch.stack(nll).mean())), rel=1e-4)

@@ -18,6 +18,8 @@ SAMPLING = "sampling text for key statistics (no corpus given)"
 STATISTICS = "key statistics"
 PREFIXES = "context prefixes"
 OPTIMISATION = "value optimisation"
+# Phases that happen once per run (then cached), not per edit: what a long run shows bars for.
+SETUP_PHASES = (SAMPLING, STATISTICS, PREFIXES)
 
 
 def _ignore(n: int) -> None:

@@ -85,12 +85,12 @@ class PhaseBars:
     """A progress reporter (factedit.progress.Phases) that draws one bar with its total per phase on
     stderr, closing the previous phase's bar when the next one starts."""
 
-    def __init__(self, skip: tuple[str, ...] = ()):
-        self.bar, self.skip = None, skip  # skip: phases not drawn (eval's per-edit optimisation)
+    def __init__(self, only: tuple[str, ...] | None = None):
+        self.bar, self.only = None, only  # only: the phases drawn (eval: the one-time ones); None: all
 
     def __call__(self, name: str, total: int, unit: str):
         self.close()
-        if name in self.skip:
+        if self.only is not None and name not in self.only:
             return lambda n: None
         self.bar = tqdm(total=total, desc=name, unit=unit, file=sys.stderr)
         return self.bar.update

@@ -28,6 +28,8 @@ def _lifelong_inputs(held_out: str | None, corpus: str | None, known: str | None
 
 
 def _lifelong_options(command):
+    command = click.option("--measure-every", type=COUNT, default=1, show_default=True,
+                           help="measure the model after every this many batches (and the last)")(command)
     command = click.option("--known", default=None, help="known facts for --sequential runs' measurements "
                            "(default $FACTEDIT_DATA_DIR/known_1000.json)")(command)
     command = click.option("--held-out", default=None, help="corpus whose last 3 documents give the perplexity text "
@@ -49,14 +51,14 @@ def _lifelong_options(command):
 @_lifelong_options
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="sequential-out", show_default=True)
 def sequential(model, device, dtype, threads, dataset, data, n, edits_per_batch, methods, layer, corpus, stats_tokens,
-               held_out, known, out):
+               held_out, known, measure_every, out):
     """Apply many edits one after another with each method (as `eval --sequential`, one run folder
     per method under OUT); plot what they do to the model against the number of edits."""
     from ..edit import get_method
     from ..evaluate.lifelong import plot_lifelong
     from ..evaluate.runner import run_evaluation
     from ..evaluate.sequential import lifelong_table, read_points
-    from ..progress import OPTIMISATION
+    from ..progress import SETUP_PHASES
 
     lm = _load(model, device, dtype, threads)
     text, facts = _lifelong_inputs(held_out, corpus, known)
@@ -64,11 +66,11 @@ def sequential(model, device, dtype, threads, dataset, data, n, edits_per_batch,
     results = {}
     for method in methods:
         settings = get_method(method).settings_with(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
-        with PhaseBars(skip=(OPTIMISATION,)) as phases, tqdm(total=n, desc=f"{method} edits", unit="edit",
+        with PhaseBars(only=SETUP_PHASES) as phases, tqdm(total=n, desc=f"{method} edits", unit="edit",
                                                              file=sys.stderr) as bar:
             run_evaluation(lm, method, dataset, out_dir / method, data=data, n=n, edits_per_batch=edits_per_batch,
-                           settings=settings, sequential=True, held_out=text, known=facts, progress=bar.update,
-                           phases=phases)
+                           settings=settings, sequential=True, held_out=text, known=facts,
+                           measure_every=measure_every, progress=bar.update, phases=phases)
         points = read_points(out_dir / method)
         results[method] = [points[b] for b in sorted(points)]
     for path in plot_lifelong(results, out_dir / "lifelong"):
@@ -96,23 +98,24 @@ def sequential(model, device, dtype, threads, dataset, data, n, edits_per_batch,
 @click.option("--generation-tokens", type=COUNT, default=100, show_default=True)
 @click.option("--out", "-o", type=click.Path(file_okay=False), required=True)
 def eval_command(model, device, dtype, threads, method, dataset, data, n, start, edits_per_batch, layer, settings_file,
-                 corpus, stats_tokens, generation, generation_tokens, sequential, held_out, known, out):
+                 corpus, stats_tokens, generation, generation_tokens, sequential, held_out, known, measure_every,
+                 out):
     """Evaluate an editing method with the paper's metrics (resumable: finished cases are kept)."""
     from ..edit import get_method
     from ..evaluate.runner import markdown_table, run_evaluation
-    from ..progress import OPTIMISATION
+    from ..progress import SETUP_PHASES
 
     lm = _load(model, device, dtype, threads)
     spec = get_method(method)
     settings = _settings(spec, lm, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
     text, facts = _lifelong_inputs(held_out, corpus, known) if sequential else (None, None)
-    # The first edit's statistics and prefixes (minutes when not cached) get bars of their own.
-    with PhaseBars(skip=(OPTIMISATION,)) as phases, \
+    # The statistics and prefixes (minutes when not cached) get bars of their own; per-edit phases do not.
+    with PhaseBars(only=SETUP_PHASES) as phases, \
             tqdm(total=n, desc=f"{method} on {dataset}", unit="case", file=sys.stderr) as bar:
         summary = run_evaluation(lm, method, dataset, out, data=data, n=n, start=start, edits_per_batch=edits_per_batch,
                                  settings=settings, generation=generation, generation_tokens=generation_tokens,
-                                 sequential=sequential, held_out=text, known=facts, progress=bar.update,
-                                 phases=phases)
+                                 sequential=sequential, held_out=text, known=facts,
+                                 measure_every=measure_every, progress=bar.update, phases=phases)
     click.echo(markdown_table([summary]))
     click.echo(f"wrote cases/, summary.json and summary.md to {out}")
 

@@ -35,7 +35,7 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
                    n: int | None = None, start: int = 0, edits_per_batch: int = 1, settings=None,
                    generation: bool = False,
                    generation_tokens: int = 100, sequential: bool = False, held_out: Corpus | None = None,
-                   known: list[KnownFact] | None = None,
+                   known: list[KnownFact] | None = None, measure_every: int = 1,
                    progress: Callable[[int], None] | None = None, phases: Phases | None = None) -> dict:
     """Evaluate `method` on `n` records from the `start`-th (default: the first n). Each batch of
     records is edited together, scored, and the edit reverted, so every case is measured against the
@@ -55,6 +55,8 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
         raise InputError(f"n must be at least 1 (or None: every record), not {n}")
     if edits_per_batch < 1:
         raise InputError(f"edits_per_batch must be at least 1, not {edits_per_batch}")
+    if measure_every < 1:
+        raise InputError(f"measure_every must be at least 1 (batches), not {measure_every}")
     if generation and ds.generation_prompts is None:
         raise InputError(f"dataset {dataset} has no generation prompts")
     loaded = ds.load(data, start + n if n is not None else None)
@@ -72,10 +74,11 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
                 "generation_tokens": generation_tokens if generation else None}
     if sequential:  # what the measurements after each batch read
         run_info.update({"held_out": held_out.identity if held_out else None,
-                         "known_facts": len(known) if known is not None else None})
+                         "known_facts": len(known) if known is not None else None, "measure_every": measure_every})
     info_path = out / "settings.json"
     if info_path.exists():
-        previous = {"start": 0, **json.loads(info_path.read_text())}  # runs from before --start began at 0
+        # Settings added later take the value they had before they existed.
+        previous = {"start": 0, **({"measure_every": 1} if sequential else {}), **json.loads(info_path.read_text())}
         differ = _differences(previous, run_info)
         if differ:
             raise InputError(f"{out} holds a run with other settings ({'; '.join(differ)}); use another --out")
@@ -84,7 +87,7 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
     if sequential:
         run_sequential(lm, method, ds, records, out, edits_per_batch=edits_per_batch, settings=settings,
                        generation=generation, tokens=generation_tokens, held_out=held_out, known=known,
-                       phases=phases, progress=progress)
+                       measure_every=measure_every, phases=phases, progress=progress)
         return summarize(out)
     stack = EditStack(lm)
     for batch in chunks(records, edits_per_batch):

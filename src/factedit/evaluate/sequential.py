@@ -53,9 +53,10 @@ def _append_point(out: Path, point: LifelongPoint) -> None:
 
 def run_sequential(lm, method: str, ds: Dataset, records: list, out: Path, *, edits_per_batch: int, settings,
                    generation: bool = False, tokens: int = 100, held_out: Corpus | None = None,
-                   known: list[KnownFact] | None = None, phases: Phases | None = None,
+                   known: list[KnownFact] | None = None, measure_every: int = 1, phases: Phases | None = None,
                    progress: Callable[[int], None] | None = None) -> list[LifelongPoint]:
-    """See the module docstring. The model is restored at the end (also after an error)."""
+    """See the module docstring; the model is measured after every `measure_every`-th batch and the
+    last. The model is restored at the end (also after an error)."""
     batches = chunks(records, edits_per_batch)
     pending = [r for r in records if not case_path(out, r).exists()]
     pre = {r.case_id: ds.probabilities(lm, r) for r in pending}  # all on the unedited model
@@ -87,7 +88,7 @@ def run_sequential(lm, method: str, ds: Dataset, records: list, out: Path, *, ed
                 score_and_write(lm, ds, out, batch, [pre[r.case_id] for r in batch],
                                 [references[r.case_id] for r in batch], generation, tokens,
                                 info.get("edit_seconds", 0.0), info.get("diagnostics", []))
-            if number not in points:
+            if number not in points and (number % measure_every == 0 or number == len(batches)):
                 points[number] = probe.measure(history, number, done)
                 _append_point(out, points[number])
             if progress:
