@@ -69,7 +69,7 @@ def write(path, data):
      "--generation-tokens"),
     (["eval", "--method", "rome", "--dataset", "counterfact", "-o", "x", "--layer", "-1"], "--layer"),
     (["sequential", "--n", "0"], "--n"),
-    (["sequential", "--every", "0"], "--every"),
+    (["sequential", "--measure-every", "0"], "--measure-every"),
     (["trace", "-p", PROMPT, "-s", SUBJECT, "--samples", "0"], "--samples"),
     (["trace", "-p", PROMPT, "-s", SUBJECT, "--window", "0"], "--window"),
     (["trace", "-p", PROMPT, "-s", SUBJECT, "--noise", "-1"], "--noise"),

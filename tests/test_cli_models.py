@@ -127,14 +127,19 @@ def test_cli_sequential_editing_restores_the_model(tiny_folder, tmp_path, monkey
         "prompt": "{} is located in the city of", "subject": s, "target_new": {"str": "Rome"},
         "target_true": {"str": "Paris"}}} for i, s in enumerate(["The Eiffel Tower", "The Space Needle", "Michael Jordan"])]))
     result = CliRunner().invoke(main, ["sequential", "--model", str(tiny_folder), "--data", str(data), "--n", "3",
-                                       "--every", "2", "--layer", "1", "--corpus", str(corpus), "--tokens", "200",
-                                       "--out", str(tmp_path / "seq")])
+                                       "--measure-every", "2", "--layer", "1", "--corpus", str(corpus), "--tokens",
+                                       "200", "--known", str(tmp_path / "none.json"), "--out", str(tmp_path / "seq")])
+    assert result.exit_code != 0 and "known-facts file not found" in result.output
+    result = CliRunner().invoke(main, ["sequential", "--model", str(tiny_folder), "--data", str(data), "--n", "3",
+                                       "--measure-every", "2", "--layer", "1", "--corpus", str(corpus), "--tokens",
+                                       "200", "--out", str(tmp_path / "seq")])
     assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "seq" / "sequential.json").read_text())
+    summary = json.loads((tmp_path / "seq" / "lifelong.json").read_text())
     assert [p["n_edits"] for p in summary["rome"]] == [0, 2, 3] and set(summary) == {"rome", "rome-original"}
     # Every run starts from the unedited model: the baseline perplexity is the same for both methods.
     assert summary["rome"][0]["perplexity"] == pytest.approx(summary["rome-original"][0]["perplexity"], rel=1e-6)
-    assert (tmp_path / "seq" / "sequential.png").exists()
+    assert (tmp_path / "seq" / "lifelong.png").exists() and (tmp_path / "seq" / "rome" / "cases" / "2.json").exists()
+    assert "| rome | 3 | 3 |" in result.output
     # The statistics (computed once, then cached for the second method) show their total.
     assert re.search(r"key statistics: 100%.*200/200", result.output)
 

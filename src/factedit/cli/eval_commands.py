@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def sequential(model, device, dtype, threads, dataset, data, n, edits_per_batch,
     """Apply many edits one after another with each method (as `eval --sequential`, one run folder
     per method under OUT); plot what they do to the model against the number of edits."""
     from ..edit import get_method
-    from ..evaluate.lifelong import plot_lifelong
+    from ..evaluate.lifelong import plot_lifelong, points_to_dicts
     from ..evaluate.runner import run_evaluation
     from ..evaluate.sequential import lifelong_table, read_points
     from ..progress import SETUP_PHASES
@@ -73,6 +74,7 @@ def sequential(model, device, dtype, threads, dataset, data, n, edits_per_batch,
                            measure_every=measure_every, progress=bar.update, phases=phases)
         points = read_points(out_dir / method)
         results[method] = [points[b] for b in sorted(points)]
+    (out_dir / "lifelong.json").write_text(json.dumps({m: points_to_dicts(p) for m, p in results.items()}, indent=1))
     for path in plot_lifelong(results, out_dir / "lifelong"):
         click.echo(f"wrote {path}")
     click.echo(lifelong_table(results))
