@@ -43,3 +43,27 @@ def test_editor_changes_the_fact_and_reverts_exactly(smollm2, data_dir, cache_di
         assert ratio > 1.05 or (EXPECTED[method] == "moves" and ratio < 1 / 1.05), (record.case_id, before, after)
         if EXPECTED[method] == "wins":
             assert new > 0.5 and new > true, (record.case_id, new, true)
+
+
+def test_alphaedit_second_batch_leaves_the_first_batchs_edits_in_place(smollm2, data_dir, cache_dir):
+    from factedit.edit import EditHistory
+
+    records = load_counterfact(data_dir / "counterfact" / "counterfact_dev.json", 4)
+    settings = get_method("alphaedit").settings_with(
+        smollm2, stats_corpus=str(data_dir / "wiki" / "enwiki_sample.jsonl"), stats_tokens=20_000)
+    weights = {k: v.clone() for k, v in smollm2.model.state_dict().items()}
+    history = EditHistory(smollm2)
+
+    def wins(record):
+        after = counterfact_probabilities(smollm2, record)
+        return after["p_new"]["rewrite"][0] > after["p_true"]["rewrite"][0]
+
+    try:
+        history.edit([r.request for r in records[:2]], "alphaedit", settings, cache_dir=cache_dir)
+        assert all(wins(r) for r in records[:2])
+        second, _ = history.edit([r.request for r in records[2:]], "alphaedit", settings, cache_dir=cache_dir)
+        assert second.info["preserved_keys"] == 2  # the first batch's keys, at every layer
+        assert all(wins(r) for r in records)  # the second batch is written and the first is still there
+    finally:
+        history.release()
+    assert all(torch.equal(weights[k], v) for k, v in smollm2.model.state_dict().items())

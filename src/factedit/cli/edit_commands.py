@@ -73,6 +73,10 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
     if "stats_file" in delta.info:
         click.echo(f"key statistics: {delta.info['stats_keys']} keys ({delta.info['stats_file']}; 'model-sampled' "
                    f"in the name means text sampled from the model, as no corpus was given)")
+    if "null_space_dims" in delta.info:
+        click.echo(f"null space kept per layer: {delta.info['null_space_dims']}; projectors "
+                   f"{delta.info['projector_bytes'] / 2**20:.1f} MiB and history H {delta.info['history_bytes'] / 2**20:.1f} "
+                   "MiB, on the CPU (moved to the device one layer at a time)")
     summary = optimisation_report(diagnostics[0], settings) if diagnostics else ""
     if summary:  # methods without an optimisation (KN) have nothing to say here
         click.echo(summary)
