@@ -46,12 +46,19 @@ def main() -> None:
     parser.add_argument("--corpus", default=None, help="statistics corpus (default $FACTEDIT_STATS_CORPUS)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-timing", dest="timing", action="store_false", help="only the null space and memory")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lm = load(args.model)
     requests = [r.request for r in load_counterfact(args.data, args.n)]
     settings = {m: get_method(m).settings_with(lm, stats_corpus=args.corpus) for m in ("memit", "alphaedit")}
 
+    if args.timing:
+        time_methods(lm, requests, settings, args)
+    null_space_report(lm, settings["alphaedit"], args.history)
+
+
+def time_methods(lm, requests, settings, args) -> None:
     with tempfile.TemporaryDirectory() as cold:  # targets from scratch, nothing cached
         target_seconds = timed(lambda: edit(lm, requests[:args.target_sample], "memit", settings["memit"],
                                             cache_dir=Path(cold))) / args.target_sample
@@ -70,7 +77,8 @@ def main() -> None:
     for method, seconds, per_edit in rows:
         print(f"| {method} | {seconds:.1f} s | {per_edit:.2f} | {per_edit / rows[0][2]:.3f} |")
 
-    alpha = settings["alphaedit"]
+
+def null_space_report(lm, alpha, history: int) -> None:
     d = lm.arch.d_mlp
     print(f"\nnull space per layer (d_mlp {d}): directions kept and the share of C's trace they hold")
     print(f"| layer | {alpha.null_space_rule} {alpha.null_space_threshold:g} (default) | absolute 2e-2 (reference) |")
@@ -87,8 +95,8 @@ def main() -> None:
         print(f"| {layer} | " + " | ".join(cells) + " |")
     layers = len(alpha.layers)
     print(f"\nmemory: P as bases {basis_bytes / 2**20:.1f} MiB for {layers} layers (as d x d float64 matrices "
-          f"{layers * d * d * 8 / 2**20:.1f} MiB); H for {args.history} edits {layers * d * d * 8 / 2**20:.1f} MiB "
-          f"(float64, d x d per layer), kept as the edits' keys {layers * d * args.history * 4 / 2**20:.1f} MiB "
+          f"{layers * d * d * 8 / 2**20:.1f} MiB); H for {history} edits {layers * d * d * 8 / 2**20:.1f} MiB "
+          f"(float64, d x d per layer), kept as the edits' keys {layers * d * history * 4 / 2**20:.1f} MiB "
           "(float32, in the history's edit files); both on the CPU, moved to the device one layer at a time")
 
 

@@ -137,6 +137,8 @@ def test_too_few_keys_or_an_empty_null_space_say_what_to_change(lm):
         projectors(lm, settings_for(lm, stats_tokens=20))
     with pytest.raises(InputError, match="null space at layer 0 is empty.*raise null_space_threshold"):
         projectors(lm, settings_for(lm, null_space_threshold=1e-12))
+    with pytest.raises(InputError, match="l2 must be positive"):
+        EditHistory(lm).edit(FIRST, "alphaedit", settings_for(lm, l2=0.0))
 
 
 def test_statistics_merge_feeds_the_projector(lm, word_corpus):

@@ -139,6 +139,10 @@ def alphaedit_delta(lm: LoadedModel, requests: list[EditRequest], settings: Alph
                     progress: Phases | None = None, history=None) -> tuple[EditDelta, list[dict]]:
     """The AlphaEdit update for `requests` on the model as it is, preserving the keys of the batches in
     `history` (an EditHistory; None: nothing edited before). The model is not modified."""
+    if settings.l2_rule not in L2_RULES:
+        raise InputError(f"l2_rule must be one of {', '.join(L2_RULES)}, not {settings.l2_rule!r}")
+    if not settings.l2 > 0:  # the reduced system is singular without it when a batch has fewer keys than the null space
+        raise InputError(f"l2 must be positive, not {settings.l2}")
     layers = sorted(settings.layers)
     modules = {layer: f"{lm.arch.blocks_name}.{layer}.{lm.arch.blocks[layer].mlp_out_name}" for layer in layers}
     if history is not None and history.key_modules() and history.key_modules() != set(modules.values()):
@@ -154,8 +158,6 @@ def alphaedit_delta(lm: LoadedModel, requests: list[EditRequest], settings: Alph
         l2 = settings.l2 * projector.null_energy if settings.l2_rule == "null_energy" else settings.l2
         return alphaedit_solve(K, projector.basis, H[layer], l2)
 
-    if settings.l2_rule not in L2_RULES:
-        raise InputError(f"l2_rule must be one of {', '.join(L2_RULES)}, not {settings.l2_rule!r}")
     delta, diagnostics = spread_over_layers(lm, requests, settings, solve, "alphaedit", cache_dir=cache_dir,
                                             progress=progress, record_keys=True)
     n_preserved = history.preserved_keys(modules[layers[0]]).shape[1] \
