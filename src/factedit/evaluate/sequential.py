@@ -5,8 +5,9 @@ that), its cases are scored right after it, and the model is measured (lifelong.
 perplexity, known facts kept, norm growth). Once the last batch is in, every case is scored again
 ("final"). "pre" scores are the unedited model's.
 
-On disk, beside cases/: history/ (each batch's edit, in order, with the keys AlphaEdit preserves) and
-lifelong.jsonl (one measurement per batch; batch 0 is the unedited model). A killed run resumes from
+On disk, beside cases/: history/ (each batch's edit, in order, with the keys AlphaEdit preserves),
+lifelong.jsonl (one measurement per batch; batch 0 is the unedited model) and pre/ (the unedited
+model's scores of the cases not finished yet). A killed run resumes from
 them: saved batches are replayed one by one, the cases and measurements missing after each are made
 on the model exactly as it stood then, and the run goes on with the same numbers as one without a
 break.
@@ -23,7 +24,7 @@ from ..edit.history import EditHistory
 from ..errors import InputError
 from ..progress import Phases
 from ..stats import Corpus
-from .cases import case_path, chunks, references_for, score_after_all, score_and_write
+from .cases import case_path, chunks, references_for, score_after_all, score_and_write, write_json
 from .datasets import Dataset
 from .lifelong import LifelongPoint, LifelongProbe, plot_lifelong
 
@@ -51,6 +52,18 @@ def _append_point(out: Path, point: LifelongPoint) -> None:
         f.write(json.dumps(asdict(point)) + "\n")
 
 
+def _unedited_scores(lm, ds: Dataset, record, out: Path) -> dict:
+    """The record's probabilities on the unedited model, kept in pre/ so that a resumed run (the model
+    is unedited when it starts) does not compute them again."""
+    path = out / "pre" / f"{record.case_id}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    found = ds.probabilities(lm, record)
+    path.parent.mkdir(exist_ok=True)
+    write_json(path, found)
+    return found
+
+
 def run_sequential(lm, method: str, ds: Dataset, records: list, out: Path, *, edits_per_batch: int, settings,
                    generation: bool = False, tokens: int = 100, held_out: Corpus | None = None,
                    known: list[KnownFact] | None = None, measure_every: int = 1, phases: Phases | None = None,
@@ -59,7 +72,7 @@ def run_sequential(lm, method: str, ds: Dataset, records: list, out: Path, *, ed
     last. The model is restored at the end (also after an error)."""
     batches = chunks(records, edits_per_batch)
     pending = [r for r in records if not case_path(out, r).exists()]
-    pre = {r.case_id: ds.probabilities(lm, r) for r in pending}  # all on the unedited model
+    pre = {r.case_id: _unedited_scores(lm, ds, r, out) for r in pending}  # all on the unedited model
     references = {r.case_id: references_for(lm, ds, r, generation, tokens) for r in pending}
     points = read_points(out)
     probe = LifelongProbe(lm, [r.request for r in records], held_out=held_out, known=known)
