@@ -35,7 +35,7 @@ from .delta import EditDelta
 from .memit import MassEditSettings, key_statistics_at, spread_over_layers
 
 NULL_SPACE_RULES = ("trace_share", "absolute")
-L2_RULES = ("null_energy", "absolute")
+L2_RULES = ("key_energy", "absolute")
 
 
 @dataclass(kw_only=True)
@@ -46,10 +46,11 @@ class AlphaEditSettings(MassEditSettings):
     # reference's 2e-2, which keeps 70% of SmolLM2's directions and 20-75% of Gemma 3's).
     null_space_rule: str = "trace_share"
     null_space_threshold: float = 0.05
-    # "null_energy": l2 x the mean energy a key of the statistics has inside the null space (the sum
-    # of the kept eigenvalues), the scale the solve works at; "absolute": l2 as it is (reference: 10).
-    l2_rule: str = "null_energy"
-    l2: float = 0.1
+    # "key_energy": l2 x the mean energy of a key of the statistics (trace of C), so that the penalty on
+    # the update's size means the same on every model; "absolute": l2 as it is (reference: 10, which
+    # is 0.33 x the key energy at SmolLM2's layer 5).
+    l2_rule: str = "key_energy"
+    l2: float = 0.3
 
     @classmethod
     def defaults_for(cls, lm: LoadedModel, layer: int | None = None, **overrides) -> "AlphaEditSettings":
@@ -70,6 +71,7 @@ class Projector:
 
     basis: torch.Tensor  # (d_mlp, kept) float64 on the CPU: orthonormal eigenvectors of C
     null_energy: float  # mean energy of a statistics key inside the null space (sum of the kept eigenvalues)
+    key_energy: float  # mean energy of a statistics key (trace of C)
 
     @property
     def kept(self) -> int:
@@ -94,7 +96,7 @@ def null_space_projector(C: torch.Tensor, rule: str, threshold: float) -> Projec
         keep = torch.cumsum(eigenvalues, 0) <= threshold * eigenvalues.sum()
     else:
         keep = eigenvalues < threshold
-    return Projector(vectors[:, keep].contiguous(), float(eigenvalues[keep].sum()))
+    return Projector(vectors[:, keep].contiguous(), float(eigenvalues[keep].sum()), float(eigenvalues.sum()))
 
 
 def projectors(lm: LoadedModel, settings: AlphaEditSettings, cache_dir=None, progress: Phases | None = None
@@ -112,7 +114,7 @@ def projectors(lm: LoadedModel, settings: AlphaEditSettings, cache_dir=None, pro
         rule = f"{settings.null_space_rule}-{settings.null_space_threshold:g}"
         cached_at = cache_root(cache_dir) / "nullspace" / path.parent.name / f"{path.stem}_{rule}.pt"
         projector = read_cached(cached_at, lambda p: Projector(**torch.load(p, weights_only=True)))
-        if projector is not None and not isinstance(projector.basis, torch.Tensor):
+        if projector is not None and not isinstance(projector.basis, torch.Tensor):  # from another version
             projector = None
         if projector is None:
             projector = null_space_projector(stats.matrix, settings.null_space_rule, settings.null_space_threshold)
@@ -155,7 +157,7 @@ def alphaedit_delta(lm: LoadedModel, requests: list[EditRequest], settings: Alph
 
     def solve(layer: int, K: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         projector = found[layer]
-        l2 = settings.l2 * projector.null_energy if settings.l2_rule == "null_energy" else settings.l2
+        l2 = settings.l2 * projector.key_energy if settings.l2_rule == "key_energy" else settings.l2
         return alphaedit_solve(K, projector.basis, H[layer], l2)
 
     delta, diagnostics = spread_over_layers(lm, requests, settings, solve, "alphaedit", cache_dir=cache_dir,
