@@ -144,6 +144,7 @@ def test_too_few_keys_or_an_empty_null_space_say_what_to_change(lm):
 def test_statistics_merge_feeds_the_projector(lm, word_corpus):
     """The projector is built from the same statistics MEMIT reads (one cache, not a second pass)."""
     stats = collect_second_moment(lm, 1, corpus_from(str(word_corpus)), 2000)
-    direct = null_space_projector(stats.matrix, "trace_share", 0.05)
-    cached = projectors(lm, settings_for(lm))[1]
+    settings = settings_for(lm)
+    direct = null_space_projector(stats.matrix, settings.null_space_rule, settings.null_space_threshold)
+    cached = projectors(lm, settings)[1]
     assert cached.kept == direct.kept
