@@ -163,7 +163,3 @@ class EditHistory:
         history = cls(lm, folder)
         history.replay()
         return history
-
-    def memory_bytes(self) -> int:
-        """Bytes of the preserved keys kept with the applied batches."""
-        return sum(k.numel() * k.element_size() for delta in self.batches for k in delta.keys.values())

@@ -8,6 +8,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..cache_files import write_atomic
 from ..generate import generate_batch
 from ..models import LoadedModel, default_cache_dir
 from .datasets import Dataset
@@ -38,9 +39,8 @@ def generation_scores(generated: list[str], references: list[str]) -> dict[str, 
 
 
 def write_json(path: Path, value) -> None:
-    """Write through a temporary file and rename: a crash never leaves half a file."""
-    path.with_suffix(".part").write_text(json.dumps(value))
-    path.with_suffix(".part").rename(path)
+    """Atomically (cache_files.write_atomic): a crash never leaves half a file."""
+    write_atomic(path, lambda partial: partial.write_text(json.dumps(value)))
 
 
 def case_path(out: Path, record) -> Path:
