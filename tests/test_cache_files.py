@@ -94,3 +94,16 @@ def test_atomic_writes_leave_the_old_file_when_writing_fails(tmp_path):
         pass
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["cache.json"]
     assert read_cached(tmp_path / "absent.json", lambda p: p.read_text()) is None
+
+
+def test_a_corpus_is_known_by_its_content_not_its_modification_time(tmp_path):
+    """A data folder copied or mounted again must keep its statistics caches and resumable runs."""
+    import os
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("one two three")
+    before = corpus_from(str(path)).identity
+    os.utime(path, (1_000_000, 1_000_000))
+    assert corpus_from(str(path)).identity == before
+    path.write_text("one two four!")  # same size, other bytes
+    assert corpus_from(str(path)).identity != before

@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -85,7 +85,7 @@ class Corpus:
 
     name: str
     texts: Callable[[], Iterator[str]]
-    identity: str  # what determines the content (path, size, mtime; dataset name)
+    identity: str  # what determines the content (path, size, content hash; dataset name)
 
 
 def _file_texts(path: Path) -> Iterator[str]:
@@ -99,6 +99,16 @@ def _file_texts(path: Path) -> Iterator[str]:
                     yield record["text"]
     else:
         yield path.read_text(errors="replace")
+
+
+def _content_digest(path: Path) -> str:
+    """The file's SHA-256 (16 hex digits): a corpus is the same when its bytes are, whatever its
+    modification time (a data folder copied or mounted again keeps its caches and resumable runs)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def corpus_from(source: str) -> Corpus:
@@ -126,7 +136,7 @@ def corpus_from(source: str) -> Corpus:
         files = [path]
     else:
         raise InputError(f"corpus {source!r} not found (give a text file, a .jsonl file, a folder or 'wikitext')")
-    identity = ";".join(f"{p.resolve()}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files)
+    identity = ";".join(f"{p.resolve()}:{p.stat().st_size}:{_content_digest(p)}" for p in files)
     return Corpus(path.stem or "corpus", lambda: (t for p in files for t in _file_texts(p)), identity)
 
 
@@ -181,13 +191,25 @@ def token_chunks(lm: LoadedModel, corpus: Corpus, n_tokens: int, chunk_len: int)
         yield bos + buffer[: n_tokens - produced]
 
 
-@torch.no_grad()
 def collect_second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens: int, *, chunk_len: int = 256,
                            batch_size: int = 8, progress: Callable[[int], None] | None = None) -> dict[int, SecondMoment]:
     """Accumulate k k^T at each of `layers` over about `n_tokens` corpus tokens in one pass that stops
     after the highest layer (the BOS position excluded)."""
     for layer in layers:
         lm.check_layer(layer)
+    stats = moments_of_chunks(lm, layers, token_chunks(lm, corpus, n_tokens, chunk_len), batch_size=batch_size,
+                              progress=progress)
+    if stats[max(layers)].count == 0:
+        raise InputError(f"corpus {corpus.name!r} produced no tokens")
+    return stats
+
+
+@torch.no_grad()
+def moments_of_chunks(lm: LoadedModel, layers: list[int], chunks: Iterable[list[int]], *, batch_size: int = 8,
+                      progress: Callable[[int], None] | None = None) -> dict[int, SecondMoment]:
+    """The sums of k k^T at `layers` over token chunks, taken `batch_size` chunks at a time in order:
+    the pass of collect_second_moments, apart so that a sharded run (factedit.cluster), handing each
+    worker whole batches of the same chunks, forms the same batches and merges to the same sums."""
     stats = {layer: SecondMoment.empty(lm.arch.d_mlp) for layer in layers}
     top = max(layers)
     batch: list[list[int]] = []
@@ -206,14 +228,12 @@ def collect_second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n
                 progress(len(group) * (length - skip))
         batch.clear()
 
-    for chunk in token_chunks(lm, corpus, n_tokens, chunk_len):
+    for chunk in chunks:
         batch.append(chunk)
         if len(batch) == batch_size:
             flush()
     if batch:
         flush()
-    if stats[top].count == 0:
-        raise InputError(f"corpus {corpus.name!r} produced no tokens")
     return stats
 
 
@@ -236,9 +256,14 @@ def stats_cache_path(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int,
 
 def second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens: int = 100_000, *,
                    cache_dir: Path | None = None, progress: Phases | None = None,
-                   chunk_len: int = 256, batch_size: int = 8) -> dict[int, tuple[SecondMoment, Path, bool]]:
+                   chunk_len: int = 256, batch_size: int = 8,
+                   collect: Callable[..., dict[int, SecondMoment]] | None = None
+                   ) -> dict[int, tuple[SecondMoment, Path, bool]]:
     """C for each layer, from the disk cache where present; the missing layers in one pass, reported
     as phase progress.STATISTICS (n_tokens tokens). Returns {layer: (stats, cache path, cache hit)}.
+    `collect`: what computes the missing layers, with collect_second_moments' arguments (default:
+    that function, here; factedit.cluster passes one that shards the chunks over workers), so that
+    either way the same cache file is written with the same metadata.
 
     While edits are applied (edits on top of earlier ones, the workbench after an upload), the
     unedited model's statistics are used where cached, as the reference does for sequential edits;
@@ -256,8 +281,8 @@ def second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens:
     missing = [layer for layer in layers if layer not in result]
     if missing:
         step = on_first_step(progress, STATISTICS, n_tokens, "tok")  # after any text sampling the corpus needs
-        computed = collect_second_moments(lm, missing, corpus, n_tokens, chunk_len=chunk_len, batch_size=batch_size,
-                                          progress=step)
+        computed = (collect or collect_second_moments)(lm, missing, corpus, n_tokens, chunk_len=chunk_len,
+                                                       batch_size=batch_size, progress=step)
         for layer, stats in computed.items():
             stats.save(paths[layer], {"model": lm.name, "fingerprint": lm.fingerprint, "layer": layer,
                                       "corpus": corpus.name, "corpus_identity": corpus.identity,
