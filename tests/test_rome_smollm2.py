@@ -111,3 +111,28 @@ def test_context_prefixes_are_sentences(smollm2, tmp_path):
     default = context_templates(smollm2, get_method("rome").settings_with(smollm2), tmp_path)
     assert len(bare) == len(default) == 21 and bare != default
     assert glued(bare) >= 10 and glued(default) <= 2, (bare, default)
+
+
+def test_rome_in_bfloat16_rewrites_the_fact_with_float32_factors(smollm2, data_dir, cache_dir):
+    """Forward passes in bfloat16; the clamp rule, statistics, value and solve as in float32."""
+    from factedit import load
+
+    lm = load("smollm2-135m", dtype="bfloat16")
+    settings = settings_for("rome", lm, data_dir)
+    assert settings.clamp_norm_factor == settings_for("rome", smollm2, data_dir).clamp_norm_factor
+    request = EditRequest.create("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
+    weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    unrelated_before = target_probs(lm, [p for p, _ in UNRELATED], [t for _, t in UNRELATED])
+    delta, info = edit(lm, request, "rome", settings, cache_dir=cache_dir)
+    assert info[0]["converged"]
+    assert all(t.dtype == torch.float32 for change in delta.changes.values() for t in change.values())
+    stack = EditStack(lm)
+    stack.apply(delta)
+    try:
+        rome, paris = target_probs(lm, [PROMPT, PROMPT], [" Rome", " Paris"])
+        unrelated_after = target_probs(lm, [p for p, _ in UNRELATED], [t for _, t in UNRELATED])
+        assert rome > 0.5 and rome > paris
+        assert all(abs(a - b) < 0.1 for a, b in zip(unrelated_after, unrelated_before))
+    finally:
+        stack.revert_all()
+    assert all(torch.equal(weights[k], v) for k, v in lm.model.state_dict().items())

@@ -35,7 +35,25 @@ class LoadedModel:
     fingerprint: str  # hash of the weights as loaded; edits record it to refuse other models
     name: str
     source: str  # where the weights came from (file, folder or hub id)
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where inputs go (the embedding's)
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Every device holding part of the model: more than one when it was loaded with a device map.
+        Code that meets a module's output moves its own tensors there (`tensor.to(output.device)`)."""
+        found = {}
+        for tensor in [*self.model.parameters(), *self.model.buffers()]:
+            if tensor.device.type != "meta":  # offloaded by accelerate: lives elsewhere until used
+                found.setdefault(str(tensor.device), tensor.device)
+        return list(found.values()) or [self.device]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision of the forward passes (the floating-point parameters' dtype)."""
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
 
     @property
     def n_layers(self) -> int:
@@ -114,8 +132,10 @@ def weights_fingerprint(model: nn.Module) -> str:
     """A short hash of every parameter's name, shape, dtype, exact sum and a strided sample.
 
     Cheap (no full serialisation) yet any real weight change, such as a rank-one edit, alters it."""
+    from .placement import named_tensors
+
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(dict(named_tensors(model)).items()):
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         sample = flat[::step].to("cpu", torch.float64)
@@ -134,7 +154,7 @@ def _load_hf(source: str, dtype: torch.dtype, gguf_file: str | None = None, **kw
     return model, tokenizer
 
 
-def _load_gguf_cached(gguf: Path, dtype: torch.dtype, cache_dir: Path):
+def _load_gguf_cached(gguf: Path, dtype: torch.dtype, cache_dir: Path, **hf_kwargs):
     """Dequantise a GGUF file once, cache it as safetensors keyed by the file's hash, reload fast."""
     cached = cache_dir / "dequantized" / _sha256(gguf)[:20]
     if not (cached / "config.json").exists():
@@ -153,9 +173,9 @@ def _load_gguf_cached(gguf: Path, dtype: torch.dtype, cache_dir: Path):
             shutil.rmtree(tmp, ignore_errors=True)
             if not (cached / "config.json").exists():
                 raise
-        if dtype == torch.float32:
+        if dtype == torch.float32 and not hf_kwargs:
             return model, tokenizer
-    return _load_hf(str(cached), dtype)
+    return _load_hf(str(cached), dtype, **hf_kwargs)
 
 
 def _hub_offline() -> str | None:
@@ -225,25 +245,32 @@ def _causes(err: BaseException):
 
 
 def load(name: str, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-         cache_dir: str | Path | None = None, **hf_kwargs) -> LoadedModel:
+         device_map: str | dict | None = None, cache_dir: str | Path | None = None, **hf_kwargs) -> LoadedModel:
     """Load a causal LM.
 
     name: a bundled name (smollm2-135m, gemma3-270m), a local model folder, a .gguf file, or a
     Hugging Face hub id (needs network access the first time).
+    dtype: the precision of the forward passes; what must be exact (statistics, solves, optimised
+    values) is computed in float32 or float64 whatever this is.
+    device_map: split the model over devices with accelerate ("auto", "balanced", "sequential" or a
+    dict module -> device, "cpu" or "disk" for offloaded parts); `device` is then ignored.
     """
     dtype = resolve_dtype(dtype)
+    check_dtype_on_device(dtype, device)
     device = torch.device(device)
+    if device_map is not None:
+        hf_kwargs = {**hf_kwargs, **_device_map_kwargs(device_map, cache_dir)}
     cache = cache_root(cache_dir)
     path = Path(name).expanduser()
     try:
         if name in BUNDLED_MODELS:
             source = BUNDLED_MODELS[name]()
-            model, tokenizer = _load_gguf_cached(source, dtype, cache)
+            model, tokenizer = _load_gguf_cached(source, dtype, cache, **hf_kwargs)
         elif path.suffix == ".gguf":
             if not path.is_file():
                 raise ModelLoadError(f"GGUF file not found: {path}")
             source = path.resolve()
-            model, tokenizer = _load_gguf_cached(source, dtype, cache)
+            model, tokenizer = _load_gguf_cached(source, dtype, cache, **hf_kwargs)
         elif path.is_dir():
             if not (path / "config.json").exists():
                 raise ModelLoadError(f"{path} is a folder but holds no config.json; not a Hugging Face model folder")
@@ -256,11 +283,43 @@ def load(name: str, *, device: str | torch.device = "cpu", dtype: str | torch.dt
             model, tokenizer = _load_from_hub(name, dtype, **hf_kwargs)
     except ImportError as err:
         raise ModelLoadError(f"loading {name!r} needs a missing package: {err}") from err
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    else:
+        device = model.get_input_embeddings().weight.device
+        device = torch.device("cpu") if device.type == "meta" else device
+    model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, arch=map_architecture(model),
                        fingerprint=weights_fingerprint(model), name=name, source=str(source), device=device)
+
+
+def check_dtype_on_device(dtype: torch.dtype, device: str | torch.device) -> None:
+    """A clear error where the device cannot compute in `dtype` (e.g. bfloat16 on a GPU before Ampere)."""
+    device = torch.device(device)
+    if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.is_available() \
+            and not torch.cuda.is_bf16_supported():
+        raise InputError(f"{device} cannot compute in bfloat16 ({torch.cuda.get_device_name(device)}); "
+                         "use --dtype float16 or float32")
+    if device.type == "cpu" and dtype == torch.float16:
+        try:
+            torch.ones(2, 2, dtype=dtype) @ torch.ones(2, 2, dtype=dtype)
+        except RuntimeError as err:
+            raise InputError(f"the CPU cannot compute in float16 with this torch build ({err}); "
+                             "use --dtype bfloat16 or float32") from None
+
+
+def _device_map_kwargs(device_map: str | dict, cache_dir: str | Path | None) -> dict:
+    """from_pretrained's arguments for a model split by accelerate (an offload folder for "disk")."""
+    if importlib.util.find_spec("accelerate") is None:
+        raise ModelLoadError("--device-map needs accelerate: pip install accelerate")
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise InputError(f"unknown device map {device_map!r}; choose auto, balanced, balanced_low_0 or sequential")
+    kwargs = {"device_map": device_map}
+    if isinstance(device_map, str) or "disk" in device_map.values():
+        kwargs["offload_folder"] = str(cache_root(cache_dir) / "offload")
+    return kwargs
 
 
 def from_model(model: nn.Module, tokenizer, name: str = "in-memory") -> LoadedModel:

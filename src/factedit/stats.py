@@ -93,8 +93,11 @@ def _file_texts(path: Path) -> Iterator[str]:
         with path.open() as f:
             for line_number, line in enumerate(f, 1):
                 if line.strip():
-                    record = json.loads(line)
-                    if "text" not in record:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise InputError(f"{path}:{line_number}: not a JSON record ({err.msg})") from None
+                    if not isinstance(record, dict) or "text" not in record:
                         raise InputError(f"{path}:{line_number}: JSONL records need a 'text' field")
                     yield record["text"]
     else:

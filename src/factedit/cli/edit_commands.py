@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from . import (COUNT, INDEX, SETTINGS_HELP, CommandError, _load, _load_edits, _model_options, _settings, _stats_options,
-               main)
+from . import (COUNT, INDEX, SETTINGS_HELP, CommandError, _cluster_options, _cluster_run, _load_edits, _model_options,
+               _settings, _stats_options, main)
 
 
 @main.command()
@@ -37,7 +37,7 @@ def methods():
 @_stats_options
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the sampled context prefixes")
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="write the edit to this .safetensors file")
-def edit_command(model, device, dtype, threads, prompt, subject, target, target_true, method, layer, settings_file,
+def edit_command(model, prompt, subject, target, target_true, method, layer, settings_file,
                  paraphrase, corpus, stats_tokens, seed, save):
     """Rewrite one fact with ROME and show the model before and after."""
     from ..edit import EditRequest, EditStack, edit, get_method
@@ -49,7 +49,7 @@ def edit_command(model, device, dtype, threads, prompt, subject, target, target_
         check_writable(Path(save))  # before loading the model and computing the edit, not after
     spec = get_method(method)
     request = EditRequest.create(prompt, subject, target, target_true)
-    lm = _load(model, device, dtype, threads)
+    lm = model.load()
     check_prompt_length(lm, request.text)
     for i, text in enumerate(paraphrase):
         check_prompt_length(lm, text, f"--paraphrase {i + 1}")
@@ -182,11 +182,11 @@ def optimisation_report(info: dict, settings) -> str:
 @click.option("--edits", "-e", multiple=True, type=click.Path(dir_okay=False), help="edit files to apply")
 @click.option("--prompt", "-p", required=True, multiple=True)
 @click.option("--max-new", type=COUNT, default=20, show_default=True)
-def generate(model, device, dtype, threads, edits, prompt, max_new):
+def generate(model, edits, prompt, max_new):
     """Greedy continuation of prompts, with edit files applied."""
     from ..generate import greedy_continuation
 
-    lm = _load(model, device, dtype, threads)
+    lm = model.load()
     _load_edits(lm, edits)
     for text in prompt:
         click.echo(f"{text}{greedy_continuation(lm, text, max_new)}")
@@ -196,9 +196,9 @@ def generate(model, device, dtype, threads, edits, prompt, max_new):
 @_model_options
 @click.option("--edits", "-e", multiple=True, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
-def export(model, device, dtype, threads, edits, out):
+def export(model, edits, out):
     """Write the edited model as a Hugging Face folder (save_pretrained)."""
-    lm = _load(model, device, dtype, threads)
+    lm = model.load()
     _load_edits(lm, edits)
     lm.model.save_pretrained(out)
     lm.tokenizer.save_pretrained(out)
@@ -209,16 +209,29 @@ def export(model, device, dtype, threads, edits, out):
 @_model_options
 @click.option("--layer", type=INDEX, required=True)
 @_stats_options
-def stats(model, device, dtype, threads, layer, corpus, stats_tokens):
-    """Compute (or load from the cache) the MLP key second moment at a layer."""
+@_cluster_options
+def stats(model, layer, corpus, stats_tokens, cluster):
+    """Compute (or load from the cache) the MLP key second moment at a layer. With --cluster, the
+    corpus's chunks are shared out over Ray workers and their sums merged: the same cache file."""
     from ..edit import RomeSettings
-    from ..edit.rome import key_statistics
+    from ..edit.rome import key_statistics, statistics_corpus
 
-    lm = _load(model, device, dtype, threads)
-    lm.check_layer(layer)
-    settings = RomeSettings.defaults_for(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
-    with PhaseBars() as bars:
-        result, path, hit = key_statistics(lm, settings, progress=bars)
+    with _cluster_run(cluster, model) as run:  # connected (or refused) before the model loads
+        lm = model.load()
+        lm.check_layer(layer)
+        settings = RomeSettings.defaults_for(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
+        with PhaseBars() as bars:
+            if run is None:
+                result, path, hit = key_statistics(lm, settings, progress=bars)
+            else:
+                from ..cluster import sharded_collect
+                from ..stats import second_moment
+
+                source = statistics_corpus(lm, settings, bars)
+                result, path, hit = second_moment(lm, layer, source, settings.stats_tokens, progress=bars,
+                                                  collect=sharded_collect(run.pool(lm.fingerprint)))
+        if run is not None and not hit:
+            click.echo(f"cluster: {run.describe()}", err=True)
     click.echo(f"{'loaded' if hit else 'computed'} C at layer {layer}: {result.count} keys, "
                f"d_mlp {result.sum_outer.shape[0]}, {path}")
 
@@ -229,7 +242,7 @@ def stats(model, device, dtype, threads, layer, corpus, stats_tokens):
 @click.option("--n", type=COUNT, default=20, show_default=True, help="correctly predicted facts to trace")
 @click.option("--samples", type=COUNT, default=10, show_default=True)
 @click.option("--window", type=COUNT, default=10, show_default=True)
-def suggest_layer(model, device, dtype, threads, facts, n, samples, window):
+def suggest_layer(model, facts, n, samples, window):
     """Suggest the layer to edit: trace where MLPs at the subject's tokens carry the fact (the layers
     within 90% of the peak average effect), and take the default layer rule's layer if it lies in
     that site, else the site's layer nearest to it."""
@@ -237,7 +250,7 @@ def suggest_layer(model, device, dtype, threads, facts, n, samples, window):
     from ..edit.rome import edit_layer
     from ..trace.average import average_effects
 
-    lm = _load(model, device, dtype, threads)
+    lm = model.load()
     with tqdm(total=n, desc="facts traced", unit="fact", file=sys.stderr) as bar:
         result = average_effects(lm, load_known_facts(facts), "mlp", n=n, samples=samples, window=window,
                                  on_fact=lambda r: bar.update(1 if r["correct"] else 0))

@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from . import COUNT, INDEX, SETTINGS_HELP, _load, _model_options, _settings, _stats_options, main
+from . import (COUNT, INDEX, SETTINGS_HELP, CommandError, _cluster_options, _cluster_run, _model_options, _settings,
+               _stats_options, main)
 from .edit_commands import PhaseBars
 
 
@@ -51,7 +52,7 @@ def _lifelong_options(command):
 @_stats_options
 @_lifelong_options
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="sequential-out", show_default=True)
-def sequential(model, device, dtype, threads, dataset, data, n, edits_per_batch, methods, layer, corpus, stats_tokens,
+def sequential(model, dataset, data, n, edits_per_batch, methods, layer, corpus, stats_tokens,
                held_out, known, measure_every, out):
     """Apply many edits one after another with each method (as `eval --sequential`, one run folder
     per method under OUT); plot what they do to the model against the number of edits."""
@@ -61,7 +62,7 @@ def sequential(model, device, dtype, threads, dataset, data, n, edits_per_batch,
     from ..evaluate.sequential import lifelong_table, read_points
     from ..progress import SETUP_PHASES
 
-    lm = _load(model, device, dtype, threads)
+    lm = model.load()
     text, facts = _lifelong_inputs(held_out, corpus, known)
     out_dir = Path(out)
     results = {}
@@ -99,25 +100,43 @@ def sequential(model, device, dtype, threads, dataset, data, n, edits_per_batch,
 @_lifelong_options
 @click.option("--generation-tokens", type=COUNT, default=100, show_default=True)
 @click.option("--out", "-o", type=click.Path(file_okay=False), required=True)
-def eval_command(model, device, dtype, threads, method, dataset, data, n, start, edits_per_batch, layer, settings_file,
+@_cluster_options
+def eval_command(model, method, dataset, data, n, start, edits_per_batch, layer, settings_file,
                  corpus, stats_tokens, generation, generation_tokens, sequential, held_out, known, measure_every,
-                 out):
-    """Evaluate an editing method with the paper's metrics (resumable: finished cases are kept)."""
+                 out, cluster):
+    """Evaluate an editing method with the paper's metrics (resumable: finished cases are kept).
+    With --cluster, batches of records run on Ray workers; the files written are the same."""
     from ..edit import get_method
     from ..evaluate.runner import markdown_table, run_evaluation
     from ..progress import SETUP_PHASES
 
-    lm = _load(model, device, dtype, threads)
-    spec = get_method(method)
-    settings = _settings(spec, lm, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
-    text, facts = _lifelong_inputs(held_out, corpus, known) if sequential else (None, None)
-    # The statistics and prefixes (minutes when not cached) get bars of their own; per-edit phases do not.
-    with PhaseBars(only=SETUP_PHASES) as phases, \
-            tqdm(total=n, desc=f"{method} on {dataset}", unit="case", file=sys.stderr) as bar:
-        summary = run_evaluation(lm, method, dataset, out, data=data, n=n, start=start, edits_per_batch=edits_per_batch,
-                                 settings=settings, generation=generation, generation_tokens=generation_tokens,
-                                 sequential=sequential, held_out=text, known=facts,
-                                 measure_every=measure_every, progress=bar.update, phases=phases)
+    if cluster is not None and sequential:
+        raise CommandError("--cluster cannot run --sequential: each batch is edited on top of the ones before it, "
+                           "so batches cannot run apart; drop one of the two")
+    with _cluster_run(cluster, model) as run:  # connected (or refused) before the model loads
+        lm = model.load()
+        spec = get_method(method)
+        settings = _settings(spec, lm, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
+        text, facts = _lifelong_inputs(held_out, corpus, known) if sequential else (None, None)
+        dispatch = None
+        if run is not None:
+            from ..cluster import evaluation_dispatch
+
+            pool = run.pool(lm.fingerprint)
+            pool.start()  # the workers load the model while this process runs the first batch
+            click.echo(f"cluster: {run.describe()}", err=True)
+            dispatch = evaluation_dispatch(pool)
+        # The statistics and prefixes (minutes when not cached) get bars of their own; per-edit phases do not.
+        with PhaseBars(only=SETUP_PHASES) as phases, \
+                tqdm(total=n, desc=f"{method} on {dataset}", unit="case", file=sys.stderr) as bar:
+            summary = run_evaluation(lm, method, dataset, out, data=data, n=n, start=start,
+                                     edits_per_batch=edits_per_batch, settings=settings, generation=generation,
+                                     generation_tokens=generation_tokens, sequential=sequential, held_out=text,
+                                     known=facts, measure_every=measure_every, progress=bar.update, phases=phases,
+                                     dispatch=dispatch)
+        if run is not None and run.workers.reruns:
+            click.echo(f"cluster: {run.workers.reruns} batch(es) ran again after {run.workers.deaths} worker(s) died",
+                       err=True)
     click.echo(markdown_table([summary]))
     click.echo(f"wrote cases/, summary.json and summary.md to {out}")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from . import COUNT, CommandError, _load, _model_options, main
+from . import COUNT, CommandError, _cluster_options, _cluster_run, _model_options, main
 
 
 @main.command()
@@ -25,13 +25,13 @@ from . import COUNT, CommandError, _load, _model_options, main
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--answer", default=None, help="trace this answer's first token instead of the top prediction")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="trace-out", show_default=True)
-def trace(model, device, dtype, threads, prompt, subject, kind, sever, noise, samples, window, seed, answer, out):
+def trace(model, prompt, subject, kind, sever, noise, samples, window, seed, answer, out):
     """Causal tracing of one fact: heatmaps of where the model recalls it."""
     from ..trace.heatmap import expand_kinds, heatmap
     from ..trace.plot import plot_heatmap
     from ..trace.runs import prepare
 
-    lm = _load(model, device, dtype, threads)
+    lm = model.load()
     kinds = expand_kinds(kind) + (["hidden_no_mlp", "hidden_no_attn"] if sever else [])
     run = prepare(lm, prompt, subject, samples=samples, noise=noise, seed=seed, answer=answer)
     click.echo(f"answer {run.answer!r}  p_clean {run.p_clean:.4f}  p_corrupt {run.p_corrupt:.4f}  "
@@ -62,24 +62,35 @@ def trace(model, device, dtype, threads, prompt, subject, kind, sever, noise, sa
 @click.option("--window", type=COUNT, default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="trace-avg-out", show_default=True)
-def trace_avg(model, device, dtype, threads, facts, n, kind, noise, samples, window, seed, out):
-    """Average indirect effects over many known facts (resumable: reruns skip traced facts)."""
+@_cluster_options
+def trace_avg(model, facts, n, kind, noise, samples, window, seed, out, cluster):
+    """Average indirect effects over many known facts (resumable: reruns skip traced facts). With
+    --cluster, facts are traced on Ray workers; facts.jsonl is the same."""
     from ..data.known import load_known_facts
     from ..trace.average import average_effects
     from ..trace.plot import plot_average
 
-    lm = _load(model, device, dtype, threads)
-    records = load_known_facts(facts)
-    with tqdm(total=n, desc="facts traced", unit="fact", file=sys.stderr) as bar:
-        def on_fact(record):
-            if record["correct"]:
-                bar.update(1)
-            bar.set_postfix(seen=on_fact.seen + 1, wrong=on_fact.wrong + (not record["correct"]))
-            on_fact.seen += 1
-            on_fact.wrong += not record["correct"]
-        on_fact.seen = on_fact.wrong = 0
-        result = average_effects(lm, records, kind, n=n, samples=samples, window=window, seed=seed,
-                                 noise=noise, out_dir=out, on_fact=on_fact)
+    with _cluster_run(cluster, model) as run:  # connected (or refused) before the model loads
+        lm = model.load()
+        records = load_known_facts(facts)
+        traced_by = None
+        if run is not None:
+            from ..cluster import fact_records
+
+            pool = run.pool(lm.fingerprint)
+            pool.start()  # the workers load the model while this process measures the noise
+            click.echo(f"cluster: {run.describe()}", err=True)
+            traced_by = fact_records(pool)
+        with tqdm(total=n, desc="facts traced", unit="fact", file=sys.stderr) as bar:
+            def on_fact(record):
+                if record["correct"]:
+                    bar.update(1)
+                bar.set_postfix(seen=on_fact.seen + 1, wrong=on_fact.wrong + (not record["correct"]))
+                on_fact.seen += 1
+                on_fact.wrong += not record["correct"]
+            on_fact.seen = on_fact.wrong = 0
+            result = average_effects(lm, records, kind, n=n, samples=samples, window=window, seed=seed,
+                                     noise=noise, out_dir=out, on_fact=on_fact, records=traced_by)
     out_dir = Path(out)
     (out_dir / "average.json").write_text(json.dumps(result.to_dict(), indent=1))
     if result.n_correct == 0:

@@ -55,7 +55,7 @@ class AlphaEditSettings(MassEditSettings):
     @classmethod
     def defaults_for(cls, lm: LoadedModel, layer: int | None = None, **overrides) -> "AlphaEditSettings":
         layers, rule = cls.default_layers(lm, layer)
-        return cls(layers=layers, layer_rule=rule, **overrides)
+        return cls(**{"layers": layers, "layer_rule": rule if "layers" not in overrides else "given", **overrides})
 
 
 # The reference's settings (hparams/AlphaEdit/gpt2-xl.json; Llama3-8B and GPT-J use the same null-space

@@ -22,6 +22,7 @@ from ..arch import linear_dims
 from ..cache_files import write_atomic
 from ..errors import FacteditError, json_type
 from ..models import LoadedModel
+from ..placement import read_weight, write_weight
 
 FORMAT_VERSION = 1
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -198,8 +199,8 @@ def _read_metadata(metadata: dict[str, str], source: str) -> dict:
     return fields
 
 
-def _weight(lm: LoadedModel, module_name: str) -> tuple[torch.nn.Parameter, bool]:
-    """The module's weight and whether it is stored transposed (Conv1D: d_in x d_out)."""
+def _module(lm: LoadedModel, module_name: str) -> tuple[torch.nn.Module, bool]:
+    """The linear module and whether it stores its weight transposed (Conv1D: d_in x d_out)."""
     try:
         module = lm.model.get_submodule(module_name)
     except AttributeError:
@@ -207,7 +208,7 @@ def _weight(lm: LoadedModel, module_name: str) -> tuple[torch.nn.Parameter, bool
     dims = linear_dims(module)
     if dims is None:
         raise EditFileError(f"{module_name} is not a linear layer")
-    return module.weight, not isinstance(module, torch.nn.Linear)
+    return module, not isinstance(module, torch.nn.Linear)
 
 
 class EditStack:
@@ -229,8 +230,8 @@ class EditStack:
             raise EditFileError(f"this edit was made for the model with fingerprint {delta.model_fingerprint}, "
                                 f"not {self.lm.name} ({self.lm.fingerprint}); refusing to apply it")
         for name, change in delta.changes.items():
-            weight, transposed = _weight(self.lm, name)
-            shape = tuple(weight.shape[::-1] if transposed else weight.shape)
+            module, transposed = _module(self.lm, name)
+            shape = tuple(module.weight.shape[::-1] if transposed else module.weight.shape)
             got = tuple(change["dense"].shape) if "dense" in change else (change["up"].shape[0], change["down"].shape[1])
             if got != shape:
                 raise EditFileError(f"{name}: the edit changes a {got[0]}x{got[1]} matrix, but the model's weight is "
@@ -243,15 +244,16 @@ class EditStack:
     def _add(self, delta: EditDelta, *, check_finite: bool = False) -> None:
         new_values = {}
         for name in delta.changes:  # compute everything first: a failure leaves the model untouched
-            weight, transposed = _weight(self.lm, name)
+            module, transposed = _module(self.lm, name)
+            weight = read_weight(module)
             change = delta.weight_change(name).to(weight.device)
             value = (weight.float() + (change.T if transposed else change)).to(weight.dtype)
             if check_finite and (torch.isfinite(weight) & ~torch.isfinite(value)).any():
                 raise EditFileError(f"{name}: applying the edit would make weights infinite or NaN in "
                                     f"{str(weight.dtype).removeprefix('torch.')}; refusing to apply it")
-            new_values[name] = (weight, value)
-        for weight, value in new_values.values():
-            weight.copy_(value)
+            new_values[name] = (module, value)
+        for module, value in new_values.values():
+            write_weight(module, value)
 
     @torch.no_grad()
     def apply(self, delta: EditDelta) -> int:
@@ -259,7 +261,7 @@ class EditStack:
         self.check(delta)
         for name in delta.changes:  # the model is unedited in these modules, or as the applied edits left it
             if name not in self._originals:
-                self._originals[name] = _weight(self.lm, name)[0].detach().clone()
+                self._originals[name] = read_weight(_module(self.lm, name)[0]).detach().clone()
         self._add(delta, check_finite=True)
         self.applied.append(delta)
         return len(self.applied) - 1
@@ -271,7 +273,7 @@ class EditStack:
             raise IndexError("no edit to revert")
         removed = self.applied.pop(index)
         for name, original in self._originals.items():
-            _weight(self.lm, name)[0].copy_(original)
+            write_weight(_module(self.lm, name)[0], original)
         for delta in self.applied:
             self._add(delta)
         return removed

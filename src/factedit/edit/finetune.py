@@ -7,7 +7,7 @@ is in absolute weight units, which mean different things on different models (th
 RMS entry is 0.18 on SmolLM2 and 0.014 on Gemma 3 270M: the same bound barely edits one and
 rewrites the other). The default states eps relative to that RMS (`linf_relative`); the "paper"
 preset keeps the absolute 5e-4.
-The weight is trained in place and restored afterwards; the result is a dense EditDelta.
+The change is trained beside the weight (finetune_delta); the result is a dense EditDelta.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Callable
 
 import torch
 
+from ..hooks import Hook
 from ..models import LoadedModel
+from ..placement import read_weight
 from ..settings import JsonSettings
 from .delta import EditDelta
 from ..request import EditRequest, target_ids
@@ -76,38 +78,47 @@ def _batch(lm: LoadedModel, requests: list[EditRequest]):
 
 def finetune_delta(lm: LoadedModel, requests: list[EditRequest], settings: FinetuneSettings, method: str,
                    progress: Callable[[int], None] | None = None) -> tuple[EditDelta, list[dict]]:
+    """Train a float32 change of the matrix, added to its output by a hook: the model's weights are
+    never written (a failed edit leaves them as they were, an offloaded weight needs no writing), and
+    in a half-precision model the small steps of the change are not rounded away."""
     parts = lm.arch.blocks[settings.layer]
     module = parts.mlp_out
-    weight = module.weight
-    original = weight.detach().clone()
+    weight = read_weight(module)
+    change = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device, requires_grad=True)
     ids, labels, mask = _batch(lm, requests)
     eps = settings.linf_bound(weight)
     flags = {p: p.requires_grad for p in lm.model.parameters()}
     losses = []
+    linear = isinstance(module, torch.nn.Linear)
+
+    def add_change(output: torch.Tensor) -> torch.Tensor:
+        x = hook.input.float()
+        step = x @ change.to(x.device).T if linear else x @ change.to(x.device)  # Conv1D stores (d_in, d_out)
+        return output + step.to(output.dtype)
+
+    hook = Hook(module, keep_input=True, detach=False, edit_output=add_change)
     try:
         for p in lm.model.parameters():
             p.requires_grad_(False)
-        weight.requires_grad_(True)
-        optimizer = torch.optim.Adam([weight], lr=settings.lr)
+        optimizer = torch.optim.Adam([change], lr=settings.lr)
         for _ in range(settings.steps):
-            logits = lm.model(input_ids=ids, use_cache=False).logits.float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
-            loss = (nll * mask).sum() / mask.sum()
+            with hook:
+                logits = lm.model(input_ids=ids, use_cache=False).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.to(logits.device), reduction="none")
+            loss = (nll * mask.to(nll.device)).sum() / mask.sum()
             losses.append(loss.item())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             if eps is not None:
                 with torch.no_grad():
-                    weight.copy_(original + (weight - original).clamp(-eps, eps))
+                    change.clamp_(-eps, eps)
             if progress:
                 progress(1)
-        change = (weight.detach() - original).float()
     finally:
-        with torch.no_grad():
-            weight.copy_(original)
         for p, flag in flags.items():
             p.requires_grad_(flag)
+    change = change.detach()
     if not isinstance(module, torch.nn.Linear):  # Conv1D stores (d_in, d_out)
         change = change.T
     name = f"{lm.arch.blocks_name}.{settings.layer}.{parts.mlp_out_name}"

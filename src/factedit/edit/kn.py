@@ -28,6 +28,7 @@ import torch
 from ..errors import InputError
 from ..hooks import Hook
 from ..models import LoadedModel
+from ..placement import read_weight
 from ..settings import JsonSettings
 from .delta import EditDelta
 from ..request import EditRequest, target_ids
@@ -105,7 +106,7 @@ def neuron_weight(activation: float, settings: KnSettings) -> float:
 
 def kn_delta(lm: LoadedModel, requests: list[EditRequest], settings: KnSettings,
              progress: Callable[[int], None] | None = None) -> tuple[EditDelta, list[dict]]:
-    embed = lm.arch.embed.weight
+    embed = read_weight(lm.arch.embed)
     layers = settings.layers if settings.layers is not None else list(range(lm.n_layers))
     total, diagnostics = None, []
     for request in requests:

@@ -75,7 +75,7 @@ class MemitSettings(MassEditSettings):
         records.)"""
         layers, rule = cls.default_layers(lm, layer)
         overrides.setdefault("mom2_update_weight", round(15000.0 * lm.arch.d_mlp / GPTJ_D_MLP, 1))
-        return cls(layers=layers, layer_rule=rule, **overrides)
+        return cls(**{"layers": layers, "layer_rule": rule if "layers" not in overrides else "given", **overrides})
 
 
 # The reference implementation's settings for GPT-J (hparams/MEMIT/EleutherAI_gpt-j-6B.json), by name;

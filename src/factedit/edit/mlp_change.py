@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from ..hooks import Hook, Hooks
 from ..models import LoadedModel
@@ -131,8 +132,10 @@ def block_response(lm: LoadedModel, layer: int, factors: list[float], *, directi
         u = torch.randn(m.shape, generator=generator).to(m.device)
         u = u - (u * m).sum(1, keepdim=True) / (m * m).sum(1, keepdim=True) * m  # orthogonal to m
         u = u / u.norm(dim=1, keepdim=True) * m.norm(dim=1, keepdim=True)
-        small = 1e-3
-        linear = (f(m + small * u)[1] - y).norm(dim=1) / small
+        # The linearised response J u by forward-mode differentiation: a finite difference is lost
+        # in half precision's rounding (bfloat16 keeps 3 significant digits of a block's output).
+        with forward_ad.dual_level():
+            linear = forward_ad.unpack_dual(f(forward_ad.make_dual(m, u))[1]).tangent.norm(dim=1)
         return [float(((f(m + c * u)[1] - y).norm(dim=1) / (c * linear)).mean()) for c in factors]
 
 

@@ -149,7 +149,7 @@ class FullForward:
         with Hook(self.module, edit_output=_adder(delta, n, self.edit_positions)):
             logits = self.lm.model(input_ids=self.input_ids, use_cache=False).logits.float()
         log_probs = torch.log_softmax(logits, -1)
-        return torch.stack([log_probs[row, self.offsets[row] + p] for row, p in self.rows.loss_entries()])
+        return torch.stack([log_probs[row, self.offsets[row] + p] for row, p in self.rows.loss_entries()]).to(self.lm.device)
 
 
 class CachedForward:
@@ -190,7 +190,7 @@ class CachedForward:
     def _only_needed_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output embedding's input, cut to the loss entries: logits cost a vocabulary-wide
         product per position, and the loss reads one or two positions of each row."""
-        return hidden[self.entry_rows, self.entry_positions].unsqueeze(0)
+        return hidden[self.entry_rows.to(hidden.device), self.entry_positions.to(hidden.device)].unsqueeze(0)
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
         blocks, n = self.lm.arch.blocks, self.suffix_ids.shape[0]
@@ -211,7 +211,7 @@ class CachedForward:
                 handle.remove()
         if capture:
             self.below = captured[0]
-        return torch.log_softmax(logits[0], -1)
+        return torch.log_softmax(logits[0].to(self.lm.device), -1)
 
 
 def _adder(delta: torch.Tensor, n_rows: int, positions: torch.Tensor) -> Callable:
@@ -220,7 +220,8 @@ def _adder(delta: torch.Tensor, n_rows: int, positions: torch.Tensor) -> Callabl
     def add(output: torch.Tensor) -> torch.Tensor:
         output = output.clone()
         view = output.view(n_rows, -1, output.shape[-1]) if output.dim() == 2 else output  # OPT flattens
-        view[rows, positions] += delta.to(output.dtype)  # delta: (d,) or one row per batch row
+        # delta: (d,) or one row per batch row; it meets the module where the device map put it.
+        view[rows.to(output.device), positions.to(output.device)] += delta.to(output.device, output.dtype)
         return output
 
     return add
@@ -274,7 +275,8 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
     runner = {"cached": CachedForward, "full": FullForward}[forward](lm, rows, layer, kind)
     n = len(requests)
     index = loss_index(rows, n, lm.device)
-    target_inits = target_inits.to(lm.device)
+    # The value, its optimiser state and the loss stay in float32 in a half-precision model.
+    target_inits = target_inits.to(lm.device, torch.float32)
     init_norms = target_inits.norm(dim=1)
     delta = torch.zeros_like(target_inits, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=settings.v_lr)

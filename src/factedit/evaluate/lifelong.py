@@ -22,6 +22,7 @@ import torch
 from ..data.known import KnownFact
 from ..edit.history import EditHistory
 from ..models import LoadedModel
+from ..placement import read_weight
 from ..request import EditRequest
 from ..scoring import target_logprobs, teacher_forced_predictions
 from ..stats import Corpus, token_chunks
@@ -104,7 +105,7 @@ class LifelongProbe:
             known_kept = sum(answered(self.lm, self.known)) / len(self.known)
         norms = {}
         for name, original in history.stack.originals().items():
-            weight = self.lm.model.get_submodule(name).weight
+            weight = read_weight(self.lm.model.get_submodule(name))
             norms[name] = round(float(weight.detach().float().norm() / original.float().norm()), 6)
         return LifelongPoint(batch, len(requests_so_far), edits_kept(self.lm, requests_so_far),
                              perplexity(self.lm, self.held_out, self.ppl_tokens) if self.held_out else None,

@@ -14,9 +14,11 @@ Datasets and their scoring: datasets.py. Layout of an output folder:
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from ..edit import EditStack, edit, get_method
 from ..errors import InputError
@@ -25,7 +27,7 @@ from ..progress import Phases
 from ..tokens import check_prompt_length
 from ..data.known import KnownFact
 from ..stats import Corpus
-from .cases import case_path, chunks, references_for, score_and_write
+from .cases import case_path, chunks, references_for, score_and_write, write_json
 from .datasets import Dataset, get_dataset
 from .metrics import aggregate
 from .sequential import read_points, run_sequential
@@ -36,12 +38,17 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
                    generation: bool = False,
                    generation_tokens: int = 100, sequential: bool = False, held_out: Corpus | None = None,
                    known: list[KnownFact] | None = None, measure_every: int = 1,
-                   progress: Callable[[int], None] | None = None, phases: Phases | None = None) -> dict:
+                   progress: Callable[[int], None] | None = None, phases: Phases | None = None,
+                   dispatch: Callable[[list[BatchJob]], Iterable[tuple[BatchJob, list[dict]]]] | None = None) -> dict:
     """Evaluate `method` on `n` records from the `start`-th (default: the first n). Each batch of
     records is edited together, scored, and the edit reverted, so every case is measured against the
     unedited model. Finished cases (cases/<id>.json) are skipped, so an interrupted run resumes.
     With `sequential`, edits accumulate instead, and the model is measured after every batch on
     `held_out` text (perplexity) and `known` facts (sequential.py).
+
+    dispatch: runs batches elsewhere (factedit.cluster: on Ray workers) and yields each with its case
+    dicts (batch_cases) as they finish; this process writes them. Not with `sequential`: there each
+    batch is edited on top of the ones before.
 
     generation: also generate from the dataset's generation prompts on the edited model and score
     fluency (GE) and consistency (RS*: TF-IDF cosine against the unedited model's generations for
@@ -57,6 +64,9 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
         raise InputError(f"edits_per_batch must be at least 1, not {edits_per_batch}")
     if measure_every < 1:
         raise InputError(f"measure_every must be at least 1 (batches), not {measure_every}")
+    if sequential and dispatch is not None:
+        raise InputError("sequential runs cannot be spread over workers: each batch is edited on top of the "
+                         "ones before it (drop --cluster or --sequential)")
     if generation and ds.generation_prompts is None:
         raise InputError(f"dataset {dataset} has no generation prompts")
     loaded = ds.load(data, start + n if n is not None else None)
@@ -89,26 +99,67 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
                        generation=generation, tokens=generation_tokens, held_out=held_out, known=known,
                        measure_every=measure_every, phases=phases, progress=progress)
         return summarize(out)
-    stack = EditStack(lm)
-    for batch in chunks(records, edits_per_batch):
-        if all(case_path(out, r).exists() for r in batch):
+    jobs = [BatchJob(method, dataset, batch, settings, generation, generation_tokens)
+            for batch in chunks(records, edits_per_batch)]
+    pending = []
+    for job in jobs:
+        if all(case_path(out, r).exists() for r in job.records):
             if progress:
-                progress(len(batch))
-            continue
-        pre = [ds.probabilities(lm, r) for r in batch]
-        references = [references_for(lm, ds, r, generation, generation_tokens) for r in batch]
-        began = time.perf_counter()  # not `start`: that is the first record's index
-        delta, diagnostics = edit(lm, [r.request for r in batch], method, settings, progress=phases)
-        edit_seconds = time.perf_counter() - began
-        stack.apply(delta)
-        try:
-            score_and_write(lm, ds, out, batch, pre, references, generation, generation_tokens, edit_seconds,
-                             diagnostics)
-        finally:
-            stack.revert()
+                progress(len(job.records))
+        else:
+            pending.append(job)
+    # With workers, the first batch runs here first: it fills the method's caches (key statistics,
+    # context prefixes, reference texts) that the workers on this machine then read instead of each
+    # computing them, while they load the model.
+    for job in pending[:1] if dispatch is not None else pending:
+        evaluate_batch(lm, job, out, phases)
         if progress:
-            progress(len(batch))
+            progress(len(job.records))
+    if dispatch is not None and len(pending) > 1:
+        for job, cases in dispatch(pending[1:]):  # as they arrive: a driver stopped midway resumes
+            for record, case in zip(job.records, cases):
+                write_json(case_path(out, record), case)
+            if progress:
+                progress(len(job.records))
     return summarize(out)
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """One batch of records to edit together and score: everything a worker needs besides the model."""
+
+    method: str
+    dataset: str
+    records: list
+    settings: object
+    generation: bool
+    generation_tokens: int
+
+
+def evaluate_batch(lm: LoadedModel, job: BatchJob, out: Path, phases: Phases | None = None) -> None:
+    """Edit the job's records together, score each against the unedited model and write its case
+    file to out/cases; the edit is reverted after, so the model is left as it was."""
+    ds, batch = get_dataset(job.dataset), job.records
+    pre = [ds.probabilities(lm, r) for r in batch]
+    references = [references_for(lm, ds, r, job.generation, job.generation_tokens) for r in batch]
+    began = time.perf_counter()
+    delta, diagnostics = edit(lm, [r.request for r in batch], job.method, job.settings, progress=phases)
+    edit_seconds = time.perf_counter() - began
+    stack = EditStack(lm)
+    stack.apply(delta)
+    try:
+        score_and_write(lm, ds, out, batch, pre, references, job.generation, job.generation_tokens, edit_seconds,
+                         diagnostics)
+    finally:
+        stack.revert()
+
+
+def batch_cases(lm: LoadedModel, job: BatchJob) -> list[dict]:
+    """The job's case files as dicts (written to a scratch folder and read back): what a worker
+    sends back, so that only the driver writes into the run's folder, exactly as evaluate_batch would."""
+    with tempfile.TemporaryDirectory(prefix="factedit-batch-") as scratch:
+        evaluate_batch(lm, job, Path(scratch))
+        return [json.loads(case_path(Path(scratch), r).read_text()) for r in job.records]
 
 
 def check_record_prompts(lm: LoadedModel, ds: Dataset, records: list) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -154,12 +154,17 @@ def average_effects(lm: LoadedModel, facts: list[KnownFact], kinds: str | list[s
                     n: int | None = None, samples: int = 10, window: int = 10, seed: int = 0,
                     noise: float | None = None, out_dir: str | Path | None = None,
                     on_fact: Callable[[dict], None] | None = None,
-                    progress: Callable[[int], None] | None = None) -> AverageResult:
+                    progress: Callable[[int], None] | None = None,
+                    records: Callable[[Iterable[KnownFact], list[str], AverageSettings], Iterator[dict]] | None = None
+                    ) -> AverageResult:
     """Trace the first `n` facts that the model answers correctly (wrong ones are counted and
     skipped) and average indirect effects per token class and layer.
 
     noise: absolute std; by default 3 x the std of the embeddings of all the facts' subjects (the
     paper's rule).
+    records: how the facts not yet traced become their records (fact_record), yielded in the facts'
+    order and read only as far as needed; by default one after another here. factedit.cluster
+    passes one that traces them on several workers, so that facts.jsonl is the same either way.
     """
     kinds = expand_kinds(kinds)
     if noise is None:
@@ -185,13 +190,16 @@ def average_effects(lm: LoadedModel, facts: list[KnownFact], kinds: str | list[s
                     done[record["known_id"]] = record
         settings_file.write_text(json.dumps(asdict(settings), indent=1))
         log = log_path.open("a")
+    todo = (fact for fact in facts if fact.known_id not in done)
+    computed = iter(records(todo, kinds, settings) if records is not None
+                    else (fact_record(lm, fact, kinds, settings, progress) for fact in todo))
     try:
         for fact in facts:
             if n is not None and result.n_correct >= n:
                 break
             record = done.get(fact.known_id)
             if record is None:
-                record = fact_record(lm, fact, kinds, settings, progress)
+                record = next(computed)
                 if log:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
@@ -199,6 +207,8 @@ def average_effects(lm: LoadedModel, facts: list[KnownFact], kinds: str | list[s
             if on_fact:
                 on_fact(record)
     finally:
+        if hasattr(computed, "close"):  # stop the work on facts that are no longer needed
+            computed.close()
         if log:
             log.close()
     return result
