@@ -51,7 +51,7 @@ demo: setup
 		--prompt "The Eiffel Tower is located in the city of" --prompt "The capital of France is"
 
 test: setup-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: setup
 	$(BIN)/python benchmarks/trace_bench.py

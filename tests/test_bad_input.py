@@ -371,3 +371,22 @@ def test_server_user_error_is_a_400_and_a_bug_a_500(tiny_llama, word_corpus, mon
             time.sleep(0.05)
             job = client.get(f"/api/jobs/{job['id']}").json()
         assert job["error"] == "ValueError: an internal bug"  # a bug in a job is named as one
+
+
+def test_precision_and_placement_errors_are_one_line(tiny_folder, monkeypatch):
+    """A dtype the device cannot compute in, and an unknown device map, are named before loading."""
+    base = ["generate", "--model", str(tiny_folder), "-p", "The Eiffel Tower is located in", "--max-new", "2"]
+    result = CliRunner().invoke(main, base + ["--device-map", "everywhere"])
+    assert result.exit_code == 2 and "unknown device map 'everywhere'" in result.output, result.output
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    result = CliRunner().invoke(main, base + ["--device", "cuda:0", "--dtype", "bfloat16"])
+    assert result.exit_code == 2 and "cannot compute in bfloat16 (Tesla T4)" in result.output, result.output
+
+
+def test_device_map_auto_on_a_cpu_machine_runs_the_command(tiny_folder):
+    result = CliRunner().invoke(main, ["generate", "--model", str(tiny_folder), "-p", "The Eiffel Tower is located in",
+                                       "--max-new", "2", "--device-map", "auto", "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert "bfloat16" in result.output
