@@ -37,7 +37,7 @@ def target_position_logits(lm: LoadedModel, ids: torch.Tensor, spans: list[tuple
     index = torch.tensor([[n - 1 + min(j, len(t_ids) - 1) for j in range(longest)] for n, t_ids in spans],
                          device=lm.device)
     rows = torch.arange(len(spans), device=lm.device)[:, None]
-    with Hook(lm.arch.unembed, edit_input=lambda hidden: hidden[rows, index]):
+    with Hook(lm.arch.unembed, edit_input=lambda hidden: hidden[rows.to(hidden.device), index.to(hidden.device)]):
         return lm.model(input_ids=ids, use_cache=False).logits
 
 
@@ -47,7 +47,7 @@ def target_logprobs(lm: LoadedModel, prompts: list[str], targets: list[str], bat
     results = []
     for start in range(0, len(prompts), batch_size):
         ids, spans = prompt_target_batch(lm, prompts[start:start + batch_size], targets[start:start + batch_size])
-        log_probs = torch.log_softmax(target_position_logits(lm, ids, spans).float(), -1)
+        log_probs = torch.log_softmax(target_position_logits(lm, ids, spans).float(), -1).to(lm.device)
         for i, (_, t_ids) in enumerate(spans):
             picked = log_probs[i, torch.arange(len(t_ids), device=lm.device), torch.tensor(t_ids, device=lm.device)]
             results.append(picked.mean())

@@ -59,7 +59,7 @@ def last_token_activations(lm: LoadedModel, ids: torch.Tensor, layer: int) -> tu
     position (d_mlp,), and whether the model flattens tokens before that projection (OPT)."""
     with Hook(lm.arch.blocks[layer].mlp_out, keep_input=True, stop=True) as hook, torch.no_grad():
         lm.model(input_ids=ids, use_cache=False)
-    return hook.input.reshape(1, ids.shape[1], -1)[0, -1], hook.input.dim() != 3
+    return hook.input.reshape(1, ids.shape[1], -1)[0, -1].to(lm.device), hook.input.dim() != 3
 
 
 def neuron_attributions(lm: LoadedModel, prompt: str, target_token: int, layer: int, steps: int) -> torch.Tensor:
@@ -72,7 +72,7 @@ def neuron_attributions(lm: LoadedModel, prompt: str, target_token: int, layer: 
 
     def replace_last(keys: torch.Tensor) -> torch.Tensor:
         keys = keys.reshape(steps, ids.shape[1], -1).clone()
-        keys[:, -1] = scaled.to(keys.dtype)
+        keys[:, -1] = scaled.to(keys.device, keys.dtype)
         return keys.reshape(hook_shape) if hook_shape is not None else keys
 
     hook_shape = (steps * ids.shape[1], -1) if flattened else None  # OPT flattens tokens

@@ -45,11 +45,12 @@ class BlockOfMlp:
 
         def replace(output: torch.Tensor) -> torch.Tensor:
             view = output.reshape(n, width, -1)  # OPT flattens the batch
-            seen["m"] = view[self.rows, self.positions].detach()
+            rows, positions = self.rows.to(view.device), self.positions.to(view.device)  # device maps
+            seen["m"] = view[rows, positions].detach()
             if m is None:
                 return output
             view = view.clone()
-            view[self.rows, self.positions] = m.to(view.dtype)
+            view[rows, positions] = m.to(view.device, view.dtype)
             return view.reshape(output.shape)
 
         hooks = Hooks({"mlp": Hook(self.lm.arch.module("mlp", self.layer), edit_output=replace),
@@ -57,8 +58,9 @@ class BlockOfMlp:
                                      stop=True)})
         with hooks:
             self.lm.model(input_ids=self.batch.input_ids, use_cache=False)
-        out = hooks["block"].output.reshape(n, width, -1)[self.rows, self.positions]
-        return seen["m"].float(), out.float()
+        out = hooks["block"].output.reshape(n, width, -1)
+        out = out[self.rows.to(out.device), self.positions.to(out.device)]
+        return seen["m"].float().to(self.lm.device), out.float().to(self.lm.device)
 
 
 def _jacobians(f: BlockOfMlp, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

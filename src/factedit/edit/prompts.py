@@ -56,6 +56,6 @@ def io_at_subject(lm: LoadedModel, kind: str, layer: int, request: EditRequest, 
     with Hook(lm.arch.module(kind, layer), keep_input=True, keep_output=True, stop=True) as hook:
         lm.model(input_ids=batch.input_ids, use_cache=False)
     rows, index = torch.arange(n), torch.tensor(batch.subject_last)
-    inputs = hook.input.reshape(n, width, -1)[rows, index].float()
-    outputs = hook.output.reshape(n, width, -1)[rows, index].float()
+    inputs = hook.input.reshape(n, width, -1)[rows, index].float().to(lm.device)  # the module's device may differ
+    outputs = hook.output.reshape(n, width, -1)[rows, index].float().to(lm.device)
     return inputs, outputs

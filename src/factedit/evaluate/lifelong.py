@@ -50,7 +50,7 @@ def perplexity(lm: LoadedModel, corpus: Corpus, n_tokens: int = 4096, chunk_len:
     for chunk in token_chunks(lm, corpus, n_tokens, chunk_len):
         ids = torch.tensor([chunk], device=lm.device)
         logits = lm.model(input_ids=ids, use_cache=False).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:].to(logits.device), reduction="sum")
         total_nll += float(nll)
         count += ids.shape[1] - 1
     mean = total_nll / max(count, 1)

@@ -83,7 +83,7 @@ def _patch_value(run: TraceRun, patch: Patch, token: int) -> torch.Tensor:
 def _select_rows(value, rows: torch.Tensor, batch: int):
     """Keep `rows` of every batch-shaped tensor in a block's arguments (hidden states, masks)."""
     if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch:
-        return value[rows]
+        return value[rows.to(value.device)]
     if isinstance(value, (tuple, list)):
         return type(value)(_select_rows(v, rows, batch) for v in value)
     return value
@@ -96,15 +96,17 @@ def _partial_block(run: TraceRun, layer: int, offset: int, active: torch.Tensor,
     original = block.forward
     corrupted = run.corrupt[("hidden", layer)][:, offset:].repeat_interleave(n_cells, dim=0)
 
+    here = active.to(corrupted.device)  # the block may sit on another device than the inputs (device map)
+
     def forward(*args, **kwargs):
         out = corrupted.clone()  # fresh: patch hooks write into it
-        if len(active):
+        if len(here):
             batch = out.shape[0]
             if cache is not None:  # this block's cache layer is read by this block only
-                keep_rows(cache, layer, active)
-            result = original(*_select_rows(args, active, batch),
-                              **{key: _select_rows(value, active, batch) for key, value in kwargs.items()})
-            out[active] = (result[0] if isinstance(result, tuple) else result).to(out.dtype)
+                keep_rows(cache, layer, here)
+            result = original(*_select_rows(args, here, batch),
+                              **{key: _select_rows(value, here, batch) for key, value in kwargs.items()})
+            out[here] = (result[0] if isinstance(result, tuple) else result).to(out.dtype)
         return (out,) if run.block_returns_tuple else out
 
     return forward
@@ -150,7 +152,7 @@ def _run_group(run: TraceRun, cells: list[Cell], token: int) -> torch.Tensor:
         def write(output, rows=rows, values=values):
             # rows may be a subset of the batch when the block is partial
             as_batch_seq(output, output.shape[0] // suffix.shape[1] if output.dim() == 2 else 0)[
-                rows, token - offset] = values.to(output.dtype)
+                rows.to(output.device), token - offset] = values.to(output.device, output.dtype)
             return output
 
         hooks.append(Hook(run.lm.arch.module(kind, layer), edit_output=write))

@@ -55,7 +55,7 @@ def last_token_probs(lm: LoadedModel, input_ids: torch.Tensor, *, cache=None, us
     """Softmax at the last position (computing logits only there when the model allows it), after
     `cache` if given; returns the cache too when `use_cache` (see kv_cache.forward)."""
     logits, cache = forward(lm.model, input_ids, cache=cache, use_cache=use_cache, last_only=True)
-    return torch.softmax(logits[:, -1].float(), dim=-1), cache
+    return torch.softmax(logits[:, -1].float(), dim=-1).to(lm.device), cache  # the unembedding may sit elsewhere
 
 
 def embedding_std(lm: LoadedModel, texts: list[str] | None = None, chunk: int = 8192) -> float:
