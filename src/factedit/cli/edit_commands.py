@@ -214,22 +214,19 @@ def stats(model, layer, corpus, stats_tokens, cluster):
     """Compute (or load from the cache) the MLP key second moment at a layer. With --cluster, the
     corpus's chunks are shared out over Ray workers and their sums merged: the same cache file."""
     from ..edit import RomeSettings
-    from ..edit.rome import key_statistics, statistics_corpus
+    from ..edit.rome import key_statistics
 
     with _cluster_run(cluster, model) as run:  # connected (or refused) before the model loads
         lm = model.load()
         lm.check_layer(layer)
         settings = RomeSettings.defaults_for(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
-        with PhaseBars() as bars:
-            if run is None:
-                result, path, hit = key_statistics(lm, settings, progress=bars)
-            else:
-                from ..cluster import sharded_collect
-                from ..stats import second_moment
+        collect = None
+        if run is not None:
+            from ..cluster import sharded_collect
 
-                source = statistics_corpus(lm, settings, bars)
-                result, path, hit = second_moment(lm, layer, source, settings.stats_tokens, progress=bars,
-                                                  collect=sharded_collect(run.pool(lm.fingerprint)))
+            collect = sharded_collect(run.pool(lm.fingerprint))
+        with PhaseBars() as bars:
+            result, path, hit = key_statistics(lm, settings, progress=bars, collect=collect)
         if run is not None and not hit:
             click.echo(f"cluster: {run.describe()}", err=True)
     click.echo(f"{'loaded' if hit else 'computed'} C at layer {layer}: {result.count} keys, "
