@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from factedit import load
-from factedit.cluster import ClusterRun, ClusterSpec, WorkerModel, evaluation_dispatch, sharded_collect, start_local
+from factedit.cluster import ClusterRun, ClusterSpec, WorkerModel, evaluation_dispatch, sharded_moments, start_local
 from factedit.edit import get_method
 from factedit.evaluate.runner import run_evaluation
 from factedit.stats import collect_second_moments, corpus_from
@@ -81,11 +81,12 @@ def main() -> None:
                 pool = run.pool(lm.fingerprint)
                 list(pool.run(fingerprint, range(workers)))  # every worker up, its model loaded
                 started = time.perf_counter() - began
-                collect = sharded_collect(pool)
+                sum_chunks = sharded_moments(pool)
                 rows.append((f"{workers} Ray worker(s)",
                              median_seconds(lambda: evaluate(lm, settings, args, evaluation_dispatch(pool)),
                                             args.repeats),
-                             median_seconds(lambda: collect(lm, [args.layer], corpus, args.tokens), args.repeats)))
+                             median_seconds(lambda: collect_second_moments(lm, [args.layer], corpus, args.tokens,
+                                                                    sum_chunks=sum_chunks), args.repeats)))
                 print(f"{workers} worker(s): Ray and workers started in {started:.1f} s", file=sys.stderr)
         finally:
             connection.close()

@@ -195,13 +195,16 @@ def token_chunks(lm: LoadedModel, corpus: Corpus, n_tokens: int, chunk_len: int)
 
 
 def collect_second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens: int, *, chunk_len: int = 256,
-                           batch_size: int = 8, progress: Callable[[int], None] | None = None) -> dict[int, SecondMoment]:
+                           batch_size: int = 8, progress: Callable[[int], None] | None = None,
+                           sum_chunks: Callable[..., dict[int, SecondMoment]] | None = None) -> dict[int, SecondMoment]:
     """Accumulate k k^T at each of `layers` over about `n_tokens` corpus tokens in one pass that stops
-    after the highest layer (the BOS position excluded)."""
+    after the highest layer (the BOS position excluded). `sum_chunks`: what sums over the token
+    chunks, with moments_of_chunks' arguments (default: that function, here; factedit.cluster passes
+    one that shards the chunks over workers)."""
     for layer in layers:
         lm.check_layer(layer)
-    stats = moments_of_chunks(lm, layers, token_chunks(lm, corpus, n_tokens, chunk_len), batch_size=batch_size,
-                              progress=progress)
+    stats = (sum_chunks or moments_of_chunks)(lm, layers, token_chunks(lm, corpus, n_tokens, chunk_len),
+                                              batch_size=batch_size, progress=progress)
     if stats[max(layers)].count == 0:
         raise InputError(f"corpus {corpus.name!r} produced no tokens")
     return stats
@@ -260,13 +263,12 @@ def stats_cache_path(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int,
 def second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens: int = 100_000, *,
                    cache_dir: Path | None = None, progress: Phases | None = None,
                    chunk_len: int = 256, batch_size: int = 8,
-                   collect: Callable[..., dict[int, SecondMoment]] | None = None
+                   sum_chunks: Callable[..., dict[int, SecondMoment]] | None = None
                    ) -> dict[int, tuple[SecondMoment, Path, bool]]:
     """C for each layer, from the disk cache where present; the missing layers in one pass, reported
     as phase progress.STATISTICS (n_tokens tokens). Returns {layer: (stats, cache path, cache hit)}.
-    `collect`: what computes the missing layers, with collect_second_moments' arguments (default:
-    that function, here; factedit.cluster passes one that shards the chunks over workers), so that
-    either way the same cache file is written with the same metadata.
+    `sum_chunks`: passed to collect_second_moments (e.g. sharded over workers), so that either way
+    the same cache file is written with the same metadata.
 
     While edits are applied (edits on top of earlier ones, the workbench after an upload), the
     unedited model's statistics are used where cached, as the reference does for sequential edits;
@@ -284,8 +286,8 @@ def second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens:
     missing = [layer for layer in layers if layer not in result]
     if missing:
         step = on_first_step(progress, STATISTICS, n_tokens, "tok")  # after any text sampling the corpus needs
-        computed = (collect or collect_second_moments)(lm, missing, corpus, n_tokens, chunk_len=chunk_len,
-                                                       batch_size=batch_size, progress=step)
+        computed = collect_second_moments(lm, missing, corpus, n_tokens, chunk_len=chunk_len, batch_size=batch_size,
+                                          progress=step, sum_chunks=sum_chunks)
         for layer, stats in computed.items():
             stats.save(paths[layer], {"model": lm.name, "fingerprint": lm.fingerprint, "layer": layer,
                                       "corpus": corpus.name, "corpus_identity": corpus.identity,

@@ -220,13 +220,13 @@ def stats(model, layer, corpus, stats_tokens, cluster):
         lm = model.load()
         lm.check_layer(layer)
         settings = RomeSettings.defaults_for(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
-        collect = None
+        sum_chunks = None
         if run is not None:
-            from ..cluster import sharded_collect
+            from ..cluster import sharded_moments
 
-            collect = sharded_collect(run.pool(lm.fingerprint))
+            sum_chunks = sharded_moments(run.pool(lm.fingerprint))
         with PhaseBars() as bars:
-            result, path, hit = key_statistics(lm, settings, progress=bars, collect=collect)
+            result, path, hit = key_statistics(lm, settings, progress=bars, sum_chunks=sum_chunks)
         if run is not None and not hit:
             click.echo(f"cluster: {run.describe()}", err=True)
     click.echo(f"{'loaded' if hit else 'computed'} C at layer {layer}: {result.count} keys, "

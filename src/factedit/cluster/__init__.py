@@ -21,8 +21,8 @@ items are handed out and run again), work.py (what eval, stats and trace-avg sen
 from .connection import (ClusterError, ClusterSpec, Connection, connect, import_ray, parse_address, probe,
                          running_cluster_address, start_local, worker_count)
 from .pool import ClusterRun, ModelWorker, WorkerModel, WorkerPool
-from .work import evaluation_dispatch, fact_records, sharded_collect
+from .work import evaluation_dispatch, fact_records, sharded_moments
 
 __all__ = ["ClusterError", "ClusterRun", "ClusterSpec", "Connection", "ModelWorker", "WorkerModel", "WorkerPool",
            "connect", "evaluation_dispatch", "fact_records", "import_ray", "parse_address", "probe",
-           "running_cluster_address", "sharded_collect", "start_local", "worker_count"]
+           "running_cluster_address", "sharded_moments", "start_local", "worker_count"]

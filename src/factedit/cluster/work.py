@@ -28,19 +28,16 @@ def chunk_moments(lm, item: tuple[list[int], list[list[int]], int]) -> dict:
     return moments_of_chunks(lm, layers, chunks, batch_size=batch_size)
 
 
-def sharded_collect(pool: WorkerPool, shards_per_worker: int = 4):
-    """For stats.second_moments(collect=...): the driver cuts the corpus into token chunks as a
-    single process would, hands out whole batches of them in contiguous shards (each batch the same
-    as in a single-process run), and merges the workers' sums in shard order."""
+def sharded_moments(pool: WorkerPool, shards_per_worker: int = 4):
+    """For stats.collect_second_moments(sum_chunks=...): the driver takes the token chunks a single
+    process would, hands out whole batches of them in contiguous shards (each batch the same as in a
+    single-process run), and merges the workers' sums in shard order."""
 
-    def collect(lm, layers, corpus, n_tokens, *, chunk_len=256, batch_size=8, progress=None):
-        from ..errors import InputError
-        from ..stats import SecondMoment, token_chunks
+    def sum_chunks(lm, layers, chunks, *, batch_size=8, progress=None):
+        from ..stats import SecondMoment
 
-        for layer in layers:
-            lm.check_layer(layer)
         pool.start()  # the workers load the model while this process cuts the corpus into chunks
-        chunks = list(token_chunks(lm, corpus, n_tokens, chunk_len))
+        chunks = list(chunks)
         batches = [chunks[i:i + batch_size] for i in range(0, len(chunks), batch_size)]
         n_shards = max(1, min(len(batches), pool.size * shards_per_worker))
         bounds = [round(i * len(batches) / n_shards) for i in range(n_shards + 1)]
@@ -54,11 +51,9 @@ def sharded_collect(pool: WorkerPool, shards_per_worker: int = 4):
         for index in sorted(parts):
             for layer in layers:
                 total[layer].merge(parts[index][layer])
-        if total[max(layers)].count == 0:
-            raise InputError(f"corpus {corpus.name!r} produced no tokens")
         return total
 
-    return collect
+    return sum_chunks
 
 
 def trace_fact(lm, item: tuple) -> dict:

@@ -183,13 +183,13 @@ def statistics_corpus(lm: LoadedModel, settings, progress: Phases | None = None)
 
 
 def key_statistics(lm: LoadedModel, settings: RomeSettings, *, cache_dir: Path | None = None,
-                   progress: Phases | None = None, collect=None):
+                   progress: Phases | None = None, sum_chunks=None):
     """C at the settings' layer, from the disk cache or computed (phases progress.SAMPLING where the
     model's own text is the corpus, then progress.STATISTICS). Returns (stats, path, cache hit).
-    `collect`: what computes it when not cached (stats.second_moments; e.g. sharded over workers)."""
+    `sum_chunks`: what sums k k^T when not cached (stats.collect_second_moments; e.g. sharded over workers)."""
     corpus = statistics_corpus(lm, settings, progress)
     return second_moment(lm, settings.layer, corpus, settings.stats_tokens, cache_dir=cache_dir, progress=progress,
-                         collect=collect)
+                         sum_chunks=sum_chunks)
 
 
 def update_shares(lm: LoadedModel, request: EditRequest, settings: RomeSettings, keys: Keys,
