@@ -67,8 +67,35 @@ def test_average_skips_wrong_facts_matches_heatmaps_and_resumes(tmp_path, monkey
     monkeypatch.setattr(average_module, "fact_record", must_not_run)
     again = average_effects(lm, facts, "hidden", samples=2, noise=1.0, out_dir=tmp_path)
     assert again.to_dict() == result.to_dict()
+    # a run written before the corruption, metric and approx settings existed resumes as gaussian/prob/exact
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    (tmp_path / "settings.json").write_text(json.dumps({k: v for k, v in settings.items()
+                                                        if k not in ("corruption", "metric", "approx")}))
+    assert average_effects(lm, facts, "hidden", samples=2, noise=1.0, out_dir=tmp_path).to_dict() == result.to_dict()
     with pytest.raises(ValueError, match="other settings"):
         average_effects(lm, facts, "hidden", samples=3, noise=1.0, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="other settings"):
+        average_effects(lm, facts, "hidden", samples=2, noise=1.0, metric="logit-diff", out_dir=tmp_path)
+
+
+def test_average_of_replaced_subjects_and_estimates(tmp_path):
+    """corrupt="replace" draws other subjects of the same facts; a fact whose subject nothing can
+    replace is counted apart, not traced; approx="atp" averages estimates and says so."""
+    lm = from_model(tiny_model("llama"), word_tokenizer(), name="tiny-llama")
+    prompts = {s: f"{s} is located in the city of" for s in ("Michael Jordan", "Space Needle", "Eiffel Tower",
+                                                             "The Eiffel Tower")}
+    # every fact answered as the model answers it; the only three-token subject has no replacement
+    facts = [KnownFact(i, s, average_module._top_token(lm, p), p) for i, (s, p) in enumerate(prompts.items())]
+    result = average_effects(lm, facts, "hidden", samples=2, corrupt="replace", approx="atp", out_dir=tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "facts.jsonl").read_text().splitlines()]
+    traced = [r for r in records if r["scores"]]
+    assert result.n_correct == len(traced) >= 1 and result.n_skipped == 0
+    assert "no_replacement" in records[3] and not records[3]["scores"]
+    for record in traced:
+        assert record["replacements"] and all(len(r.split()) == len(facts[record["known_id"]].subject.split())
+                                              for r in record["replacements"])
+    assert result.n_no_replacement == sum("no_replacement" in r for r in records)
+    assert "ESTIMATES (atp)" in result.markdown() and "subject tokens replaced" in result.markdown()
 
 
 def test_known_facts_loader(data_dir, tmp_path):

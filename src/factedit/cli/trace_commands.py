@@ -12,6 +12,27 @@ from tqdm import tqdm
 from . import COUNT, CommandError, _cluster_options, _cluster_run, _model_options, main
 
 
+def _corruption_options(command):
+    """--corrupt and --metric, shared by trace and trace-avg (whose --facts also feeds replacements)."""
+    command = click.option("--metric", type=click.Choice(["prob", "logit-diff"]), default="prob", show_default=True,
+                           help="what a restoration is scored by: p(answer), or logit(answer) - logit(contrast) "
+                                "(the replacement's answer, or the corrupted run's top other token)")(command)
+    return click.option("--corrupt", type=click.Choice(["gaussian", "replace"]), default="gaussian",
+                        show_default=True,
+                        help="Gaussian noise on the subject's embeddings, or its tokens replaced by another "
+                             "known subject of the same token length (seeded)")(command)
+
+
+def _replacement_pool(facts) -> list[tuple[str, str]]:
+    from ..data.known import load_known_facts
+
+    return [(f.subject, f.attribute) for f in load_known_facts(facts)]
+
+
+def _metric_names(metric: str) -> str:
+    return "p(answer)" if metric == "prob" else "logit diff"
+
+
 @main.command()
 @_model_options
 @click.option("--prompt", "-p", required=True, help='e.g. "The Eiffel Tower is located in the city of"')
@@ -24,30 +45,61 @@ from . import COUNT, CommandError, _cluster_options, _cluster_run, _model_option
 @click.option("--window", type=COUNT, default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--answer", default=None, help="trace this answer's first token instead of the top prediction")
+@click.option("--facts", type=click.Path(dir_okay=False), default=None,
+              help="--corrupt replace: the known-facts JSON whose subjects replace this one "
+                   "(default: $FACTEDIT_DATA_DIR/known_1000.json or the published file)")
+@_corruption_options
+@click.option("--approx", type=click.Choice(["atp"]), default=None,
+              help="estimate every cell by attribution patching (one forward and backward pass) instead of "
+                   "restoring each exactly")
+@click.option("--refine", type=COUNT, default=None, metavar="K",
+              help="with --approx: compute the K cells the estimate ranks highest exactly, and report disagreements")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="trace-out", show_default=True)
-def trace(model, prompt, subject, kind, sever, noise, samples, window, seed, answer, out):
+def trace(model, prompt, subject, kind, sever, noise, samples, window, seed, answer, corrupt, metric, facts,
+          approx, refine, out):
     """Causal tracing of one fact: heatmaps of where the model recalls it."""
     from ..trace.heatmap import expand_kinds, heatmap
     from ..trace.plot import plot_heatmap
     from ..trace.runs import prepare
 
-    lm = model.load()
+    if refine and not approx:
+        raise CommandError("--refine confirms an estimate: use it with --approx atp")
+    if corrupt == "replace" and noise is not None:
+        raise CommandError("--noise sets Gaussian noise; --corrupt replace swaps tokens and takes no noise")
     kinds = expand_kinds(kind) + (["hidden_no_mlp", "hidden_no_attn"] if sever else [])
-    run = prepare(lm, prompt, subject, samples=samples, noise=noise, seed=seed, answer=answer)
-    click.echo(f"answer {run.answer!r}  p_clean {run.p_clean:.4f}  p_corrupt {run.p_corrupt:.4f}  "
-               f"(noise std {run.noise_std:.4f}, {samples} samples, seed {seed})")
+    if approx:
+        from ..trace.atp import check_approx
+
+        check_approx(approx, kinds)  # before the model loads
+    lm = model.load()
+    run = prepare(lm, prompt, subject, samples=samples, noise=noise, seed=seed, answer=answer, corrupt=corrupt,
+                  replacements=_replacement_pool(facts) if corrupt == "replace" else None, metric=metric)
+    corruption = (f"noise std {run.noise_std:.4f}" if corrupt == "gaussian"
+                  else f"subject replaced by {', '.join(repr(r) for r in run.replacements)}")
+    click.echo(f"answer {run.answer!r}  {_metric_names(metric)} clean {run.p_clean:.4f}  corrupted "
+               f"{run.p_corrupt:.4f}  ({corruption}; {run.samples} samples, seed {seed})")
     start, end = run.tokenized.subject_range
     click.echo(f"subject tokens {start}..{end - 1}: {run.tokenized.tokens[start:end]}")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cells = len(kinds) * run.n_tokens * lm.n_layers
-    with tqdm(total=cells, desc="tracing", unit="cell", file=sys.stderr) as bar:
-        results = {k: heatmap(run, k, window=window, progress=bar.update) for k in kinds}
+    if approx:
+        from ..trace.atp import estimated_heatmaps, refine as refine_cells, refine_summary
+
+        results = estimated_heatmaps(run, kinds, window=window, approx=approx)
+        summaries = {k: refine_summary(r, refine_cells(run, r, refine)) for k, r in results.items()} if refine else {}
+    else:
+        cells = len(kinds) * run.n_tokens * lm.n_layers
+        with tqdm(total=cells, desc="tracing", unit="cell", file=sys.stderr) as bar:
+            results = {k: heatmap(run, k, window=window, progress=bar.update) for k in kinds}
+        summaries = {}
     for k, result in results.items():
         result.save(out_dir / f"trace_{k}.json")
         plot_heatmap(result, out_dir / f"trace_{k}")
         click.echo(result.summary())
-    click.echo(f"wrote {', '.join(f'trace_{k}.json/.png/.svg' for k in kinds)} to {out_dir}")
+        if k in summaries:
+            click.echo(summaries[k])
+    click.echo(f"wrote {', '.join(f'trace_{k}.json/.png/.svg' for k in kinds)} to {out_dir}"
+               + (" (estimates: attribution patching)" if approx else ""))
 
 
 @main.command("trace-avg")
@@ -61,15 +113,26 @@ def trace(model, prompt, subject, kind, sever, noise, samples, window, seed, ans
 @click.option("--samples", type=COUNT, default=10, show_default=True)
 @click.option("--window", type=COUNT, default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@_corruption_options
+@click.option("--approx", type=click.Choice(["atp"]), default=None,
+              help="average attribution-patching estimates instead of exact restorations")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="trace-avg-out", show_default=True)
 @_cluster_options
-def trace_avg(model, facts, n, kind, noise, samples, window, seed, out, cluster):
+def trace_avg(model, facts, n, kind, noise, samples, window, seed, corrupt, metric, approx, out, cluster):
     """Average indirect effects over many known facts (resumable: reruns skip traced facts). With
-    --cluster, facts are traced on Ray workers; facts.jsonl is the same."""
+    --cluster, facts are traced on Ray workers; facts.jsonl is the same. With --corrupt replace the
+    replacement subjects come from the same facts file."""
     from ..data.known import load_known_facts
     from ..trace.average import average_effects
     from ..trace.plot import plot_average
 
+    if corrupt == "replace" and noise is not None:
+        raise CommandError("--noise sets Gaussian noise; --corrupt replace swaps tokens and takes no noise")
+    if approx:
+        from ..trace.atp import check_approx
+        from ..trace.heatmap import expand_kinds
+
+        check_approx(approx, expand_kinds(kind))
     with _cluster_run(cluster, model) as run:  # connected (or refused) before the model loads
         lm = model.load()
         records = load_known_facts(facts)
@@ -90,15 +153,18 @@ def trace_avg(model, facts, n, kind, noise, samples, window, seed, out, cluster)
                 on_fact.wrong += not record["correct"]
             on_fact.seen = on_fact.wrong = 0
             result = average_effects(lm, records, kind, n=n, samples=samples, window=window, seed=seed,
-                                     noise=noise, out_dir=out, on_fact=on_fact, records=traced_by)
+                                     noise=noise, corrupt=corrupt, metric=metric, approx=approx or "",
+                                     out_dir=out, on_fact=on_fact, records=traced_by)
     out_dir = Path(out)
     (out_dir / "average.json").write_text(json.dumps(result.to_dict(), indent=1))
     if result.n_correct == 0:
         raise CommandError(f"the model predicted none of the {result.n_facts} facts read correctly; nothing to average")
     plot_average(result, out_dir / "average")
     (out_dir / "average.md").write_text(result.markdown() + "\n")
+    corruption = (f"noise std {result.settings.noise_std:.4f}" if corrupt == "gaussian"
+                  else f"subjects replaced; {result.n_no_replacement} facts had no replacement subject")
     click.echo(f"{result.n_correct} facts traced, {result.n_skipped} skipped because the model's top token was "
-               f"wrong, of {result.n_facts} read; noise std {result.settings.noise_std:.4f}")
+               f"wrong, of {result.n_facts} read; {corruption}")
     click.echo(f"average total effect {float(result.total_effect.mean):.3f} "
                f"(+- {float(result.total_effect.ci95):.3f})")
     for k in result.effects:

@@ -7,19 +7,23 @@ interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
+import torch
 
 from ..data.known import KnownFact
 from ..errors import InputError
 from ..models import LoadedModel
 from ..stats_running import RunningMean
-from ..tokens import answer_matches
+from ..tokens import answer_matches, check_prompt_length
+from .atp import check_approx
+from .corrupt import NoReplacement, check_corruption
+from .metric import check_metric
 from .heatmap import expand_kinds, heatmap
-from .runs import embedding_std, prepare
+from .runs import embedding_std, last_token_logits, prepare
 
 TOKEN_CLASSES = ("first_subject", "middle_subject", "last_subject", "first_after", "further", "last")
 
@@ -50,6 +54,15 @@ class AverageSettings:
     noise_rule: str = ""
     model: str = ""
     fingerprint: str = ""
+    corruption: str = "gaussian"
+    metric: str = "prob"
+    approx: str = ""  # "atp": estimates instead of exact restorations
+
+    @classmethod
+    def with_defaults(cls, saved: dict) -> dict:
+        """A settings.json written before a field existed, read as if it held that field's default
+        (so that older runs resume)."""
+        return {**{f.name: f.default for f in fields(cls) if f.default is not MISSING}, **saved}
 
 
 @dataclass
@@ -60,13 +73,18 @@ class AverageResult:
     effects: dict[str, dict[str, RunningMean]] = field(default_factory=dict)  # kind -> class -> mean
     total_effect: RunningMean = field(default_factory=RunningMean)
     p_clean: RunningMean = field(default_factory=RunningMean)
+    n_no_replacement: int = 0  # answered correctly, but no subject of the pool could replace theirs
 
     @property
     def n_skipped(self) -> int:
-        return self.n_facts - self.n_correct
+        """Facts whose top token was wrong."""
+        return self.n_facts - self.n_correct - self.n_no_replacement
 
     def add(self, record: dict) -> None:
         self.n_facts += 1
+        if "no_replacement" in record:
+            self.n_no_replacement += 1
+            return
         if not record["correct"]:
             return
         self.n_correct += 1
@@ -80,7 +98,7 @@ class AverageResult:
     def to_dict(self) -> dict:
         return {
             "settings": asdict(self.settings), "n_facts": self.n_facts, "n_correct": self.n_correct,
-            "n_skipped_wrong": self.n_skipped,
+            "n_skipped_wrong": self.n_skipped, "n_no_replacement": self.n_no_replacement,
             "total_effect": {"mean": float(self.total_effect.mean), "ci95": float(self.total_effect.ci95)},
             "p_clean": {"mean": float(self.p_clean.mean)},
             "effects": {kind: {name: {"mean": np.asarray(m.mean).tolist(), "ci95": np.asarray(m.ci95).tolist(),
@@ -93,10 +111,16 @@ class AverageResult:
         """Peak layer and effect per kind and token class, and the per-layer curves of the two
         classes the paper discusses (last subject token, last token)."""
         s = self.settings
+        unreplaced = (f", {self.n_no_replacement} had no replacement subject" if self.n_no_replacement else "")
+        corruption = (f"noise std {s.noise_std:.4f} ({s.noise_rule})" if s.corruption == "gaussian"
+                      else f"subject tokens replaced ({s.noise_rule})")
+        measured = "" if s.metric == "prob" else f"; metric {s.metric} (effects in logits)"
+        estimated = "" if not s.approx else f"; ESTIMATES ({s.approx}), not exact restorations"
+        clean = "p_clean" if s.metric == "prob" else "clean metric"
         lines = [f"{self.n_correct} facts traced ({self.n_skipped} of {self.n_facts} read were skipped: wrong top "
-                 f"token); noise std {s.noise_std:.4f} ({s.noise_rule}), {s.samples} samples, window {s.window}, "
-                 f"seed {s.seed}; average total effect {float(self.total_effect.mean):.3f} "
-                 f"+- {float(self.total_effect.ci95):.3f}, average p_clean {float(self.p_clean.mean):.3f}.", "",
+                 f"token{unreplaced}); {corruption}, {s.samples} samples, window {s.window}, "
+                 f"seed {s.seed}{measured}{estimated}; average total effect {float(self.total_effect.mean):.3f} "
+                 f"+- {float(self.total_effect.ci95):.3f}, average {clean} {float(self.p_clean.mean):.3f}.", "",
                  "| kind | token class | peak layer | peak indirect effect (95% CI) | share of total effect |",
                  "|---|---|---|---|---|"]
         total = float(self.total_effect.mean)
@@ -136,43 +160,74 @@ class AverageResult:
 
 
 def fact_record(lm: LoadedModel, fact: KnownFact, kinds: list[str], settings: AverageSettings,
-                progress: Callable[[int], None] | None = None) -> dict:
-    run = prepare(lm, fact.prompt, fact.subject, samples=settings.samples, noise=settings.noise_std,
-                  seed=settings.seed)
-    correct = answer_matches(run.answer, fact.attribute)
-    record = {"known_id": fact.known_id, "answer": run.answer, "correct": correct, "p_clean": run.p_clean,
-              "p_corrupt": run.p_corrupt, "subject_range": list(run.tokenized.subject_range),
-              "tokens": run.tokenized.tokens, "scores": {}}
-    if correct:
-        for kind in kinds:
-            result = heatmap(run, kind, window=settings.window, progress=progress)
-            record["scores"][kind] = np.round(result.scores, 6).tolist()
+                progress: Callable[[int], None] | None = None, pool: list[tuple[str, str]] | None = None) -> dict:
+    """One fact's heatmaps. pool: (subject, answer) pairs that --corrupt replace draws from."""
+    top = _top_token(lm, fact.prompt)
+    record = {"known_id": fact.known_id, "answer": top, "correct": answer_matches(top, fact.attribute), "scores": {}}
+    if not record["correct"]:  # no corrupted runs for a fact that is skipped (nor a replacement to find)
+        return record
+    try:
+        run = prepare(lm, fact.prompt, fact.subject, samples=settings.samples, noise=settings.noise_std,
+                      seed=settings.seed, corrupt=settings.corruption, replacements=pool, metric=settings.metric)
+    except NoReplacement as err:
+        return {**record, "no_replacement": str(err)}
+    record.update({"answer": run.answer, "p_clean": run.p_clean, "p_corrupt": run.p_corrupt,
+                   "subject_range": list(run.tokenized.subject_range), "tokens": run.tokenized.tokens})
+    if run.replacements:
+        record["replacements"] = run.replacements
+    if settings.approx:
+        from .atp import estimated_heatmaps
+
+        results = estimated_heatmaps(run, kinds, window=settings.window, approx=settings.approx)
+    else:
+        results = {kind: heatmap(run, kind, window=settings.window, progress=progress) for kind in kinds}
+    for kind, result in results.items():
+        record["scores"][kind] = np.round(result.scores, 6).tolist()
     return record
+
+
+def _top_token(lm: LoadedModel, prompt: str) -> str:
+    with torch.no_grad():
+        ids = torch.tensor([check_prompt_length(lm, prompt)], device=lm.device)
+        logits, _ = last_token_logits(lm, ids)
+    return lm.tokenizer.decode([int(logits[0].argmax())])
 
 
 def average_effects(lm: LoadedModel, facts: list[KnownFact], kinds: str | list[str] = "all", *,
                     n: int | None = None, samples: int = 10, window: int = 10, seed: int = 0,
-                    noise: float | None = None, out_dir: str | Path | None = None,
+                    noise: float | None = None, corrupt: str = "gaussian", metric: str = "prob", approx: str = "",
+                    out_dir: str | Path | None = None,
                     on_fact: Callable[[dict], None] | None = None,
                     progress: Callable[[int], None] | None = None,
-                    records: Callable[[Iterable[KnownFact], list[str], AverageSettings], Iterator[dict]] | None = None
-                    ) -> AverageResult:
+                    records: Callable[..., Iterator[dict]] | None = None) -> AverageResult:
     """Trace the first `n` facts that the model answers correctly (wrong ones are counted and
     skipped) and average indirect effects per token class and layer.
 
     noise: absolute std; by default 3 x the std of the embeddings of all the facts' subjects (the
-    paper's rule).
-    records: how the facts not yet traced become their records (fact_record), yielded in the facts'
-    order and read only as far as needed; by default one after another here. factedit.cluster
-    passes one that traces them on several workers, so that facts.jsonl is the same either way.
+    paper's rule). corrupt="replace": each subject replaced by other subjects of the same facts
+    (runs.prepare); metric: "prob" or "logit-diff"; approx="atp": estimates (atp.py).
+    records: how the facts not yet traced become their records (fact_record), called as
+    records(facts, kinds, settings, pool), yielded in the facts' order and read only as far as
+    needed; by default one after another here. factedit.cluster passes one that traces them on
+    several workers, so that facts.jsonl is the same either way.
     """
     kinds = expand_kinds(kinds)
-    if noise is None:
+    check_corruption(corrupt)
+    check_metric(metric)
+    if approx:
+        check_approx(approx, kinds)
+    pool = [(f.subject, f.attribute) for f in facts] if corrupt == "replace" else None
+    if corrupt == "replace":
+        if noise is not None:
+            raise InputError("noise sets Gaussian noise; corrupt='replace' swaps tokens and takes no noise")
+        noise_std, rule = 0.0, f"by subjects of the same token length from the {len(facts)} facts"
+    elif noise is None:
         noise_std, rule = 3 * embedding_std(lm, [f.subject for f in facts]), "3 x std of subject-token embeddings"
     else:
         noise_std, rule = float(noise), "given"
     settings = AverageSettings(kinds=kinds, samples=samples, window=window, seed=seed, noise_std=noise_std,
-                               noise_rule=rule, model=lm.name, fingerprint=lm.fingerprint)
+                               noise_rule=rule, model=lm.name, fingerprint=lm.fingerprint, corruption=corrupt,
+                               metric=metric, approx=approx)
     result = AverageResult(settings)
     done: dict[int, dict] = {}
     log = None
@@ -181,7 +236,7 @@ def average_effects(lm: LoadedModel, facts: list[KnownFact], kinds: str | list[s
         out.mkdir(parents=True, exist_ok=True)
         settings_file, log_path = out / "settings.json", out / "facts.jsonl"
         if settings_file.exists() and log_path.exists():
-            previous = json.loads(settings_file.read_text())
+            previous = AverageSettings.with_defaults(json.loads(settings_file.read_text()))
             if previous != asdict(settings):
                 raise InputError(f"{out} holds a run with other settings ({previous}); use another --out")
             for line in log_path.read_text().splitlines():
@@ -191,8 +246,8 @@ def average_effects(lm: LoadedModel, facts: list[KnownFact], kinds: str | list[s
         settings_file.write_text(json.dumps(asdict(settings), indent=1))
         log = log_path.open("a")
     todo = (fact for fact in facts if fact.known_id not in done)
-    computed = iter(records(todo, kinds, settings) if records is not None
-                    else (fact_record(lm, fact, kinds, settings, progress) for fact in todo))
+    computed = iter(records(todo, kinds, settings, pool) if records is not None
+                    else (fact_record(lm, fact, kinds, settings, progress, pool) for fact in todo))
     try:
         for fact in facts:
             if n is not None and result.n_correct >= n:

@@ -17,7 +17,9 @@ from .runs import TraceRun, prepare
 
 @dataclass
 class TraceResult:
-    """One heatmap: p(answer) with each (token, layer) state restored, plus the run's context."""
+    """One heatmap: the metric (p(answer) unless `metric` says otherwise) with each (token, layer)
+    state restored, plus the run's context. `approx` names the estimate the scores are ("atp"), empty
+    for exact restorations."""
 
     kind: str
     prompt: str
@@ -27,13 +29,16 @@ class TraceResult:
     answer: str
     p_clean: float
     p_corrupt: float
-    scores: np.ndarray  # (n_tokens, n_layers) p(answer) after restoration
+    scores: np.ndarray  # (n_tokens, n_layers) the metric after restoration
     window: int
     samples: int
     noise_std: float
     seed: int
     model: str = ""
     extra: dict = field(default_factory=dict)
+    corruption: str = "gaussian"
+    metric: str = "prob"
+    approx: str = ""
 
     @property
     def total_effect(self) -> float:
@@ -58,8 +63,9 @@ class TraceResult:
     def summary(self) -> str:
         t, l, effect = self.peak()
         st, sl, s_effect = self.subject_peak()
+        estimated = f" (estimated, {self.approx})" if self.approx else ""
         lines = [f"{self.kind:>14}: peak at token {t} {self.tokens[t]!r}, layer {l}: "
-                 f"indirect effect {effect:+.3f} (of total {self.total_effect:+.3f})"]
+                 f"indirect effect {effect:+.3f} (of total {self.total_effect:+.3f}){estimated}"]
         last_subject = self.subject_range[1] - 1
         if st != last_subject and s_effect > 0:
             lines.append(f"{'':>16}within the subject the fact sits on token {st} {self.tokens[st]!r} "
@@ -92,25 +98,38 @@ def heatmap(run: TraceRun, kind: str = "hidden", *, window: int = 10, max_batch_
     """Compute one heatmap from prepared clean/corrupted runs (shared between kinds)."""
     cells = heatmap_cells(kind, run.n_tokens, run.lm.n_layers, window)
     probs = restored_probs(run, cells, max_batch_tokens=max_batch_tokens, progress=progress)
-    scores = probs.numpy().astype(float).reshape(run.n_tokens, run.lm.n_layers)
+    return result_of(run, kind, window, probs.numpy().astype(float).reshape(run.n_tokens, run.lm.n_layers))
+
+
+def result_of(run: TraceRun, kind: str, window: int, scores: np.ndarray, approx: str = "") -> TraceResult:
+    """A TraceResult of `scores` (tokens x layers) computed from `run`."""
     tok = run.tokenized
     return TraceResult(
         kind=kind, prompt=run.prompt, subject=run.subject, tokens=tok.tokens, subject_range=tok.subject_range,
         answer=run.answer, p_clean=run.p_clean, p_corrupt=run.p_corrupt, scores=scores,
         window=window if kind in ("mlp", "attn") else 1, samples=run.samples, noise_std=run.noise_std,
-        seed=run.seed, model=run.lm.name,
+        seed=run.seed, model=run.lm.name, corruption=run.corruption, metric=run.metric.name, approx=approx,
+        extra={"replacements": run.replacements} if run.replacements else {},
     )
 
 
 def trace(lm: LoadedModel, prompt: str, subject: str, kinds: str | list[str] = "hidden", *, window: int = 10,
           samples: int = 10, noise: float | None = None, seed: int = 0, answer: str | None = None,
+          corrupt: str = "gaussian", replacements=None, metric: str = "prob", approx: str = "",
           progress: Callable[[int], None] | None = None) -> dict[str, TraceResult]:
     """Causal tracing of `subject` in `prompt` for each kind in `kinds` ("all" = hidden, mlp, attn).
 
     Returns {kind: TraceResult}. The clean and corrupted runs (and their noise) are shared by all kinds.
+    corrupt, replacements, metric: see runs.prepare. approx="atp": attribution-patching estimates
+    instead of exact restorations (atp.py).
     """
     kinds = expand_kinds(kinds)
-    run = prepare(lm, prompt, subject, samples=samples, noise=noise, seed=seed, answer=answer)
+    run = prepare(lm, prompt, subject, samples=samples, noise=noise, seed=seed, answer=answer, corrupt=corrupt,
+                  replacements=replacements, metric=metric)
+    if approx:
+        from .atp import estimated_heatmaps
+
+        return estimated_heatmaps(run, kinds, window=window, approx=approx)
     return {kind: heatmap(run, kind, window=window, progress=progress) for kind in kinds}
 
 

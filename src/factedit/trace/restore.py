@@ -21,7 +21,7 @@ import torch
 from ..errors import InputError
 from ..hooks import Hook, Hooks
 from ..kv_cache import keep_rows, prefix
-from .runs import TraceRun, as_batch_seq, last_token_probs, noise_hook
+from .runs import TraceRun, as_batch_seq, last_token_logits
 
 HEATMAP_KINDS = ("hidden", "mlp", "attn", "hidden_no_mlp", "hidden_no_attn")
 
@@ -113,7 +113,7 @@ def _partial_block(run: TraceRun, layer: int, offset: int, active: torch.Tensor,
 
 
 def _run_group(run: TraceRun, cells: list[Cell], token: int) -> torch.Tensor:
-    """Probabilities of the answer for cells that all patch `token`, in one batch.
+    """The metric for cells that all patch `token`, in one batch.
 
     Batch row n * V + v is noise sample n of cell v. At block j only the rows of cells whose first
     restored layer is at or below j are computed (`_partial_block`)."""
@@ -125,7 +125,7 @@ def _run_group(run: TraceRun, cells: list[Cell], token: int) -> torch.Tensor:
     offset = token if cache is not None else 0  # absolute position of the first input token
     suffix = run.tokenized.input_ids[:, offset:].expand(batch, -1)
 
-    hooks = [noise_hook(run.lm, run.noise, run.tokenized.subject_range, offset=offset, rows_per_sample=n_cells)]
+    hooks = [run.corruption_hook(offset=offset, rows_per_sample=n_cells)]
     active_rows = []
     for layer in range(run.lm.n_layers):
         active = (first_block[cell_of_row] <= layer).nonzero().squeeze(1)
@@ -158,13 +158,14 @@ def _run_group(run: TraceRun, cells: list[Cell], token: int) -> torch.Tensor:
         hooks.append(Hook(run.lm.arch.module(kind, layer), edit_output=write))
 
     with Hooks(hooks):
-        probs, _ = last_token_probs(run.lm, suffix, cache=cache, use_cache=True)
-    return probs[:, run.answer_id].view(run.samples, n_cells).mean(0)
+        logits, _ = last_token_logits(run.lm, suffix, cache=cache, use_cache=True)
+    return run.metric_of(logits).view(run.samples, n_cells).mean(0)
 
 
 def restored_probs(run: TraceRun, cells: list[Cell], *, max_batch_tokens: int = 2048,
                    progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """p(answer) for each cell, averaged over the noise samples. Exact (same as the naive loop)."""
+    """The metric (p(answer) by default) for each cell, averaged over the noise samples. Exact (same
+    as the naive loop)."""
     result = torch.empty(len(cells))
     order = sorted(range(len(cells)), key=lambda i: (cells[i].token, cells[i].first_computed_block))
     start, subject_start = 0, run.tokenized.subject_range[0]
@@ -198,7 +199,7 @@ def restored_probs_naive(run: TraceRun, cells: list[Cell],
     ids = run.tokenized.input_ids.expand(run.samples, -1)
     with torch.no_grad():
         for i, cell in enumerate(cells):
-            hooks = [noise_hook(run.lm, run.noise, run.tokenized.subject_range)]
+            hooks = [run.corruption_hook()]
             for patch in cell.patches:
                 value = _patch_value(run, patch, cell.token)
 
@@ -210,7 +211,7 @@ def restored_probs_naive(run: TraceRun, cells: list[Cell],
                 hooks.append(Hook(run.lm.arch.module(patch.kind, patch.layer), edit_output=write))
             with Hooks(hooks):
                 out = run.lm.model(input_ids=ids, use_cache=False)
-            result[i] = torch.softmax(out.logits[:, -1].float(), dim=-1)[:, run.answer_id].mean()
+            result[i] = run.metric_of(out.logits[:, -1]).mean()
             if progress:
                 progress(1)
     return result

@@ -2,13 +2,15 @@
 
 Corruption (paper section 2): Gaussian noise added to the token embeddings of the subject, i.e. to
 the output of the embedding module, which is what the first block receives (Gemma's sqrt(d) scale
-is applied inside that module). The same `samples` noise draws are used for every restoration, as in
-the paper's code, which is what lets restorations reuse the corrupted run's activations.
+is applied inside that module); or the subject's tokens replaced by another subject's (corrupt.py).
+The same `samples` corruptions are used for every restoration, as in the paper's code, which is what
+lets restorations reuse the corrupted run's activations.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -17,6 +19,8 @@ from ..hooks import Hook, Hooks
 from ..kv_cache import forward
 from ..models import LoadedModel
 from ..tokens import PromptError, TokenizedPrompt, prompt_token_limit, tokenize_prompt
+from .corrupt import check_corruption, choose_replacements, corruption_hook
+from .metric import Metric, check_metric, contrast_from_corrupted
 
 KINDS = ("hidden", "mlp", "attn")
 
@@ -31,15 +35,18 @@ class TraceRun:
     tokenized: TokenizedPrompt
     answer_id: int
     answer: str
-    p_clean: float
-    p_corrupt: float
-    noise_std: float
-    noise: torch.Tensor  # (samples, n_subject_tokens, d_model)
+    p_clean: float  # the metric's value in the clean run (p(answer) unless metric says otherwise)
+    p_corrupt: float  # its mean over the corrupted runs
+    noise_std: float  # 0 for token replacement
+    noise: torch.Tensor  # (samples, n_subject_tokens, d_model): noise added, or replacement embeddings
     seed: int
     clean: dict[tuple[str, int], torch.Tensor]  # (kind, layer) -> (T, d)
     corrupt: dict[tuple[str, int], torch.Tensor]  # (kind, layer) -> (samples, T, d)
     corrupt_cache: object | None  # the corrupted run's key/value cache, reused for prefixes
     block_returns_tuple: bool
+    metric: Metric = None  # set by prepare
+    corruption: str = "gaussian"
+    replacements: list[str] = field(default_factory=list)  # the replacement subjects, one per sample
 
     @property
     def samples(self) -> int:
@@ -49,13 +56,30 @@ class TraceRun:
     def n_tokens(self) -> int:
         return self.tokenized.n_tokens
 
+    def corruption_hook(self, *, offset: int = 0, rows_per_sample: int = 1) -> Hook:
+        """The hook that corrupts the subject in a run of this prompt (or its suffix from `offset`)."""
+        return corruption_hook(self.lm.arch.embed, self.noise, self.tokenized.subject_range,
+                               replace=self.corruption == "replace", offset=offset, rows_per_sample=rows_per_sample)
+
+    def metric_of(self, logits: torch.Tensor) -> torch.Tensor:
+        """The metric per row of last-position logits, rows sample-major (see Metric.values)."""
+        return self.metric.values(logits.to(self.lm.device), self.samples)
+
+
+def last_token_logits(lm: LoadedModel, input_ids: torch.Tensor, *, cache=None, use_cache: bool = False
+                      ) -> tuple[torch.Tensor, object]:
+    """Logits at the last position, at least float32 (computing logits only there when the model
+    allows it), after `cache` if given; returns the cache too when `use_cache` (see kv_cache.forward)."""
+    logits, cache = forward(lm.model, input_ids, cache=cache, use_cache=use_cache, last_only=True)
+    last = logits[:, -1]
+    return last.to(lm.device, torch.promote_types(last.dtype, torch.float32)), cache  # the unembedding may sit elsewhere
+
 
 def last_token_probs(lm: LoadedModel, input_ids: torch.Tensor, *, cache=None, use_cache: bool = False
                      ) -> tuple[torch.Tensor, object]:
-    """Softmax at the last position (computing logits only there when the model allows it), after
-    `cache` if given; returns the cache too when `use_cache` (see kv_cache.forward)."""
-    logits, cache = forward(lm.model, input_ids, cache=cache, use_cache=use_cache, last_only=True)
-    return torch.softmax(logits[:, -1].float(), dim=-1).to(lm.device), cache  # the unembedding may sit elsewhere
+    """Softmax at the last position; see last_token_logits."""
+    logits, cache = last_token_logits(lm, input_ids, cache=cache, use_cache=use_cache)
+    return torch.softmax(logits, dim=-1), cache
 
 
 def embedding_std(lm: LoadedModel, texts: list[str] | None = None, chunk: int = 8192) -> float:
@@ -80,26 +104,6 @@ def embedding_std(lm: LoadedModel, texts: list[str] | None = None, chunk: int = 
         return (total_sq / count - mean * mean) ** 0.5
 
 
-def noise_hook(lm: LoadedModel, noise: torch.Tensor, subject_range: tuple[int, int],
-               offset: int = 0, rows_per_sample: int = 1) -> Hook:
-    """Add noise to the subject's token embeddings.
-
-    `offset`: absolute position of the first input token (inputs may be a suffix after a cache).
-    `rows_per_sample`: batch rows are ordered sample-major, each sample repeated this many times."""
-    start, end = subject_range
-    lo, hi = max(start, offset), end  # absolute positions of the subject present in this input
-
-    def add(embedded: torch.Tensor) -> torch.Tensor:
-        if hi <= lo:
-            return embedded
-        embedded = embedded.clone()
-        draws = noise[:, lo - start:hi - start].to(embedded.dtype)
-        embedded[:, lo - offset:hi - offset] += draws.repeat_interleave(rows_per_sample, dim=0)
-        return embedded
-
-    return Hook(lm.arch.embed, edit_output=add)
-
-
 def as_batch_seq(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     """(batch, seq, d) view of a module output; some models (OPT) flatten tokens to (batch*seq, d)."""
     return tensor.view(batch, -1, tensor.shape[-1]) if tensor.dim() == 2 else tensor
@@ -112,52 +116,80 @@ def _recording_hooks(lm: LoadedModel) -> dict[tuple[str, int], Hook]:
 
 def prepare(lm: LoadedModel, prompt: str, subject: str, *, samples: int = 10, noise: float | None = None,
             noise_multiplier: float = 3.0, seed: int = 0, answer: str | None = None,
-            max_tokens: int | None = None) -> TraceRun:
+            max_tokens: int | None = None, corrupt: str = "gaussian",
+            replacements: Sequence[tuple[str, str]] | None = None, metric: str = "prob") -> TraceRun:
     """Run the clean and corrupted passes and record every block, MLP and attention output.
 
     noise: absolute standard deviation; by default `noise_multiplier` x the embedding std (vocabulary).
-    answer: trace the probability of this continuation's first token instead of the clean top token.
+    answer: trace this continuation's first token instead of the clean top token.
+    corrupt: "gaussian" (noise on the subject's embeddings) or "replace" (the subject's tokens
+    swapped for those of up to `samples` subjects from `replacements`, (subject, answer) pairs such
+    as the known facts; see corrupt.py).
+    metric: "prob" (p(answer)) or "logit-diff" (see metric.py).
     """
     if samples < 1:
         raise InputError(f"samples must be at least 1, not {samples}")
+    check_corruption(corrupt)
+    check_metric(metric)
     limit = prompt_token_limit(lm.model)
     tokenized = tokenize_prompt(lm.tokenizer, prompt, subject, max_tokens=min(limit, max_tokens or limit),
                                 device=lm.device)
-    noise_std = float(noise) if noise is not None else noise_multiplier * embedding_std(lm)
-    if not noise_std >= 0:
-        raise InputError(f"the noise standard deviation must be 0 or more, not {noise_std}")
-    generator = torch.Generator().manual_seed(seed)
-    start, end = tokenized.subject_range
-    draws = torch.randn(samples, end - start, lm.arch.d_model, generator=generator) * noise_std
-    draws = draws.to(lm.device)
-
     ids = tokenized.input_ids
     with torch.no_grad():
         hooks = _recording_hooks(lm)
         with Hooks(hooks):
-            probs, _ = last_token_probs(lm, ids, use_cache=False)
+            clean_logits, _ = last_token_logits(lm, ids, use_cache=False)
         clean = {key: as_batch_seq(h.output, 1)[0] for key, h in hooks.items()}
-        if answer is not None:
-            answer_ids = lm.tokenizer(answer, add_special_tokens=False)["input_ids"]
-            if not answer_ids:
-                raise PromptError("the answer is empty")
-            answer_id = answer_ids[0]
-        else:
-            answer_id = int(probs[0].argmax())
-        p_clean = float(probs[0, answer_id])
+    if answer is not None:
+        answer_ids = lm.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if not answer_ids:
+            raise PromptError("the answer is empty")
+        answer_id = answer_ids[0]
+    else:
+        answer_id = int(clean_logits[0].argmax())
 
+    start, end = tokenized.subject_range
+    chosen = []
+    if corrupt == "replace":
+        if not replacements:
+            raise InputError("--corrupt replace needs a pool of other subjects (the known facts) to draw from")
+        chosen = choose_replacements(lm.tokenizer, prompt, subject, tokenized, answer_id, replacements, samples, seed)
+        noise_std = 0.0
+        with torch.no_grad():
+            values = lm.arch.embed(torch.tensor([r.token_ids for r in chosen], device=lm.device))
+        values = values.to(lm.device)
+    else:
+        noise_std = float(noise) if noise is not None else noise_multiplier * embedding_std(lm)
+        if not noise_std >= 0:
+            raise InputError(f"the noise standard deviation must be 0 or more, not {noise_std}")
+        generator = torch.Generator().manual_seed(seed)
+        values = (torch.randn(samples, end - start, lm.arch.d_model, generator=generator) * noise_std).to(lm.device)
+    n_samples = values.shape[0]
+
+    with torch.no_grad():
         hooks = _recording_hooks(lm)
         raw_outputs = []  # only to learn whether blocks return tuples
-        with Hooks(hooks), noise_hook(lm, draws, tokenized.subject_range):
+        hook = corruption_hook(lm.arch.embed, values, tokenized.subject_range, replace=corrupt == "replace")
+        with Hooks(hooks), hook:
             handle = lm.arch.blocks[0].block.register_forward_hook(lambda m, a, out: raw_outputs.append(out))
             try:
-                probs, cache = last_token_probs(lm, ids.expand(samples, -1), use_cache=True)
+                corrupt_logits, cache = last_token_logits(lm, ids.expand(n_samples, -1), use_cache=True)
             finally:
                 handle.remove()
-        corrupt = {key: as_batch_seq(h.output, samples) for key, h in hooks.items()}
+        corrupt_states = {key: as_batch_seq(h.output, n_samples) for key, h in hooks.items()}
+
+    if metric == "prob":
+        measure = Metric("prob", answer_id)
+    elif chosen:
+        measure = Metric("logit-diff", answer_id, tuple(r.answer_id for r in chosen))
+    else:
+        measure = Metric("logit-diff", answer_id, contrast_from_corrupted(corrupt_logits, answer_id))
+    p_clean = float(measure.values(clean_logits.expand(n_samples, -1), n_samples).mean())
+    p_corrupt = float(measure.values(corrupt_logits, n_samples).mean())
     return TraceRun(
         lm=lm, prompt=prompt, subject=subject, tokenized=tokenized, answer_id=answer_id,
-        answer=lm.tokenizer.decode([answer_id]), p_clean=p_clean, p_corrupt=float(probs[:, answer_id].mean()),
-        noise_std=noise_std, noise=draws, seed=seed, clean=clean, corrupt=corrupt, corrupt_cache=cache,
-        block_returns_tuple=isinstance(raw_outputs[0], tuple),
+        answer=lm.tokenizer.decode([answer_id]), p_clean=p_clean, p_corrupt=p_corrupt,
+        noise_std=noise_std, noise=values, seed=seed, clean=clean, corrupt=corrupt_states, corrupt_cache=cache,
+        block_returns_tuple=isinstance(raw_outputs[0], tuple), metric=measure, corruption=corrupt,
+        replacements=[r.subject for r in chosen],
     )
