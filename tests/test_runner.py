@@ -184,6 +184,13 @@ def test_resuming_with_other_settings_is_refused_and_says_what_differs(env, tmp_
     with pytest.raises(ValueError, match="method: 'none' -> 'ft-l'"):
         run_evaluation(lm, "ft-l", "counterfact", tmp_path / "r", data=str(data), n=1)
     run_evaluation(lm, "none", "counterfact", tmp_path / "r", data=str(data), n=2)  # only n may change
+    copy = tmp_path / "elsewhere" / "cf.json"  # the same data under another path (a folder mounted again)
+    copy.parent.mkdir()
+    copy.write_bytes(data.read_bytes())
+    run_evaluation(lm, "none", "counterfact", tmp_path / "r", data=str(copy), n=2)
+    copy.write_text(copy.read_text().replace("Rome", "Berlin"))
+    with pytest.raises(ValueError, match="data_digest: "):
+        run_evaluation(lm, "none", "counterfact", tmp_path / "r", data=str(copy), n=2)
 
 
 def test_generative_scores_come_from_greedy_continuations_of_each_prompt(env, tmp_path):

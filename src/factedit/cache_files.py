@@ -4,6 +4,7 @@ missing and is recomputed, instead of failing every run until someone deletes it
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -32,3 +33,14 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def file_digest(path: Path) -> str:
+    """The file's SHA-256 (16 hex digits): an input file (a corpus, a dataset) is the same when its
+    bytes are, whatever its path or modification time, so that a data folder copied or mounted again
+    keeps its caches and resumable runs."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]

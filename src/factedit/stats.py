@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import InputError
 from .hooks import Hook, Hooks
-from .cache_files import read_cached, write_atomic
+from .cache_files import file_digest, read_cached, write_atomic
 from .models import LoadedModel, cache_root, weights_fingerprint
 from .progress import SAMPLING, STATISTICS, Phases, on_first_step, start_phase
 from .settings import JsonSettings
@@ -104,16 +104,6 @@ def _file_texts(path: Path) -> Iterator[str]:
         yield path.read_text(errors="replace")
 
 
-def _content_digest(path: Path) -> str:
-    """The file's SHA-256 (16 hex digits): a corpus is the same when its bytes are, whatever its
-    modification time (a data folder copied or mounted again keeps its caches and resumable runs)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def corpus_from(source: str) -> Corpus:
     """A text file, a .jsonl file with a `text` field, a folder of .txt/.jsonl files, or
     `wikitext` (wikitext-103 through the `datasets` library, for users who are online)."""
@@ -139,7 +129,7 @@ def corpus_from(source: str) -> Corpus:
         files = [path]
     else:
         raise InputError(f"corpus {source!r} not found (give a text file, a .jsonl file, a folder or 'wikitext')")
-    identity = ";".join(f"{p.resolve()}:{p.stat().st_size}:{_content_digest(p)}" for p in files)
+    identity = ";".join(f"{p.resolve()}:{p.stat().st_size}:{file_digest(p)}" for p in files)
     return Corpus(path.stem or "corpus", lambda: (t for p in files for t in _file_texts(p)), identity)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..cache_files import file_digest
 from ..edit import EditStack, edit, get_method
 from ..errors import InputError
 from ..models import LoadedModel
@@ -77,7 +78,8 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
     spec.check_settings(lm, settings)  # before the first case, not after the unedited scores
     out = Path(out_dir)
     (out / "cases").mkdir(parents=True, exist_ok=True)
-    run_info = {"method": method, "dataset": dataset, "data": str(data) if data else "default", "n": len(records),
+    run_info = {"method": method, "dataset": dataset, "data": str(data) if data else "default",
+                "data_digest": file_digest(Path(data)) if data and Path(data).is_file() else None, "n": len(records),
                 "start": start,
                 "edits_per_batch": edits_per_batch, "model": lm.name, "fingerprint": lm.fingerprint,
                 "settings": settings.to_dict(), "generation": generation, "sequential": sequential,
@@ -89,6 +91,9 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
     if info_path.exists():
         # Settings added later take the value they had before they existed.
         previous = {"start": 0, **({"measure_every": 1} if sequential else {}), **json.loads(info_path.read_text())}
+        previous = {"data_digest": run_info["data_digest"], **previous}  # runs from before it was recorded
+        if previous["data_digest"] == run_info["data_digest"]:  # the same data, perhaps read from another path
+            previous["data"] = run_info["data"]
         differ = _differences(previous, run_info)
         if differ:
             raise InputError(f"{out} holds a run with other settings ({'; '.join(differ)}); use another --out")
