@@ -1,6 +1,7 @@
 """The workbench's JSON API on a tiny model (FastAPI's test client)."""
 
 import io
+import math
 import threading
 import time
 
@@ -31,7 +32,7 @@ def wait(client, job, timeout=60):
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = client.get(f"/api/jobs/{job['id']}").json()
-        if job["status"] in ("done", "error"):
+        if job["status"] in ("done", "error", "cancelled"):
             return job
         time.sleep(0.05)
     raise AssertionError("job did not finish")
@@ -55,6 +56,52 @@ def test_trace_job_reports_heatmaps(client):
     result = done["result"]
     assert set(result["heatmaps"]) == {"hidden", "mlp", "attn"} and result["subject_range"] == [0, 3]
     assert len(result["heatmaps"]["hidden"]["scores"]) == 9 and len(result["predictions"]) == 10
+    assert result["approx"] is None and all(m["approx"] is None for m in result["heatmaps"].values())
+
+
+def test_estimate_job_has_the_exact_jobs_shape_marked_as_estimates(client):
+    """approx="atp": attribution-patching estimates, the same run (seed) and result shape as the exact trace."""
+    body = {"prompt": "Michael Jordan plays basketball " + PROMPT, "subject": SUBJECT, "samples": 2}
+    exact = wait(client, client.post("/api/trace", json=body).json())
+    job = client.post("/api/trace", json={**body, "approx": "atp"})
+    assert job.status_code == 202, job.text
+    estimate = wait(client, job.json())
+    assert estimate["status"] == "done", estimate["error"]
+    assert estimate["done"] == estimate["total"] == 1  # one forward and backward pass, not a run per cell
+    exact, estimate = exact["result"], estimate["result"]
+    assert estimate["approx"] == "atp" and exact["approx"] is None
+    assert set(estimate) == set(exact) and set(estimate["heatmaps"]) == set(exact["heatmaps"]) == {"hidden", "mlp", "attn"}
+    for key in ("answer", "p_clean", "p_corrupt", "tokens", "subject_range", "predictions"):
+        assert estimate[key] == exact[key], key
+    start = estimate["subject_range"][0]
+    assert start == 4
+    for kind, mine in estimate["heatmaps"].items():
+        theirs = exact["heatmaps"][kind]
+        assert mine["approx"] == "atp" and mine["window"] == theirs["window"]
+        assert [len(row) for row in mine["scores"]] == [len(row) for row in theirs["scores"]] == [3] * 13
+        assert all(math.isfinite(v) for row in mine["scores"] for v in row)
+        # Nothing before the subject was corrupted: restoring it changes nothing, in both.
+        for row in mine["scores"][:start]:
+            assert row == [estimate["p_corrupt"]] * 3, (kind, row)
+    # Restoring the last token's last hidden state gives the clean run; the estimate moves that way.
+    hidden = estimate["heatmaps"]["hidden"]["scores"]
+    assert hidden[-1][-1] > estimate["p_corrupt"] and exact["heatmaps"]["hidden"]["scores"][-1][-1] == pytest.approx(
+        exact["p_clean"], rel=1e-4)
+
+
+def test_a_queued_trace_can_be_cancelled(client):
+    release = threading.Event()
+    blocker = client.bench.submit("test", lambda job: release.wait(10) and {})  # holds the single worker
+    try:
+        job = client.post("/api/trace", json={"prompt": PROMPT, "subject": SUBJECT, "samples": 2}).json()
+        cancelled = client.post(f"/api/jobs/{job['id']}/cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "queued"
+        assert client.post(f"/api/jobs/{blocker.id}/cancel").status_code == 409  # only traces
+        assert client.post("/api/jobs/nope/cancel").status_code == 404
+    finally:
+        release.set()
+    done = wait(client, job)
+    assert done["status"] == "cancelled" and done["result"] is None and done["done"] == 0
 
 
 def test_edit_undo_download_upload(client):
@@ -91,6 +138,11 @@ def test_bad_input_is_a_4xx_and_leaves_the_model(client, tmp_path):
         ("/api/trace", {"prompt": "", "subject": "x"}, "at least 1"),
         ("/api/trace", {"prompt": "x" * 5000, "subject": "x"}, "at most 1000"),
         ("/api/trace", {"prompt": PROMPT, "subject": SUBJECT, "kinds": "neurons"}, "unknown trace kind"),
+        ("/api/trace", {"prompt": PROMPT, "subject": SUBJECT, "approx": "magic"}, "unknown approximation"),
+        ("/api/trace", {"prompt": PROMPT, "subject": SUBJECT, "approx": ""}, "unknown approximation"),
+        ("/api/trace", {"prompt": PROMPT, "subject": SUBJECT, "kinds": "hidden,hidden_no_mlp", "approx": "atp"},
+         "estimates the kinds hidden, mlp, attn, not 'hidden_no_mlp'"),
+        ("/api/trace", {"prompt": PROMPT, "subject": "Louvre", "approx": "atp"}, "does not occur"),
         ("/api/edit", {"prompt": "{} is in", "subject": SUBJECT, "target": " "}, "new target is empty"),
         ("/api/edit", {"prompt": "{} is in", "subject": SUBJECT, "target": "Rome", "method": "magic"}, "unknown method"),
         ("/api/edit", {"prompt": "{} is in", "subject": SUBJECT, "target": "Rome", "layer": 99}, "out of range"),

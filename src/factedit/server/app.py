@@ -12,6 +12,7 @@ from ..edit import METHODS, EditDelta, EditRequest
 from ..edit.delta import EditFileError
 from ..errors import FacteditError
 from ..tokens import PromptError, check_prompt_length, prompt_token_limit, tokenize_prompt
+from ..trace.atp import check_approx
 from ..trace.heatmap import expand_kinds
 from .workbench import Workbench
 
@@ -26,6 +27,9 @@ class TraceIn(BaseModel):
     samples: int = Field(10, ge=1, le=50)
     window: int = Field(10, ge=1, le=100)
     seed: int = 0
+    approx: str | None = Field(None, description='null: exact causal tracing (one restoration run per cell, '
+                                                 'tens of seconds); "atp": attribution-patching estimates of every '
+                                                 'cell from one forward and backward pass (about a second)')
 
 
 class EditIn(BaseModel):
@@ -78,9 +82,12 @@ def create_app(bench: Workbench) -> FastAPI:
     @app.post("/api/trace", status_code=202)
     def trace(body: TraceIn):
         kinds = expand_kinds(body.kinds)
+        if body.approx is not None:
+            check_approx(body.approx, kinds)
         tokenize_prompt(bench.lm.tokenizer, body.prompt, body.subject,  # bad input: 400 now, not a failed job
                         max_tokens=prompt_token_limit(bench.lm.model))
-        return bench.trace_job(body.prompt, body.subject, kinds, body.samples, body.window, body.seed).view()
+        return bench.trace_job(body.prompt, body.subject, kinds, body.samples, body.window, body.seed,
+                               body.approx).view()
 
     @app.post("/api/edit", status_code=202)
     def edit(body: EditIn):
@@ -102,6 +109,16 @@ def create_app(bench: Workbench) -> FastAPI:
         if job_id not in bench.jobs:
             raise HTTPException(404, f"no job {job_id}")
         return bench.jobs[job_id].view()
+
+    @app.post("/api/jobs/{job_id}/cancel")
+    def cancel(job_id: str):
+        """Stop a trace job (the page cancels its previous trace when a new one starts)."""
+        if job_id not in bench.jobs:
+            raise HTTPException(404, f"no job {job_id}")
+        job = bench.jobs[job_id]
+        if job.kind != "trace":
+            raise HTTPException(409, f"only trace jobs can be cancelled, not {job.kind} jobs")
+        return bench.cancel(job).view()
 
     @app.get("/api/edits")
     def edits():

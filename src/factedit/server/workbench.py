@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..edit import EditDelta, EditRequest, EditStack, edit, get_method
@@ -26,21 +27,32 @@ from ..models import LoadedModel
 from ..progress import Step
 from ..report import checks_for, report_around
 from ..tokens import check_prompt_length
+from ..trace.atp import estimated_heatmaps
 from ..trace.heatmap import heatmap
 from ..trace.runs import last_token_probs, prepare
+
+
+class JobCancelled(Exception):
+    """Raised inside a job's work when the job was cancelled (Workbench.cancel)."""
 
 
 @dataclass
 class Job:
     id: str
     kind: str
-    status: str = "queued"  # queued, running, done, error
+    status: str = "queued"  # queued, running, done, error, cancelled
     phase: str = ""
     done: int = 0
     total: int = 0
     result: dict | None = None
     error: str | None = None
     created: float = field(default_factory=time.time)
+    cancel_requested: bool = False
+
+    def check_cancelled(self) -> None:
+        """Stop the work here if the job was cancelled (called between steps)."""
+        if self.cancel_requested:
+            raise JobCancelled()
 
     def view(self) -> dict:
         return {"id": self.id, "kind": self.kind, "status": self.status, "phase": self.phase, "done": self.done,
@@ -85,11 +97,17 @@ class Workbench:
             self.jobs.pop(old.id, None)
 
         def run():
+            if job.cancel_requested:
+                job.status, job.error = "cancelled", "cancelled"
+                return
             job.status = "running"
             try:
                 with self.lock:
+                    job.check_cancelled()
                     job.result = work(job)
                 job.status = "done"
+            except JobCancelled:
+                job.status, job.error = "cancelled", "cancelled"
             except FacteditError as err:  # the user's input: the message is for them
                 job.status, job.error = "error", str(err)
             except Exception as err:  # a bug: reported to the page with its type, logged with its traceback
@@ -97,6 +115,13 @@ class Workbench:
                 traceback.print_exc()
 
         self.executor.submit(run)
+        return job
+
+    def cancel(self, job: Job) -> Job:
+        """Ask a queued or running job to stop: a queued one never starts, a running one stops at its
+        next step (only for work that checks, such as tracing; it leaves no state behind)."""
+        if job.status in ("queued", "running"):
+            job.cancel_requested = True
         return job
 
     # ----------------------------------------------------------------------------- model reads
@@ -113,19 +138,35 @@ class Workbench:
             return greedy_continuation(self.lm, prompt, n_new)
 
     # ---------------------------------------------------------------------------------- tracing
-    def trace_job(self, prompt: str, subject: str, kinds: list[str], samples: int, window: int, seed: int) -> Job:
+    def trace_job(self, prompt: str, subject: str, kinds: list[str], samples: int, window: int, seed: int,
+                  approx: str | None = None) -> Job:
+        """Exact causal-tracing heatmaps (one restoration run per cell), or with approx="atp"
+        attribution-patching estimates of every cell from one forward and backward pass (atp.py).
+        The result says which: "approx" is null for exact heatmaps, else the approximation's name."""
         def work(job: Job) -> dict:
             run = prepare(self.lm, prompt, subject, samples=samples, seed=seed)
-            job.phase, job.total = "tracing", len(kinds) * run.n_tokens * self.lm.n_layers
+            job.check_cancelled()
+            if approx:
+                job.phase, job.total = f"estimating ({approx})", 1
+                results = estimated_heatmaps(run, kinds, window=window, approx=approx)
+                job.done = 1
+            else:
+                job.phase, job.total = "tracing", len(kinds) * run.n_tokens * self.lm.n_layers
 
-            def step(n):
-                job.done += n
+                def step(n):
+                    job.check_cancelled()  # between restoration batches
+                    job.done += n
 
-            results = {kind: heatmap(run, kind, window=window, progress=step).to_dict() for kind in kinds}
+                results = {kind: heatmap(run, kind, window=window, progress=step) for kind in kinds}
+            heatmaps = {}
+            for kind, result in results.items():
+                if not np.isfinite(result.scores).all():  # JSON has no NaN: say so instead of failing the view
+                    raise RuntimeError(f"the {kind} heatmap has non-finite values")
+                heatmaps[kind] = {"scores": result.scores.tolist(), "window": result.window,
+                                  "approx": result.approx or None}
             return {"answer": run.answer, "p_clean": run.p_clean, "p_corrupt": run.p_corrupt,
                     "tokens": run.tokenized.tokens, "subject_range": list(run.tokenized.subject_range),
-                    "heatmaps": {k: {"scores": v["scores"], "window": v["window"]} for k, v in results.items()},
-                    "predictions": self._top_unlocked(prompt)}
+                    "approx": approx or None, "heatmaps": heatmaps, "predictions": self._top_unlocked(prompt)}
 
         return self.submit("trace", work)
 

@@ -29,10 +29,11 @@ DISAGREE_SHARE = 0.25  # refine: estimate and exact disagree when further apart 
 
 def check_approx(approx: str, kinds: list[str]) -> None:
     if approx not in APPROXIMATIONS:
-        raise InputError(f"unknown approximation {approx!r}; choose from {', '.join(APPROXIMATIONS)}")
+        raise InputError(f"unknown approximation {approx!r}; choose {', '.join(APPROXIMATIONS)} (or none: exact)")
     for kind in kinds:
         if kind not in ESTIMATED_KINDS:
-            raise InputError(f"--approx {approx} estimates the kinds {', '.join(ESTIMATED_KINDS)}, not {kind!r}")
+            raise InputError(f"approximation {approx!r} estimates the kinds {', '.join(ESTIMATED_KINDS)}, not "
+                             f"{kind!r}; trace that kind exactly")
 
 
 def state_gradients(run: TraceRun, kinds: list[str]) -> dict[tuple[str, int], torch.Tensor]:
