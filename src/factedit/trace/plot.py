@@ -25,7 +25,8 @@ def _save(fig, path_stem: Path) -> list[Path]:
 
 
 def plot_heatmap(result: TraceResult, path_stem: str | Path) -> list[Path]:
-    """Rows are tokens (subject tokens starred), columns layers, colour p(answer) after restoring."""
+    """Rows are tokens (subject tokens starred), columns layers, colour the metric after restoring
+    (p(answer) by default); estimates (result.approx) and other corruptions say so in the title."""
     n_tokens, n_layers = result.scores.shape
     fig, ax = figures.subplots(figsize=(3.5 + n_layers * 0.12, 1.2 + n_tokens * 0.3))
     image = ax.pcolor(result.scores, cmap=COLORMAPS.get(result.kind, "Purples"), vmin=result.p_corrupt)
@@ -36,10 +37,13 @@ def plot_heatmap(result: TraceResult, path_stem: str | Path) -> list[Path]:
     step = max(1, n_layers // 10)
     ax.set_xticks(np.arange(0, n_layers, step) + 0.5, [str(i) for i in range(0, n_layers, step)], fontsize=8)
     window = f" (window {result.window})" if result.kind in ("mlp", "attn") else ""
-    ax.set_title(f"Impact of {TITLES.get(result.kind, result.kind)}{window}", fontsize=10)
+    how = ([f"estimate ({result.approx})"] if result.approx else []) + \
+        (["subject replaced"] if result.corruption == "replace" else [])
+    ax.set_title(f"Impact of {TITLES.get(result.kind, result.kind)}{window}"
+                 + (f"\n{', '.join(how)}" if how else ""), fontsize=10)
     ax.set_xlabel(f"layer  (model {result.model})", fontsize=9)
     bar = fig.colorbar(image)
-    bar.ax.set_title(f"p({result.answer.strip()})", fontsize=8)
+    bar.ax.set_title(f"p({result.answer.strip()})" if result.metric == "prob" else "logit diff", fontsize=8)
     return _save(fig, Path(path_stem))
 
 
