@@ -29,10 +29,6 @@ def _replacement_pool(facts) -> list[tuple[str, str]]:
     return [(f.subject, f.attribute) for f in load_known_facts(facts)]
 
 
-def _metric_names(metric: str) -> str:
-    return "p(answer)" if metric == "prob" else "logit diff"
-
-
 @main.command()
 @_model_options
 @click.option("--prompt", "-p", required=True, help='e.g. "The Eiffel Tower is located in the city of"')
@@ -76,8 +72,9 @@ def trace(model, prompt, subject, kind, sever, noise, samples, window, seed, ans
                   replacements=_replacement_pool(facts) if corrupt == "replace" else None, metric=metric)
     corruption = (f"noise std {run.noise_std:.4f}" if corrupt == "gaussian"
                   else f"subject replaced by {', '.join(repr(r) for r in run.replacements)}")
-    click.echo(f"answer {run.answer!r}  {_metric_names(metric)} clean {run.p_clean:.4f}  corrupted "
-               f"{run.p_corrupt:.4f}  ({corruption}; {run.samples} samples, seed {seed})")
+    scores = (f"p_clean {run.p_clean:.4f}  p_corrupt {run.p_corrupt:.4f}" if metric == "prob"
+              else f"logit diff clean {run.p_clean:.4f}  corrupted {run.p_corrupt:.4f}")
+    click.echo(f"answer {run.answer!r}  {scores}  ({corruption}; {run.samples} samples, seed {seed})")
     start, end = run.tokenized.subject_range
     click.echo(f"subject tokens {start}..{end - 1}: {run.tokenized.tokens[start:end]}")
     out_dir = Path(out)

@@ -60,16 +60,16 @@ def trace_fact(lm, item: tuple) -> dict:
     """A worker's fact: average.fact_record."""
     from ..trace.average import fact_record
 
-    fact, kinds, settings, pool = item
-    return fact_record(lm, fact, kinds, settings, pool=pool)
+    fact, kinds, settings, replacements = item
+    return fact_record(lm, fact, kinds, settings, pool=replacements)
 
 
 def fact_records(pool: WorkerPool, lookahead: int = 2):
     """For trace.average.average_effects(records=...): facts traced on the workers, handed back in
     the facts' order, at most `lookahead` facts per worker ahead of the one awaited."""
 
-    def records(facts, kinds, settings, pool):
-        items = ((fact, kinds, settings, pool) for fact in facts)
+    def records(facts, kinds, settings, replacements):
+        items = ((fact, kinds, settings, replacements) for fact in facts)
         with closing(pool.run(trace_fact, items, ordered=True, window=lookahead * pool.size)) as results:
             for _, record in results:  # closed early: the facts still in flight are dropped
                 yield record

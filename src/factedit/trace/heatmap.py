@@ -115,21 +115,17 @@ def result_of(run: TraceRun, kind: str, window: int, scores: np.ndarray, approx:
 
 def trace(lm: LoadedModel, prompt: str, subject: str, kinds: str | list[str] = "hidden", *, window: int = 10,
           samples: int = 10, noise: float | None = None, seed: int = 0, answer: str | None = None,
-          corrupt: str = "gaussian", replacements=None, metric: str = "prob", approx: str = "",
+          corrupt: str = "gaussian", replacements=None, metric: str = "prob",
           progress: Callable[[int], None] | None = None) -> dict[str, TraceResult]:
     """Causal tracing of `subject` in `prompt` for each kind in `kinds` ("all" = hidden, mlp, attn).
 
     Returns {kind: TraceResult}. The clean and corrupted runs (and their noise) are shared by all kinds.
-    corrupt, replacements, metric: see runs.prepare. approx="atp": attribution-patching estimates
-    instead of exact restorations (atp.py).
+    corrupt, replacements, metric: see runs.prepare. Estimates instead of exact restorations:
+    atp.estimated_heatmaps(prepare(...), kinds).
     """
     kinds = expand_kinds(kinds)
     run = prepare(lm, prompt, subject, samples=samples, noise=noise, seed=seed, answer=answer, corrupt=corrupt,
                   replacements=replacements, metric=metric)
-    if approx:
-        from .atp import estimated_heatmaps
-
-        return estimated_heatmaps(run, kinds, window=window, approx=approx)
     return {kind: heatmap(run, kind, window=window, progress=progress) for kind in kinds}
 
 
