@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..models import LoadedModel
 from ..stats_running import RunningMean
 from ..tokens import answer_matches, check_prompt_length
-from .atp import check_approx
+from .atp import check_approx, estimated_heatmaps
 from .corrupt import NoReplacement, check_corruption
 from .metric import check_metric
 from .heatmap import expand_kinds, heatmap
@@ -176,8 +176,6 @@ def fact_record(lm: LoadedModel, fact: KnownFact, kinds: list[str], settings: Av
     if run.replacements:
         record["replacements"] = run.replacements
     if settings.approx:
-        from .atp import estimated_heatmaps
-
         results = estimated_heatmaps(run, kinds, window=settings.window, approx=settings.approx)
     else:
         results = {kind: heatmap(run, kind, window=settings.window, progress=progress) for kind in kinds}
@@ -216,8 +214,9 @@ def average_effects(lm: LoadedModel, facts: list[KnownFact], kinds: str | list[s
     check_metric(metric)
     if approx:
         check_approx(approx, kinds)
-    pool = [(f.subject, f.attribute) for f in facts] if corrupt == "replace" else None
+    pool = None
     if corrupt == "replace":
+        pool = [(f.subject, f.attribute) for f in facts]
         if noise is not None:
             raise InputError("noise sets Gaussian noise; corrupt='replace' swaps tokens and takes no noise")
         noise_std, rule = 0.0, f"by subjects of the same token length from the {len(facts)} facts"
