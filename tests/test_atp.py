@@ -151,6 +151,8 @@ def test_bad_corruption_and_metric_choices_are_clear_errors(tiny_llama):
         prepare(tiny_llama, PROMPT, SUBJECT, corrupt="replace", replacements=[("Rome", "Italy")])
     with pytest.raises(InputError, match="needs a pool"):
         prepare(tiny_llama, PROMPT, SUBJECT, corrupt="replace")
+    with pytest.raises(InputError, match="takes no noise"):
+        prepare(tiny_llama, PROMPT, SUBJECT, corrupt="replace", replacements=POOL, noise=0.1)
     with pytest.raises(InputError, match="unknown corruption"):
         prepare(tiny_llama, PROMPT, SUBJECT, corrupt="shuffle")
     with pytest.raises(InputError, match="unknown trace metric"):

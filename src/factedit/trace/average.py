@@ -167,7 +167,8 @@ def fact_record(lm: LoadedModel, fact: KnownFact, kinds: list[str], settings: Av
     if not record["correct"]:  # no corrupted runs for a fact that is skipped (nor a replacement to find)
         return record
     try:
-        run = prepare(lm, fact.prompt, fact.subject, samples=settings.samples, noise=settings.noise_std,
+        noise = settings.noise_std if settings.corruption == "gaussian" else None
+        run = prepare(lm, fact.prompt, fact.subject, samples=settings.samples, noise=noise,
                       seed=settings.seed, corrupt=settings.corruption, replacements=pool, metric=settings.metric)
     except NoReplacement as err:
         return {**record, "no_replacement": str(err)}

@@ -131,6 +131,8 @@ def prepare(lm: LoadedModel, prompt: str, subject: str, *, samples: int = 10, no
         raise InputError(f"samples must be at least 1, not {samples}")
     check_corruption(corrupt)
     check_metric(metric)
+    if corrupt == "replace" and noise is not None:
+        raise InputError("noise sets Gaussian noise; corrupt='replace' swaps the subject's tokens and takes no noise")
     limit = prompt_token_limit(lm.model)
     tokenized = tokenize_prompt(lm.tokenizer, prompt, subject, max_tokens=min(limit, max_tokens or limit),
                                 device=lm.device)
