@@ -98,6 +98,37 @@ def test_average_of_replaced_subjects_and_estimates(tmp_path):
     assert "ESTIMATES (atp)" in result.markdown() and "subject tokens replaced" in result.markdown()
 
 
+def test_runs_compare_from_their_folders(tmp_path):
+    """trace-compare rebuilds each run's average from facts.jsonl (as far as a run got) and writes
+    a table and a figure; mismatched labels and folders that are not runs are clear errors."""
+    from click.testing import CliRunner
+
+    from factedit.cli import main
+    from factedit.errors import InputError
+    from factedit.trace.compare import comparison_markdown, read_average
+
+    lm = from_model(tiny_model("llama"), word_tokenizer(), name="tiny-llama")
+    facts = tiny_facts(lm)
+    runs = {name: average_effects(lm, facts, "hidden", samples=2, noise=noise, out_dir=tmp_path / name)
+            for name, noise in (("weak", 0.5), ("strong", 2.0))}
+    for name, result in runs.items():
+        assert read_average(tmp_path / name).to_dict() == result.to_dict()
+    table = comparison_markdown({name: read_average(tmp_path / name) for name in runs})
+    layer, value = runs["strong"].peak("hidden", "last_subject")
+    assert f"| hidden, last subject | strong | {layer} ({lm.n_layers}) |" in table and f"{value:.3f}" in table
+
+    stem = tmp_path / "compared"
+    out = CliRunner().invoke(main, ["trace-compare", str(tmp_path / "weak"), str(tmp_path / "strong"),
+                                    "--label", "noise 0.5", "--label", "noise 2", "-o", str(stem)])
+    assert out.exit_code == 0, out.output
+    assert "noise 0.5" in stem.with_suffix(".md").read_text() and stem.with_suffix(".png").stat().st_size > 0
+    out = CliRunner().invoke(main, ["trace-compare", str(tmp_path / "weak"), "--label", "a", "--label", "b",
+                                    "-o", str(stem)])
+    assert out.exit_code != 0 and "2 --label for 1 runs" in out.output
+    with pytest.raises(InputError, match="not a trace-avg folder"):
+        read_average(tmp_path)
+
+
 def test_known_facts_loader(data_dir, tmp_path):
     facts = load_known_facts(data_dir / "known_1000.json")
     assert len(facts) == 1209 and facts[0].subject == "Vinson Massif" and facts[0].attribute == "Antarctica"

@@ -4,7 +4,7 @@ import pytest
 
 from factedit.evaluate.metrics import (aggregate, counterfact_record_scores, generation_entropy, generative_scores,
                                        harmonic_mean, ngram_entropy, starts_with_object, tfidf_consistency,
-                                       token_accuracy)
+                                       token_accuracy, wilson_interval)
 
 
 def test_counterfact_scores_on_a_hand_made_record():
@@ -61,3 +61,12 @@ def test_generative_success_reads_what_the_continuation_starts_with():
                                " Rome", " Paris", {"rewrite": "GenES", "paraphrase": "GenPS"}, "GenOld")
     assert scores == {"GenES": 1.0, "GenPS": pytest.approx(1 / 3), "GenOld": 0.5}
     assert "GenOld" not in generative_scores({"rewrite": [" Rome"]}, " Rome", None, {"rewrite": "GenES"}, "GenOld")
+
+
+def test_wilson_interval_known_values():
+    assert wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    low, high = wilson_interval(1.0, 268)  # all kept: the interval is not empty, and stays below 1
+    assert high == 1.0 and low == pytest.approx(0.9859, abs=1e-4)
+    assert wilson_interval(0.0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    with pytest.raises(ValueError):
+        wilson_interval(0.5, 0)

@@ -147,6 +147,13 @@ def test_sequential_runner_accumulates_resumes_and_restores(env, tmp_path, monke
     monkeypatch.setattr(history_module, "edit", lambda *a, **k: calls.append(1) or original(*a, **k))
     resumed = run_evaluation(lm, "ft", "counterfact", out, data=str(data), n=3, settings=settings, sequential=True)
     assert resumed["cases"] == 3 and len(calls) == 1  # only the new case is edited; the others replayed
+    table = CliRunner().invoke(main, ["summarize", str(out), "--plot-lifelong", str(tmp_path / "lifelong")])
+    assert table.exit_code == 0, table.output
+    assert re.search(r"\| seq \| 3 \| 3 \| [01]\.\d{3} \(", table.output) and (tmp_path / "lifelong.png").exists()
+    single = tmp_path / "single"
+    run_evaluation(lm, "ft", "counterfact", single, data=str(data), n=1, settings=settings)
+    refused = CliRunner().invoke(main, ["summarize", str(single), "--plot-lifelong", str(tmp_path / "none")])
+    assert refused.exit_code != 0 and "made with --sequential" in refused.output
 
 
 def test_a_killed_sequential_run_resumes_to_the_same_numbers(env, tmp_path, monkeypatch):

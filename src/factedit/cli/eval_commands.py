@@ -148,13 +148,27 @@ def eval_command(model, method, dataset, data, n, start, edits_per_batch, layer,
               help="also plot ES/PS/NS against the number of edits per run to PLOT.png/.svg (mass editing)")
 @click.option("--plot-by-layer", "layer_stem", default=None,
               help="also plot ES/PS/NS against the edited layer to PLOT.png/.svg (one line per model and method)")
-def summarize(runs, bars_stem, edits_stem, layer_stem):
+@click.option("--plot-lifelong", "lifelong_stem", default=None,
+              help="also print what the --sequential runs' edits did to the model after each batch, and plot it "
+                   "against the number of edits to PLOT.png/.svg (one line per run)")
+def summarize(runs, bars_stem, edits_stem, layer_stem, lifelong_stem):
     """Print several evaluation runs side by side."""
+    from ..evaluate.lifelong import plot_lifelong
     from ..evaluate.plots import plot_by_layer, plot_by_number_of_edits, plot_score_bars
     from ..evaluate.runner import markdown_table, summarize as summarize_run
+    from ..evaluate.sequential import lifelong_table, read_points
 
     summaries = [summarize_run(run) for run in runs]
     click.echo(markdown_table(summaries))
+    if lifelong_stem:
+        measured = {Path(run).name: read_points(Path(run)) for run in runs}
+        measured = {name: [points[b] for b in sorted(points)] for name, points in measured.items() if points}
+        if not measured:
+            raise CommandError("--plot-lifelong needs runs made with --sequential (none has lifelong.jsonl)")
+        click.echo("")
+        click.echo(lifelong_table(measured))
+        for path in plot_lifelong(measured, lifelong_stem):
+            click.echo(f"wrote {path}")
     for stem, plot in ((bars_stem, plot_score_bars), (edits_stem, plot_by_number_of_edits),
                        (layer_stem, plot_by_layer)):
         if stem:

@@ -1,4 +1,4 @@
-"""`factedit trace` and `factedit trace-avg`."""
+"""`factedit trace`, `trace-avg` and `trace-compare`."""
 
 from __future__ import annotations
 
@@ -170,3 +170,27 @@ def trace_avg(model, facts, n, kind, noise, samples, window, seed, corrupt, metr
                 layer, value = result.peak(k, token_class)
                 click.echo(f"{k:>6} at {token_class:>12}: peak layer {layer}, average indirect effect {value:.3f}")
     click.echo(f"wrote average.json, average.md, average.png/.svg and facts.jsonl to {out_dir}")
+
+
+@main.command("trace-compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--label", "labels", multiple=True, help="a name per run, in order (default: the folder names)")
+@click.option("--n", type=COUNT, default=None, help="the first N traced facts of each run (default: all)")
+@click.option("--out", "-o", "stem", required=True, help="write STEM.md and STEM.png/.svg")
+def trace_compare(runs, labels, n, stem):
+    """Compare trace-avg runs (another corruption, another model) at the same relative depth, as
+    shares of each run's total effect; runs still in progress are read as far as they got."""
+    from ..trace.compare import comparison_markdown, read_average
+    from ..trace.plot import plot_comparison
+
+    if labels and len(labels) != len(runs):
+        raise CommandError(f"{len(labels)} --label for {len(runs)} runs; give one per run or none")
+    names = labels or [Path(run).name for run in runs]
+    if len(set(names)) != len(names):
+        raise CommandError(f"two runs share a name ({', '.join(names)}); name them with --label")
+    results = {name: read_average(run, n) for name, run in zip(names, runs)}
+    text = comparison_markdown(results)
+    Path(f"{stem}.md").write_text(text + "\n")
+    click.echo(text)
+    for path in plot_comparison(results, stem):
+        click.echo(f"wrote {path}")

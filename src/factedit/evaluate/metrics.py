@@ -56,6 +56,16 @@ def aggregate(records: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     return summary
 
 
+def wilson_interval(share: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% interval of a proportion observed as `share` of `n` (Wilson's score interval, which
+    stays inside [0, 1] and is not empty at a share of 0 or 1, where the normal one is)."""
+    if n <= 0:
+        raise ValueError("a proportion needs at least one observation")
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def words(text: str) -> list[str]:
     """Word tokens for the fluency and consistency metrics: a regular expression (words and single
     punctuation marks) standing in for NLTK's word_tokenize, which needs a data download."""

@@ -27,6 +27,7 @@ from ..stats import Corpus
 from .cases import case_path, chunks, references_for, score_after_all, score_and_write, write_json
 from .datasets import Dataset
 from .lifelong import LifelongPoint, LifelongProbe, plot_lifelong
+from .metrics import wilson_interval
 
 POINTS_FILE = "lifelong.jsonl"
 
@@ -115,16 +116,24 @@ def run_sequential(lm, method: str, ds: Dataset, records: list, out: Path, *, ed
 
 
 def lifelong_table(runs: dict[str, list[LifelongPoint]]) -> str:
-    """Markdown: one row per run and measurement."""
-    lines = ["| run | batch | edits | edits kept | perplexity | known facts kept | largest norm growth |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown: one row per run and measurement; shares with their 95% (Wilson) intervals,
+    perplexity also as a ratio to the run's unedited model."""
+    lines = ["| run | batch | edits | edits kept (95% CI) | perplexity (x unedited) | known facts kept (95% CI) "
+             "| largest norm growth |", "|---|---|---|---|---|---|---|"]
 
-    def cell(value, fmt):
-        return "" if value is None else format(value, fmt)
+    def share(value, n):
+        if value is None:
+            return ""
+        low, high = wilson_interval(value, n)
+        return f"{value:.3f} ({low:.3f}-{high:.3f})"
 
     for name, points in runs.items():
+        unedited = next((p.perplexity for p in points if p.n_edits == 0), None)
         for p in points:
             growth = max(p.norm_growth.values(), default=None)
-            lines.append(f"| {name} | {p.batch} | {p.n_edits} | {cell(p.edits_kept, '.3f')} | "
-                         f"{cell(p.perplexity, '.2f')} | {cell(p.known_kept, '.3f')} | {cell(growth, '.3f')} |")
+            perplexity = "" if p.perplexity is None else f"{p.perplexity:.2f}"
+            if perplexity and unedited:
+                perplexity += f" ({p.perplexity / unedited:.3f})"
+            lines.append(f"| {name} | {p.batch} | {p.n_edits} | {share(p.edits_kept, p.n_edits)} | {perplexity} | "
+                         f"{share(p.known_kept, p.known_count)} | {'' if growth is None else format(growth, '.3f')} |")
     return "\n".join(lines)

@@ -69,3 +69,28 @@ def plot_average(result: AverageResult, path_stem: str | Path) -> list[Path]:
     fig.suptitle(f"{result.settings.model}: {result.n_correct} known facts, total effect "
                  f"{float(result.total_effect.mean):.3f}", fontsize=10)
     return _save(fig, Path(path_stem))
+
+
+def plot_comparison(runs: dict[str, AverageResult], path_stem: str | Path) -> list[Path]:
+    """One panel per kind: each run's average effect at the last subject token (solid) and the last
+    token (dashed), as a share of that run's total effect, against relative depth."""
+    kinds = [k for k in next(iter(runs.values())).effects if all(k in r.effects for r in runs.values())]
+    fig, axes = figures.subplots(1, len(kinds), figsize=(4.8 * len(kinds), 3.8), squeeze=False)
+    colors = matplotlib.colormaps["tab10"]
+    for ax, kind in zip(axes[0], kinds):
+        for i, (name, result) in enumerate(runs.items()):
+            total = float(result.total_effect.mean)
+            for token_class, style in (("last_subject", "-"), ("last", "--")):
+                stats = result.effects[kind].get(token_class)
+                if stats is None:
+                    continue
+                mean = np.asarray(stats.mean) / total
+                depth = np.arange(len(mean)) / max(len(mean) - 1, 1)
+                ax.plot(depth, mean, style, color=colors(i), label=f"{name}, {CLASS_LABELS[token_class]}")
+        ax.set_title(TITLES.get(kind, kind), fontsize=9)
+        ax.set_xlabel("relative depth (layer / (layers - 1))")
+        ax.axhline(0, color="gray", lw=0.5)
+    axes[0][0].set_ylabel("indirect effect / total effect")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Average indirect effects compared (solid: last subject token, dashed: last token)", fontsize=10)
+    return _save(fig, Path(path_stem))
