@@ -72,7 +72,8 @@ def run_sequential(lm, method: str, ds: Dataset, records: list, out: Path, *, ed
     """See the module docstring; the model is measured after every `measure_every`-th batch and the
     last. The model is restored at the end (also after an error)."""
     batches = chunks(records, edits_per_batch)
-    pending = [r for r in records if not case_path(out, r).exists()]
+    # A batch with any case file missing is scored again whole (a kill can stop it midway).
+    pending = [r for batch in batches if any(not case_path(out, r).exists() for r in batch) for r in batch]
     pre = {r.case_id: _unedited_scores(lm, ds, r, out) for r in pending}  # all on the unedited model
     references = {r.case_id: references_for(lm, ds, r, generation, tokens) for r in pending}
     points = read_points(out)
