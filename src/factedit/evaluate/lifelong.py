@@ -26,6 +26,7 @@ from ..placement import read_weight
 from ..request import EditRequest
 from ..scoring import target_logprobs, teacher_forced_predictions
 from ..stats import Corpus, token_chunks
+from .metrics import wilson_interval
 
 
 @dataclass
@@ -118,20 +119,32 @@ def points_to_dicts(points: list[LifelongPoint]) -> list[dict]:
 
 def plot_lifelong(runs: dict[str, list[LifelongPoint]], path_stem: str | Path) -> list[Path]:
     """Edits kept, held-out perplexity, known facts kept and the largest norm growth against the
-    number of edits, one line per run."""
+    number of edits, one line per run; shares with their 95% (Wilson) bands."""
+    import matplotlib.ticker
+
     from .. import figures
 
-    fig, axes = figures.subplots(1, 4, figsize=(17, 3.6))
-    panels = [("edits kept (ES so far)", lambda p: p.edits_kept, (-0.05, 1.05), "linear"),
-              ("held-out perplexity", lambda p: p.perplexity, None, "log"),
-              ("known facts kept", lambda p: p.known_kept, (-0.05, 1.05), "linear"),
-              ("largest ||W|| / ||W unedited||", lambda p: max(p.norm_growth.values(), default=1.0), None, "linear")]
-    for ax, (label, value, ylim, scale) in zip(axes, panels):
+    fig, axes = figures.subplots(1, 4, figsize=(18, 3.6), gridspec_kw={"wspace": 0.35})
+    # (label, value, how many it is a share of (for a 95% band), y limits, scale)
+    panels = [("edits kept (ES so far)", lambda p: p.edits_kept, lambda p: p.n_edits, (-0.05, 1.05), "linear"),
+              ("held-out perplexity", lambda p: p.perplexity, None, None, "log"),
+              ("known facts kept", lambda p: p.known_kept, lambda p: p.known_count, (-0.05, 1.05), "linear"),
+              ("largest ||W|| / ||W unedited||", lambda p: max(p.norm_growth.values(), default=1.0), None, None,
+               "linear")]
+    for ax, (label, value, count, ylim, scale) in zip(axes, panels):
         for name, points in runs.items():
-            shown = [(p.n_edits, value(p)) for p in points if value(p) is not None]
-            if shown:
-                ax.plot(*zip(*shown), marker="o", label=name)
+            shown = [p for p in points if value(p) is not None]
+            if not shown:
+                continue
+            line, = ax.plot([p.n_edits for p in shown], [value(p) for p in shown], marker="o", label=name)
+            if count is not None:
+                band = [wilson_interval(value(p), count(p)) for p in shown]
+                ax.fill_between([p.n_edits for p in shown], *zip(*band), color=line.get_color(), alpha=0.15)
         ax.set(xlabel="edits applied", ylabel=label, yscale=scale)
+        if scale == "log":  # plain numbers (22, 25, 30), not powers of ten, on a narrow range
+            plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
         if ylim:
             ax.set_ylim(*ylim)
     axes[0].legend()
