@@ -36,6 +36,11 @@ def read_average(out_dir: str | Path, n: int | None = None) -> AverageResult:
     return result
 
 
+def shared_kinds(runs: dict[str, AverageResult]) -> list[str]:
+    """The kinds (hidden, mlp, attn) that every run traced, in the first run's order."""
+    return [k for k in next(iter(runs.values())).effects if all(k in r.effects for r in runs.values())]
+
+
 def describe(result: AverageResult) -> str:
     """What a run traced, in one line."""
     s = result.settings
@@ -51,8 +56,7 @@ def comparison_markdown(runs: dict[str, AverageResult]) -> str:
     lines = [f"- **{name}**: {describe(result)}" for name, result in runs.items()]
     lines += ["", "| kind, token | run | peak layer (of) | relative depth | peak effect (95% CI) | share of total |",
               "|---|---|---|---|---|---|"]
-    kinds = [k for k in next(iter(runs.values())).effects if all(k in r.effects for r in runs.values())]
-    for kind in kinds:
+    for kind in shared_kinds(runs):
         for token_class in COMPARED_CLASSES:
             for name, result in runs.items():
                 if token_class not in result.effects[kind]:

@@ -9,6 +9,7 @@ import numpy as np
 
 from .. import figures
 from .average import TOKEN_CLASSES, AverageResult
+from .compare import shared_kinds
 from .heatmap import TraceResult
 
 COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds", "hidden_no_mlp": "Purples",
@@ -74,7 +75,7 @@ def plot_average(result: AverageResult, path_stem: str | Path) -> list[Path]:
 def plot_comparison(runs: dict[str, AverageResult], path_stem: str | Path) -> list[Path]:
     """One panel per kind: each run's average effect at the last subject token (solid) and the last
     token (dashed), as a share of that run's total effect, against relative depth."""
-    kinds = [k for k in next(iter(runs.values())).effects if all(k in r.effects for r in runs.values())]
+    kinds = shared_kinds(runs)
     fig, axes = figures.subplots(1, len(kinds), figsize=(4.8 * len(kinds), 3.8), squeeze=False)
     colors = matplotlib.colormaps["tab10"]
     for ax, kind in zip(axes[0], kinds):
