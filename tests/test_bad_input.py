@@ -161,6 +161,9 @@ def test_settings_are_checked_against_the_method_and_the_model(tiny_llama, tmp_p
         memit.check_settings(tiny_llama, dataclasses.replace(memit.defaults(tiny_llama, 1), layers=[]))
     with pytest.raises(InputError, match="layer 3 out of range"):
         rome.settings_with(tiny_llama, 3)
+    with pytest.raises(SettingsError, match="no editing method has the setting.s. stats_tokns"):
+        rome.settings_with(tiny_llama, 1, stats_tokns=4096)  # misspelt: refused, not dropped
+    assert get_method("ft").settings_with(tiny_llama, 1, stats_tokens=4096).layer == 1  # another method's: dropped
 
 
 def test_cli_settings_errors_are_one_line(tiny_folder, tmp_path):

@@ -43,9 +43,14 @@ class Method:
 
     def settings_with(self, lm: LoadedModel, layer: int | None = None, preset: str = DEFAULT_PRESET, **options):
         """Per-model defaults (or the named `preset`) with those `options` that this method's settings
-        have (e.g. a statistics corpus, which fine-tuning does not use)."""
+        have (e.g. a statistics corpus, which fine-tuning does not use). An option that no method's
+        settings have is a misspelling and is refused, not dropped."""
         import dataclasses
 
+        known = {f.name for method in METHODS.values() for f in dataclasses.fields(method.settings_type)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise SettingsError(f"no editing method has the setting(s) {', '.join(unknown)}")
         if layer is not None:
             lm.check_layer(layer)
         names = {f.name for f in dataclasses.fields(self.settings_type)}
