@@ -8,7 +8,7 @@ import torch
 from tiny import tiny_model, word_tokenizer
 
 from factedit.edit import EditHistory, EditRequest, HistoryError, get_method
-from factedit.edit.alphaedit import alphaedit_solve, null_space_projector, projectors
+from factedit.edit.alphaedit import alphaedit_solve, null_space_projector, protection, projectors
 from factedit.errors import InputError
 from factedit.hooks import Hook
 from factedit.models import from_model
@@ -118,6 +118,46 @@ def test_a_saved_history_reloads_to_the_same_weights_and_goes_on_identically(lm,
     resumed.revert()
     assert len(EditHistory.load(lm, tmp_path / "history")) == 1  # the folder follows the revert
     resumed.release()
+
+
+def test_protected_facts_are_left_alone_by_a_later_batch(lm, tmp_path):
+    """A protection batch changes no weight, is saved and reloaded with the history, and makes the next
+    batch's update at the protected facts' keys a small fraction of what it is without it."""
+    settings = settings_for(lm)
+    kept = [EditRequest.create("{} is the capital of", city, country) for city, country in
+            (("Berlin", "Germany"), ("Paris", "France"))]
+
+    def change_at_protected_keys(protect: bool, weight: float = 1.0) -> float:
+        history = EditHistory(lm, tmp_path / f"protect-{protect}-{weight}")
+        shield = protection(lm, kept, settings)
+        if protect:
+            before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+            history.apply(shield)
+            assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+            assert len(EditHistory.load(lm, history.folder)) == 1  # saved like any batch
+        delta, _ = history.edit(FIRST, "alphaedit", dataclasses.replace(settings, preserve_weight=weight))
+        history.release()
+
+        def change_at(keys: dict) -> float:  # the largest relative change of the outputs at `keys` over the layers
+            return max(float((delta.weight_change(name).double() @ K.double()).norm() /
+                             (lm.model.get_submodule(name).weight.detach().double() @ K.double()).norm())
+                       for name, K in keys.items())
+
+        return change_at(shield.keys), change_at(delta.keys)
+
+    unprotected, written = change_at_protected_keys(False)
+    assert unprotected > 0.1  # without protection, this edit changes these facts' outputs a lot
+    found = {w: change_at_protected_keys(True, w) for w in (1, 100)}
+    shares = {w: protected / unprotected for w, (protected, _) in found.items()}
+    # the reference's weight 1 protects only partly beside l2 (l2 / (l2 + w e)); a weight of 100 nearly fully
+    assert shares[100] < 0.1 < shares[1] < 0.95, shares
+    assert found[100][1] > 0.5 * written  # and the edit is still written
+    with pytest.raises(InputError, match="no facts to protect"):
+        protection(lm, [], settings)
+    whole = protection(lm, kept, settings, tokens="prompt")  # every token of each prompt: 5 + 5 keys
+    assert all(keys.shape == (lm.arch.d_mlp, 10) for keys in whole.keys.values())
+    with pytest.raises(InputError, match="tokens must be one of subject, prompt"):
+        protection(lm, kept, settings, tokens="all")
 
 
 def test_a_history_of_another_model_or_other_layers_is_refused(lm, tmp_path):

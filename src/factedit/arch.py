@@ -79,6 +79,10 @@ class ArchMap:
         except KeyError:
             raise ValueError(f"unknown module kind {kind!r}; expected hidden, mlp or attn") from None
 
+    def mlp_out_path(self, layer: int) -> str:
+        """The dotted name of the MLP output projection of block `layer` (the matrix editors change)."""
+        return f"{self.blocks_name}.{layer}.{self.blocks[layer].mlp_out_name}"
+
     def describe(self) -> dict:
         b0 = self.blocks[0]
         return {

@@ -13,7 +13,8 @@ basis of the null space), A^-1 P K = U (U^T (K K^T + H) U + l2 I)^-1 U^T K exact
 computed: a solve of the null space's size, and no round-off of P leaking into the directions the
 update must not touch (l2 / the null space's energy would amplify it). Each batch carries its keys
 (EditDelta.keys, read after the update, as the reference does), so H belongs to the editing history
-(history.py): it survives a restart and leaves with a reverted batch.
+(history.py): it survives a restart and leaves with a reverted batch. Facts that no edit wrote can
+be preserved the same way: `protection` makes a batch that carries their keys and changes nothing.
 
 Where the reference uses absolute numbers that depend on the scale of a model's keys (eigenvalues
 of C below 2e-2, l2 = 10), the defaults here are relative (see AlphaEditSettings); "paper" keeps the
@@ -28,11 +29,14 @@ import torch
 
 from ..cache_files import read_cached, write_atomic
 from ..errors import InputError
+from ..hooks import Hook
 from ..models import LoadedModel, cache_root
 from ..progress import Phases
 from ..request import EditRequest
+from ..tokens import check_prompt_length
 from .delta import EditDelta
 from .memit import MassEditSettings, key_statistics_at, spread_over_layers
+from .prompts import io_at_subject
 
 NULL_SPACE_RULES = ("trace_share", "absolute")
 L2_RULES = ("key_energy", "absolute")
@@ -51,6 +55,11 @@ class AlphaEditSettings(MassEditSettings):
     # is 0.33 x the key energy at SmolLM2's layer 5).
     l2_rule: str = "key_energy"
     l2: float = 0.3
+    # Weight of H (the preserved keys of earlier edits and protected facts) in the solve; the reference
+    # weighs it 1, like the batch's own keys. How much H protects depends on its size beside l2: a
+    # preserved key with energy e in the null space keeps about l2 / (l2 + w e) of the change it would
+    # get otherwise (docs/results.md 9.2).
+    preserve_weight: float = 1.0
 
     @classmethod
     def defaults_for(cls, lm: LoadedModel, layer: int | None = None, **overrides) -> "AlphaEditSettings":
@@ -137,6 +146,38 @@ def alphaedit_solve(K: torch.Tensor, basis: torch.Tensor, H: torch.Tensor, l2: f
     return (U @ torch.linalg.solve(reduced, KU)).T
 
 
+PROTECTED_TOKENS = ("subject", "prompt")
+
+
+@torch.no_grad()
+def protection(lm: LoadedModel, facts: list[EditRequest], settings: MassEditSettings, tokens: str = "subject"
+               ) -> EditDelta:
+    """An edit that changes nothing and carries the keys of `facts` (each fact's prompt and subject,
+    with its answer as target_new) at the layers `settings` edit: applied to an EditHistory, it makes
+    every later AlphaEdit batch leave these facts alone, as it leaves the earlier edits (H holds their
+    keys, weighted by preserve_weight). The keys are the MLP inputs, on the model as it is now, at the
+    subject's last token of each fact's own prompt (`tokens="subject"`, as AlphaEdit keeps an edit's
+    key) or at every token of it ("prompt")."""
+    if not facts:
+        raise InputError("no facts to protect")
+    if tokens not in PROTECTED_TOKENS:
+        raise InputError(f"tokens must be one of {', '.join(PROTECTED_TOKENS)}, not {tokens!r}")
+    keys = {}
+    for layer in sorted(settings.layers):
+        if tokens == "subject":
+            found = [io_at_subject(lm, "mlp", layer, fact, ["{}"])[0][:1] for fact in facts]
+        else:
+            found = []
+            for fact in facts:
+                with Hook(lm.arch.module("mlp", layer), keep_input=True, stop=True) as hook:
+                    lm.model(input_ids=torch.tensor([check_prompt_length(lm, fact.text)], device=lm.device),
+                             use_cache=False)
+                found.append(hook.input.reshape(-1, lm.arch.d_mlp).float())
+        keys[lm.arch.mlp_out_path(layer)] = torch.cat(found).T.cpu()
+    return EditDelta("protect", lm.fingerprint, {}, settings.to_dict(), [f.to_dict() for f in facts],
+                     {"protected": len(facts), "tokens": tokens}, keys)
+
+
 def alphaedit_delta(lm: LoadedModel, requests: list[EditRequest], settings: AlphaEditSettings, *, cache_dir=None,
                     progress: Phases | None = None, history=None) -> tuple[EditDelta, list[dict]]:
     """The AlphaEdit update for `requests` on the model as it is, preserving the keys of the batches in
@@ -146,13 +187,15 @@ def alphaedit_delta(lm: LoadedModel, requests: list[EditRequest], settings: Alph
     if not settings.l2 > 0:  # the reduced system is singular without it when a batch has fewer keys than the null space
         raise InputError(f"l2 must be positive, not {settings.l2}")
     layers = sorted(settings.layers)
-    modules = {layer: f"{lm.arch.blocks_name}.{layer}.{lm.arch.blocks[layer].mlp_out_name}" for layer in layers}
+    modules = {layer: lm.arch.mlp_out_path(layer) for layer in layers}
     if history is not None and history.key_modules() and history.key_modules() != set(modules.values()):
         raise InputError(f"the editing history preserves keys at {', '.join(sorted(history.key_modules()))}, but "
                          f"these settings edit layers {layers}; continue a history with the layers it was made with")
     found = projectors(lm, settings, cache_dir, progress)
     d_mlp = lm.arch.d_mlp
-    H = {layer: history.key_moment(modules[layer], d_mlp) if history is not None else
+    if not settings.preserve_weight >= 0:
+        raise InputError(f"preserve_weight must be zero or positive, not {settings.preserve_weight}")
+    H = {layer: settings.preserve_weight * history.key_moment(modules[layer], d_mlp) if history is not None else
          torch.zeros(d_mlp, d_mlp, dtype=torch.float64) for layer in layers}
 
     def solve(layer: int, K: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,10 @@ An EditDelta holds, per weight matrix, either low-rank factors (Delta W = up @ d
 rank-one update and MEMIT's batched update are) or a dense change (fine-tuning). Weights are
 always described in nn.Linear orientation (d_out x d_in); GPT-2's transposed Conv1D is handled
 when applying. An edit may also carry, per module, the keys it wrote (d_in x n): editors that
-preserve earlier edits (AlphaEdit) read them from the edits applied before (history.py). Files are .safetensors (no pickle) with JSON metadata naming the method, settings,
-requests and the fingerprint of the model the edit was made for.
+preserve earlier edits (AlphaEdit) read them from the edits applied before (history.py). An edit
+with keys and no change asks those editors to leave facts alone (alphaedit.protection). Files are
+.safetensors (no pickle) with JSON metadata naming the method, settings, requests and the
+fingerprint of the model the edit was made for.
 """
 
 from __future__ import annotations
@@ -80,9 +82,7 @@ class EditDelta:
                                         f"{tuple(down)}; up must be (d_out, r) and down (r, d_in)")
                 if up[1] == 0:
                     raise EditFileError(f"{source}: {name} has factors of rank 0")
-        for name, keys in self.keys.items():
-            if name not in self.changes:
-                raise EditFileError(f"{source}: keys for {name}, which the edit does not change")
+        for name, keys in self.keys.items():  # keys of a module without a change: keys to protect only
             if not isinstance(keys, torch.Tensor) or keys.dtype not in FLOAT_DTYPES or keys.dim() != 2:
                 raise EditFileError(f"{source}: {name}::keys must be a 2-D floating-point matrix (d_in x n)")
             if not torch.isfinite(keys).all():
@@ -236,9 +236,12 @@ class EditStack:
             if got != shape:
                 raise EditFileError(f"{name}: the edit changes a {got[0]}x{got[1]} matrix, but the model's weight is "
                                     f"{shape[0]}x{shape[1]} (d_out x d_in); refusing to apply it")
-            if name in delta.keys and delta.keys[name].shape[0] != shape[1]:
-                raise EditFileError(f"{name}: the edit's keys have {delta.keys[name].shape[0]} entries, but the "
-                                    f"weight takes inputs of {shape[1]}; refusing to apply it")
+        for name, keys in delta.keys.items():
+            module, transposed = _module(self.lm, name)
+            d_in = module.weight.shape[0 if transposed else 1]
+            if keys.shape[0] != d_in:
+                raise EditFileError(f"{name}: the edit's keys have {keys.shape[0]} entries, but the "
+                                    f"weight takes inputs of {d_in}; refusing to apply it")
 
     @torch.no_grad()
     def _add(self, delta: EditDelta, *, check_finite: bool = False) -> None:

@@ -121,7 +121,7 @@ def finetune_delta(lm: LoadedModel, requests: list[EditRequest], settings: Finet
     change = change.detach()
     if not isinstance(module, torch.nn.Linear):  # Conv1D stores (d_in, d_out)
         change = change.T
-    name = f"{lm.arch.blocks_name}.{settings.layer}.{parts.mlp_out_name}"
+    name = lm.arch.mlp_out_path(settings.layer)
     delta = EditDelta(method, lm.fingerprint, {name: {"dense": change.cpu()}}, settings.to_dict(),
                       [r.to_dict() for r in requests])
     return delta, [{"losses": losses, "steps": len(losses), **({"linf_bound": eps} if eps is not None else {})}]

@@ -124,7 +124,7 @@ def kn_delta(lm: LoadedModel, requests: list[EditRequest], settings: KnSettings,
         kept = [(layers[index // scores.shape[1]], index % scores.shape[1]) for index in keep.tolist()]
         activations = {layer: last_token_activations(lm, ids, layer)[0] for layer in {layer for layer, _ in kept}}
         for layer, neuron in kept:
-            name = f"{lm.arch.blocks_name}.{layer}.{lm.arch.blocks[layer].mlp_out_name}"
+            name = lm.arch.mlp_out_path(layer)
             down = changes.setdefault(name, {"up": direction.unsqueeze(1), "down": torch.zeros(1, lm.arch.d_mlp)})["down"]
             down[0, neuron] = neuron_weight(float(activations[layer][neuron]), settings)
         delta = EditDelta("kn", lm.fingerprint, changes, settings.to_dict(), [request.to_dict()])

@@ -172,9 +172,6 @@ def spread_over_layers(lm: LoadedModel, requests: list[EditRequest], settings: M
     def keys_at(layer: int) -> torch.Tensor:  # (d_mlp, n), each averaged over the templates
         return torch.stack([io_at_subject(lm, "mlp", layer, r, templates)[0].mean(0) for r in requests], 1).double()
 
-    def module(layer: int) -> str:
-        return f"{lm.arch.blocks_name}.{layer}.{lm.arch.blocks[layer].mlp_out_name}"
-
     # 2. spread the change over the layers, lowest first, each on the model updated so far
     stack, total = EditStack(lm), None
     try:
@@ -184,13 +181,13 @@ def spread_over_layers(lm: LoadedModel, requests: list[EditRequest], settings: M
             wanted = (z - current.double()) / (len(layers) - i)  # this layer's share of the block-output change
             residual = _as_mlp_change(lm, layer, requests, wanted, templates[0], diagnostics)
             down = solve(layer, K, residual)
-            delta = EditDelta(method, lm.fingerprint, {module(layer): {"up": residual.float().cpu(),
+            delta = EditDelta(method, lm.fingerprint, {lm.arch.mlp_out_path(layer): {"up": residual.float().cpu(),
                                                                        "down": down.float().cpu()}},
                               settings.to_dict(), [r.to_dict() for r in requests])
             stack.apply(delta)
             total = delta if total is None else total.compose(delta)
         if record_keys:
-            total.keys = {module(layer): keys_at(layer).float().cpu() for layer in layers}
+            total.keys = {lm.arch.mlp_out_path(layer): keys_at(layer).float().cpu() for layer in layers}
     finally:
         stack.revert_all()
     total.method = method

@@ -221,7 +221,7 @@ def rome_delta(lm: LoadedModel, request: EditRequest, settings: RomeSettings, C:
                                 row_scales=shares, progress=progress)
     right = (value.target_init + value.delta - v_current).double()  # what solve_rank_one computes
     left, right = left.float(), right.float().to(left.device)
-    name = f"{lm.arch.blocks_name}.{layer}.{lm.arch.blocks[layer].mlp_out_name}"
+    name = lm.arch.mlp_out_path(layer)
     method = "rome" if settings.key_mode == "consistent" else "rome-original"
     delta = EditDelta(method, lm.fingerprint, {name: {"up": right.unsqueeze(1).cpu(), "down": left.unsqueeze(0).cpu()}},
                       settings.to_dict(), [request.to_dict()])
