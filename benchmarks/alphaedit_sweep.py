@@ -31,6 +31,7 @@ CONFIGS = {
     "l2-0.1": {"l2": 0.1},
     "share-0.05-l2-1.0": {"null_space_threshold": 0.05, "l2": 1.0},
     "layers-2-8": {"layers": [2, 3, 4, 5, 6, 7, 8]},
+    "preserve-10": {"preserve_weight": 10.0},
 }
 
 
