@@ -8,8 +8,9 @@ The known facts that count are those of the lifelong runs (the unedited model an
 edit touches their subject), split by their order: the even ones are protected, the odd ones are
 the control. Rows: MEMIT, AlphaEdit without protection, and AlphaEdit protecting the even half (the
 keys of the subject's last token, or of every token of the prompt) with H weighted `--weights` (the
-reference weighs it 1). Columns: edits kept (the new object beats the
-true one on the rewrite prompt), known facts kept in each half (Wilson 95% intervals), perplexity of
+reference weighs it 1); with `--variants`, also AlphaEdit with other numeric settings and no
+protection (the first batch's trade-off). Columns: edits kept (the new object beats the true one on
+the rewrite prompt), known facts kept in each half (Wilson 95% intervals), perplexity of
 held-out text. The batch's targets are those of the lifelong runs (cached for the same value
 settings), so a row costs one solve and the measurements.
 """
@@ -50,6 +51,12 @@ def main() -> None:
     parser.add_argument("--weights", default="1,100", help="weights of H to try with the protected facts")
     parser.add_argument("--tokens", default="subject,prompt",
                         help="which tokens' keys to protect: the subject's last, every token of the prompt, or both")
+    parser.add_argument("--variants", default="",
+                        help="more AlphaEdit rows without protection, each a numeric settings override, separated by ';' "
+                             "(e.g. 'l2=0.1;null_space_threshold=0.05'); only settings that keep the batch's cached "
+                             "targets (not the layers) stay cheap")
+    parser.add_argument("--no-protection", dest="protect", action="store_false",
+                        help="only MEMIT, AlphaEdit and the --variants rows")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     if args.threads:
@@ -63,9 +70,13 @@ def main() -> None:
     alpha = get_method("alphaedit").settings_with(lm, stats_corpus=args.corpus)
     configs = [("memit", "", get_method("memit").settings_with(lm, stats_corpus=args.corpus), None),
                ("alphaedit", "none", alpha, None)]
-    configs += [("alphaedit", f"even half, {tokens} keys, H weight {w:g}",
-                 dataclasses.replace(alpha, preserve_weight=w), tokens)
-                for tokens in args.tokens.split(",") for w in map(float, args.weights.split(","))]
+    for variant in filter(None, args.variants.split(";")):
+        name, _, value = variant.partition("=")
+        configs.append(("alphaedit", f"none, {variant}", dataclasses.replace(alpha, **{name: float(value)}), None))
+    if args.protect:
+        configs += [("alphaedit", f"even half, {tokens} keys, H weight {w:g}",
+                     dataclasses.replace(alpha, preserve_weight=w), tokens)
+                    for tokens in args.tokens.split(",") for w in map(float, args.weights.split(","))]
 
     rows = [{"method": "unedited", "protected": "", "edits_kept": edits_kept(lm, requests),
              "protected_kept": answered(lm, protected), "control_kept": answered(lm, control),
