@@ -44,8 +44,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--corpus", required=True, help="statistics corpus; its last documents are the held-out text")
-    parser.add_argument("--data", required=True, help="CounterFact file")
+    parser.add_argument("--corpus", help="statistics corpus; its last documents are the held-out text")
+    parser.add_argument("--data", help="CounterFact file")
+    parser.add_argument("--print", dest="print_saved", type=Path, default=None,
+                        help="print the table of a saved --out file and stop")
     parser.add_argument("--known", default=None, help="known facts (default: $FACTEDIT_DATA_DIR/known_1000.json)")
     parser.add_argument("--n", type=int, default=100, help="edits in the batch")
     parser.add_argument("--weights", default="1,100", help="weights of H to try with the protected facts")
@@ -59,6 +61,11 @@ def main() -> None:
                         help="only MEMIT, AlphaEdit and the --variants rows")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args()
+    if args.print_saved:
+        print(table(json.loads(args.print_saved.read_text())))
+        return
+    if not (args.corpus and args.data):
+        parser.error("--corpus and --data are required (unless --print)")
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load(args.model)
@@ -93,17 +100,27 @@ def main() -> None:
         finally:
             history.release()
 
-    print(f"{args.model}: one batch of {len(requests)} CounterFact edits; {len(counted)} known facts count, "
-          f"{len(protected)} protected (even), {len(control)} not (odd)")
-    print("| method | protected facts | edits kept | protected facts kept (95% CI) | control facts kept (95% CI) "
-          "| perplexity |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['method']} | {row['protected']} | {row['edits_kept'] or 0:.3f} | {share(row['protected_kept'])} "
-              f"| {share(row['control_kept'])} | {row['perplexity']:.2f} |")
+    found = {"model": args.model, "n": len(requests), "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"model": args.model, "n": len(requests), "rows": rows}, indent=1))
+        args.out.write_text(json.dumps(found, indent=1))
+    print(table(found))
+
+
+def table(found: dict) -> str:
+    """The rows as markdown: each half of the known facts, and all of them together."""
+    rows = found["rows"]
+    halves = len(rows[0]["protected_kept"]), len(rows[0]["control_kept"])
+    lines = [f"{found['model']}: one batch of {found['n']} CounterFact edits; {sum(halves)} known facts count, "
+             f"{halves[0]} protected where a row protects (even), {halves[1]} never (odd)",
+             "| method | protected facts | edits kept | protected facts kept (95% CI) | control facts kept (95% CI) "
+             "| all known facts kept (95% CI) | perplexity |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['protected']} | {row['edits_kept'] or 0:.3f} "
+                     f"| {share(row['protected_kept'])} | {share(row['control_kept'])} "
+                     f"| {share(row['protected_kept'] + row['control_kept'])} | {row['perplexity']:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
