@@ -186,6 +186,8 @@ def alphaedit_delta(lm: LoadedModel, requests: list[EditRequest], settings: Alph
         raise InputError(f"l2_rule must be one of {', '.join(L2_RULES)}, not {settings.l2_rule!r}")
     if not settings.l2 > 0:  # the reduced system is singular without it when a batch has fewer keys than the null space
         raise InputError(f"l2 must be positive, not {settings.l2}")
+    if not settings.preserve_weight >= 0:
+        raise InputError(f"preserve_weight must be zero or positive, not {settings.preserve_weight}")
     layers = sorted(settings.layers)
     modules = {layer: lm.arch.mlp_out_path(layer) for layer in layers}
     if history is not None and history.key_modules() and history.key_modules() != set(modules.values()):
@@ -193,8 +195,6 @@ def alphaedit_delta(lm: LoadedModel, requests: list[EditRequest], settings: Alph
                          f"these settings edit layers {layers}; continue a history with the layers it was made with")
     found = projectors(lm, settings, cache_dir, progress)
     d_mlp = lm.arch.d_mlp
-    if not settings.preserve_weight >= 0:
-        raise InputError(f"preserve_weight must be zero or positive, not {settings.preserve_weight}")
     H = {layer: settings.preserve_weight * history.key_moment(modules[layer], d_mlp) if history is not None else
          torch.zeros(d_mlp, d_mlp, dtype=torch.float64) for layer in layers}
 
