@@ -89,9 +89,13 @@ def main():
     """Locate and edit factual associations in transformer language models."""
 
 
-def _load_edits(lm, paths):
-    from ..edit import EditDelta, EditStack
+def _load_edits(lm, paths, history=None):
+    """Apply the batches saved in the `history` folder (if any), then the edit files `paths`."""
+    from ..edit import EditDelta, EditHistory, EditStack
 
+    if history is not None:
+        replayed = EditHistory.load(lm, history)
+        click.echo(f"replayed the history {history}: {len(replayed)} batch(es)", err=True)
     stack = EditStack(lm)
     for path in paths:
         delta = EditDelta.load(path)
@@ -175,7 +179,7 @@ def _cluster_run(cluster, model):
 
 def _register_commands() -> None:
     # Imported for their @main.command side effect; at the bottom to avoid an import cycle.
-    from . import edit_commands, eval_commands, serve_command, trace_commands  # noqa: F401
+    from . import edit_commands, eval_commands, history_commands, serve_command, trace_commands  # noqa: F401
 
 
 _register_commands()

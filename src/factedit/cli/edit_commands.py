@@ -14,6 +14,9 @@ from . import (COUNT, INDEX, SETTINGS_HELP, CommandError, _cluster_options, _clu
                _settings, _stats_options, main)
 
 
+HISTORY_HELP = "a history folder (factedit history edit) whose batches are applied first"
+
+
 @main.command()
 def methods():
     """List the editing methods."""
@@ -29,8 +32,7 @@ def methods():
 @click.option("--subject", "-s", required=True)
 @click.option("--target", "-t", required=True, help="the new object, e.g. Rome")
 @click.option("--true", "target_true", default=None, help="the current object (default: the model's top token)")
-@click.option("--method", default="rome", show_default=True,
-              help="rome, rome-original, memit, ft, ft-l or kn (see factedit methods)")
+@click.option("--method", default="rome", show_default=True, help="an editing method (see factedit methods)")
 @click.option("--layer", type=INDEX, default=None, help="layer to edit (default: per-model structural default)")
 @click.option("--settings", "settings_file", default=None, help=SETTINGS_HELP)
 @click.option("--paraphrase", multiple=True, help="extra prompts to check (repeatable)")
@@ -39,7 +41,8 @@ def methods():
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="write the edit to this .safetensors file")
 def edit_command(model, prompt, subject, target, target_true, method, layer, settings_file,
                  paraphrase, corpus, stats_tokens, seed, save):
-    """Rewrite one fact with ROME and show the model before and after."""
+    """Rewrite one fact (with ROME unless --method says otherwise) and show the model before and after;
+    for batches on top of earlier edits, see factedit history."""
     from ..edit import EditRequest, EditStack, edit, get_method
     from ..generate import with_current_target
     from ..report import checks_for, report_around
@@ -180,26 +183,30 @@ def optimisation_report(info: dict, settings) -> str:
 @main.command()
 @_model_options
 @click.option("--edits", "-e", multiple=True, type=click.Path(dir_okay=False), help="edit files to apply")
+@click.option("--history", type=click.Path(file_okay=False), default=None, help=HISTORY_HELP)
 @click.option("--prompt", "-p", required=True, multiple=True)
 @click.option("--max-new", type=COUNT, default=20, show_default=True)
-def generate(model, edits, prompt, max_new):
-    """Greedy continuation of prompts, with edit files applied."""
+def generate(model, edits, history, prompt, max_new):
+    """Greedy continuation of prompts, with edit files (or a history) applied."""
     from ..generate import greedy_continuation
 
     lm = model.load()
-    _load_edits(lm, edits)
+    _load_edits(lm, edits, history)
     for text in prompt:
         click.echo(f"{text}{greedy_continuation(lm, text, max_new)}")
 
 
 @main.command()
 @_model_options
-@click.option("--edits", "-e", multiple=True, required=True, type=click.Path(dir_okay=False))
+@click.option("--edits", "-e", multiple=True, type=click.Path(dir_okay=False), help="edit files to apply")
+@click.option("--history", type=click.Path(file_okay=False), default=None, help=HISTORY_HELP)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
-def export(model, edits, out):
-    """Write the edited model as a Hugging Face folder (save_pretrained)."""
+def export(model, edits, history, out):
+    """Write the edited model (edit files, or a history, applied) as a Hugging Face folder (save_pretrained)."""
+    if not edits and history is None:
+        raise CommandError("nothing to export: give edit files (--edits) or a history folder (--history)")
     lm = model.load()
-    _load_edits(lm, edits)
+    _load_edits(lm, edits, history)
     lm.model.save_pretrained(out)
     lm.tokenizer.save_pretrained(out)
     click.echo(f"wrote the edited model to {out}")

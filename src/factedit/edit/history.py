@@ -56,6 +56,11 @@ class EditHistory:
         """Saved batches not replayed yet (none without a folder)."""
         return len(self._saved) - len(self) if self.folder is not None else 0
 
+    @property
+    def saved_files(self) -> list[Path]:
+        """The folder's batch files, oldest first (none without a folder)."""
+        return [self.folder / name for name in self._saved] if self.folder is not None else []
+
     def apply(self, delta: EditDelta) -> None:
         """Apply one more batch (saved to the folder, if any). Refused while saved batches wait to be
         replayed: a new batch belongs after them."""
@@ -127,33 +132,19 @@ class EditHistory:
 
     # ------------------------------------------------------------------ the folder
     def _read_manifest(self) -> list[str]:
-        path = self.folder / MANIFEST
-        if not path.exists():
+        if not (self.folder / MANIFEST).exists():
             if self.folder.exists() and any(self.folder.glob("*.safetensors")):
                 raise HistoryError(f"{self.folder} holds edit files but no {MANIFEST}; not a history folder")
             return []
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise HistoryError(f"{path} is not a readable history manifest: {err}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != "factedit-history" \
-                or not isinstance(manifest.get("batches"), list):
-            raise HistoryError(f"{path} is not a factedit history manifest")
+        manifest = read_manifest(self.folder)
         if manifest.get("model_fingerprint") != self.lm.fingerprint:
             raise HistoryError(f"{self.folder} holds a history of edits made for model {manifest.get('model')} "
                                f"(fingerprint {manifest.get('model_fingerprint')}), not {self.lm.name} "
                                f"({self.lm.fingerprint}); refusing to continue it")
-        missing = [name for name in manifest["batches"] if not (self.folder / name).is_file()]
-        if missing:
-            raise HistoryError(f"{self.folder}: the manifest names {len(missing)} batch file(s) that are missing "
-                               f"(first: {missing[0]})")
         return list(manifest["batches"])
 
     def _write_manifest(self, batches: list[str]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        manifest = {"format": "factedit-history", "model": self.lm.name, "model_fingerprint": self.lm.fingerprint,
-                    "batches": batches}
-        write_atomic(self.folder / MANIFEST, lambda partial: partial.write_text(json.dumps(manifest, indent=1)))
+        _write_manifest(self.folder, self.lm.name, self.lm.fingerprint, batches)
 
     @classmethod
     def load(cls, lm: LoadedModel, folder: str | Path) -> "EditHistory":
@@ -163,3 +154,44 @@ class EditHistory:
         history = cls(lm, folder)
         history.replay()
         return history
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest of the history in `folder` ({"model", "model_fingerprint", "batches": file names,
+    oldest first}), checked to be one and to name only files that are there; no model needed."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise HistoryError(f"{folder} is not a history folder (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise HistoryError(f"{path} is not a readable history manifest: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "factedit-history" \
+            or not isinstance(manifest.get("batches"), list):
+        raise HistoryError(f"{path} is not a factedit history manifest")
+    missing = [name for name in manifest["batches"] if not (Path(folder) / name).is_file()]
+    if missing:
+        raise HistoryError(f"{folder}: the manifest names {len(missing)} batch file(s) that are missing "
+                           f"(first: {missing[0]})")
+    return manifest
+
+
+def remove_last_batches(folder: str | Path, count: int) -> list[str]:
+    """Drop the last `count` batches of the history saved in `folder` (the manifest first, then their
+    files), without loading the model; returns the removed file names. A model that replays the
+    folder afterwards has the weights it had before those batches."""
+    manifest = read_manifest(folder)
+    batches = manifest["batches"]
+    if not 1 <= count <= len(batches):
+        raise HistoryError(f"{folder} holds {len(batches)} batch(es); cannot remove the last {count}")
+    kept, removed = batches[:len(batches) - count], batches[len(batches) - count:]
+    _write_manifest(Path(folder), manifest.get("model"), manifest.get("model_fingerprint"), kept)
+    for name in removed:  # after the manifest: a kill in between leaves stray files, never a broken history
+        (Path(folder) / name).unlink(missing_ok=True)
+    return removed
+
+
+def _write_manifest(folder: Path, model: str, fingerprint: str, batches: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": "factedit-history", "model": model, "model_fingerprint": fingerprint, "batches": batches}
+    write_atomic(folder / MANIFEST, lambda partial: partial.write_text(json.dumps(manifest, indent=1)))
