@@ -193,6 +193,43 @@ def test_a_killed_sequential_run_resumes_to_the_same_numbers(env, tmp_path, monk
     assert whole_points == broken_points and len(whole_points) == last_batch + 1
 
 
+def test_a_run_killed_while_scoring_after_all_goes_on_and_a_finished_run_is_not_replayed(env, tmp_path,
+                                                                                         monkeypatch):
+    lm, data = env
+    settings = get_method("ft").defaults(lm, 1, lr=1e-2)
+    args = dict(data=str(data), n=3, settings=settings, sequential=True)
+    run_evaluation(lm, "ft", "counterfact", tmp_path / "whole", **args)
+    original, finals = cases_module.write_json, []
+
+    def counts_finals(path, value, dies_at=None):
+        if "final_after" in value:
+            finals.append(path.stem)
+            if len(finals) == dies_at:
+                raise KeyboardInterrupt  # a kill while scoring after all edits
+        return original(path, value)
+
+    broken = tmp_path / "broken"
+    monkeypatch.setattr(cases_module, "write_json", lambda p, v: counts_finals(p, v, dies_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(lm, "ft", "counterfact", broken, **args)
+    assert finals == ["10", "11"]  # case 10 scored after all, case 11 not written
+    finals.clear()
+    monkeypatch.setattr(cases_module, "write_json", counts_finals)
+    resumed = run_evaluation(lm, "ft", "counterfact", broken, **args)
+    assert finals == ["11", "12"] and "final" in resumed
+    for case_id in (10, 11, 12):
+        a, b = (json.loads((run / "cases" / f"{case_id}.json").read_text()) for run in (tmp_path / "whole", broken))
+        assert a["final"] == b["final"] and b["final_after"] == 3
+
+    finals.clear()  # finished: a rerun (e.g. after a kill before the summary) replays and scores nothing
+    replays = []
+    monkeypatch.setattr(history_module.EditHistory, "replay", lambda self, count=None: replays.append(count))
+    (broken / "summary.json").unlink()
+    again = run_evaluation(lm, "ft", "counterfact", broken, **args)
+    assert replays == [] and finals == [] and again["final"] == resumed["final"]
+    assert (broken / "summary.json").exists()
+
+
 def test_resuming_with_other_settings_is_refused_and_says_what_differs(env, tmp_path):
     lm, data = env
     run_evaluation(lm, "none", "counterfact", tmp_path / "r", data=str(data), n=1)

@@ -90,10 +90,26 @@ def score_and_write(lm, ds: Dataset, out: Path, batch, pre, references, generati
 
 def score_after_all(lm, ds: Dataset, out: Path, records) -> None:
     """Score every case again on the model that holds all the edits ("final"): an early edit may be
-    undone or damaged by later ones, which the scores taken right after each edit cannot show."""
+    undone or damaged by later ones, which the scores taken right after each edit cannot show. Each
+    case records after how many edits it was scored ("final_after"); one already scored after all
+    of `records` is skipped, so that a run killed while scoring goes on where it stopped."""
     for record in records:
         path = case_path(out, record)
         case = json.loads(path.read_text())
+        if case.get("final_after") == len(records):
+            continue
         case["final"] = ds.probabilities(lm, record)
         case["final_scores"] = ds.scores(case["final"])
+        case["final_after"] = len(records)
         write_json(path, case)
+
+
+def scored_after_all(out: Path, records) -> bool:
+    """Whether every case of `records` has its file, for its request, scored after all of them
+    (score_after_all)."""
+    def done(record) -> bool:
+        path = case_path(out, record)
+        case = json.loads(path.read_text()) if path.exists() else {}
+        return case.get("final_after") == len(records) and case.get("request") == record.request.to_dict()
+
+    return all(done(record) for record in records)

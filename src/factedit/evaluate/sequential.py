@@ -24,7 +24,7 @@ from ..edit.history import EditHistory
 from ..errors import InputError
 from ..progress import Phases
 from ..stats import Corpus
-from .cases import case_path, chunks, references_for, score_after_all, score_and_write, write_json
+from .cases import case_path, chunks, references_for, score_after_all, score_and_write, scored_after_all, write_json
 from .datasets import Dataset
 from .lifelong import LifelongPoint, LifelongProbe, plot_lifelong
 from .metrics import wilson_interval
@@ -72,16 +72,27 @@ def run_sequential(lm, method: str, ds: Dataset, records: list, out: Path, *, ed
     """See the module docstring; the model is measured after every `measure_every`-th batch and the
     last. The model is restored at the end (also after an error)."""
     batches = chunks(records, edits_per_batch)
-    # A batch with any case file missing is scored again whole (a kill can stop it midway).
-    pending = [r for batch in batches if any(not case_path(out, r).exists() for r in batch) for r in batch]
-    pre = {r.case_id: _unedited_scores(lm, ds, r, out) for r in pending}  # all on the unedited model
-    references = {r.case_id: references_for(lm, ds, r, generation, tokens) for r in pending}
     points = read_points(out)
-    probe = LifelongProbe(lm, [r.request for r in records], held_out=held_out, known=known)
     history = EditHistory(lm, out / "history")
     if history.pending > len(batches):
         raise InputError(f"{out / 'history'} holds {history.pending} batches, more than the {len(batches)} of this "
                          "run; use another --out")
+
+    def finish() -> list[LifelongPoint]:
+        ordered = [points[b] for b in sorted(points)]
+        plot_lifelong({method: ordered}, out / "lifelong")
+        return ordered
+
+    measured = {0} | {n for n in range(1, len(batches) + 1) if n % measure_every == 0 or n == len(batches)}
+    if history.pending == len(batches) and measured <= set(points) and scored_after_all(out, records):
+        if progress:  # a finished run, e.g. killed before its summary was written: nothing to replay
+            progress(len(records))
+        return finish()
+    # A batch with any case file missing is scored again whole (a kill can stop it midway).
+    pending = [r for batch in batches if any(not case_path(out, r).exists() for r in batch) for r in batch]
+    pre = {r.case_id: _unedited_scores(lm, ds, r, out) for r in pending}  # all on the unedited model
+    references = {r.case_id: references_for(lm, ds, r, generation, tokens) for r in pending}
+    probe = LifelongProbe(lm, [r.request for r in records], held_out=held_out, known=known)
     try:
         if 0 not in points:
             points[0] = probe.measure(history, 0, [])
@@ -103,7 +114,7 @@ def run_sequential(lm, method: str, ds: Dataset, records: list, out: Path, *, ed
                 score_and_write(lm, ds, out, batch, [pre[r.case_id] for r in batch],
                                 [references[r.case_id] for r in batch], generation, tokens,
                                 info.get("edit_seconds", 0.0), info.get("diagnostics", []))
-            if number not in points and (number % measure_every == 0 or number == len(batches)):
+            if number not in points and number in measured:
                 points[number] = probe.measure(history, number, done)
                 _append_point(out, points[number])
             if progress:
@@ -111,9 +122,7 @@ def run_sequential(lm, method: str, ds: Dataset, records: list, out: Path, *, ed
         score_after_all(lm, ds, out, records)
     finally:
         history.release()
-    ordered = [points[b] for b in sorted(points)]
-    plot_lifelong({method: ordered}, out / "lifelong")
-    return ordered
+    return finish()
 
 
 def lifelong_table(runs: dict[str, list[LifelongPoint]]) -> str:
