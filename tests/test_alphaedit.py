@@ -98,6 +98,17 @@ def test_a_second_batch_keeps_the_first_batchs_keys_and_revert_removes_them(lm):
     history.release()
 
 
+def test_a_batch_of_another_method_before_alphaedit_is_reported_as_not_preserved(lm):
+    values = {"stats_tokens": 2000, "v_steps": 10, "v_lr": 2.0, "clamp_norm_factor": 10}
+    history = EditHistory(lm)
+    history.edit(FIRST, "memit", get_method("memit").defaults(lm, 1, **values))  # records no keys
+    after_memit, _ = history.edit(SECOND, "alphaedit", settings_for(lm, v_steps=10))
+    assert after_memit.info["unpreserved_batches"] == 1 and after_memit.info["preserved_keys"] == 0
+    after_alphaedit, _ = history.edit(FIRST[:1], "alphaedit", settings_for(lm, v_steps=10))
+    assert after_alphaedit.info["unpreserved_batches"] == 1 and after_alphaedit.info["preserved_keys"] == 1
+    history.release()
+
+
 def test_a_saved_history_reloads_to_the_same_weights_and_goes_on_identically(lm, tmp_path):
     settings = settings_for(lm)
     original = {k: v.clone() for k, v in lm.model.state_dict().items()}

@@ -69,6 +69,9 @@ def history_edit(model, folder, requests_file, method, layer, settings_file, cor
         held = [sum(new > old for old, new in scores) for scores in (earlier_before, earlier_after)]
         click.echo(f"earlier edits: {held[0]} of {len(earlier)} preferred their new object before this batch, "
                    f"{held[1]} after it")
+    if delta.info.get("unpreserved_batches"):
+        click.echo(f"note: {delta.info['unpreserved_batches']} earlier batch(es) of other methods changed these layers "
+                   "without recording keys; AlphaEdit could not preserve what they wrote")
     failed = sum(1 for d in diagnostics if d.get("converged") is False)
     if failed:
         click.echo(f"warning: {failed} of {len(diagnostics)} value optimisations did not converge; those edits "

@@ -207,7 +207,11 @@ def alphaedit_delta(lm: LoadedModel, requests: list[EditRequest], settings: Alph
                                             progress=progress, record_keys=True)
     n_preserved = history.preserved_keys(modules[layers[0]]).shape[1] \
         if history is not None and history.key_modules() else 0
+    # Batches of other methods (MEMIT, ROME, ...) carry no keys: what they wrote here is not preserved.
+    unkeyed = [batch for batch in (history.batches if history is not None else [])
+               if set(batch.changes) & set(modules.values()) and not batch.keys]
     delta.info.update({
+        "unpreserved_batches": len(unkeyed),
         "null_space_dims": {layer: found[layer].kept for layer in layers},
         "projector_bytes": sum(p.nbytes() for p in found.values()),
         "history_bytes": sum(h.numel() * h.element_size() for h in H.values()),
