@@ -84,3 +84,31 @@ def test_bad_requests_and_histories_are_one_line_errors(files, tiny_folder, tmp_
     assert result.exit_code == 2 and "holds 1 batch(es); cannot remove the last 2" in result.output
     result = run("export", "--model", tiny_folder, "-o", tmp_path / "out")
     assert result.exit_code == 2 and "nothing to export" in result.output
+
+
+def test_protecting_the_facts_the_model_answers(files, tiny_folder, tmp_path):
+    """`history protect` keeps the keys of the facts the model answers (here: its own greedy answers,
+    and one it gets wrong), and a later AlphaEdit batch preserves them."""
+    from factedit.generate import greedy_continuation
+
+    lm, settings, requests = files
+    prompts = {"The Space Needle": "The Space Needle is located in the city of",
+               "Michael Jordan": "Michael Jordan plays"}
+    facts = [{"known_id": i, "subject": s, "prompt": p, "attribute": greedy_continuation(lm, p, 1).strip()}
+             for i, (s, p) in enumerate(prompts.items())]
+    facts.append({"known_id": 2, "subject": "France", "prompt": "The capital of France is",
+                  "attribute": "Berlin"})  # not the tiny model's answer
+    path = tmp_path / "known.json"
+    path.write_text(json.dumps(facts))
+    folder = tmp_path / "history"
+    protected = run("history", "protect", folder, "--model", tiny_folder, "--facts", path, "--settings", settings)
+    assert protected.exit_code == 0, protected.output
+    assert "protected 2 of 3 facts" in protected.output
+    assert "protects 2 fact(s)" in run("history", "show", folder).output
+    edited = run("history", "edit", folder, "--model", tiny_folder, "-r", requests["second"], "--settings", settings)
+    assert edited.exit_code == 0 and "0 edit(s) to check" in edited.output  # protected facts are not edits
+    history = EditHistory.load(load(str(tiny_folder)), folder)
+    module = next(iter(history.batches[-1].keys))
+    assert history.preserved_keys(module).shape[1] == 3  # the 2 protected facts and the edit's own key
+    assert history.batches[-1].info["preserved_keys"] == 2
+    history.release()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from . import COUNT, INDEX, SETTINGS_HELP, _model_options, _settings, _stats_options, main
+from . import COUNT, INDEX, SETTINGS_HELP, CommandError, _model_options, _settings, _stats_options, main
 from .edit_commands import PhaseBars
 
 
@@ -98,6 +98,43 @@ def batch_lines(requests, before, after) -> list[str]:
         lines.append(f"{old_0:10.4f} -> {old_1:<10.4f} {new_0:10.4f} -> {new_1:<10.4f}  {request.text!r}: "
                      f"{request.target_true.strip()!r} -> {request.target_new.strip()!r}")
     return lines
+
+
+@history.command("protect")
+@_model_options
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--facts", default=None, help="known facts (default: $FACTEDIT_DATA_DIR/known_1000.json)")
+@click.option("--n", type=COUNT, default=None, help="the first N of the facts (default: all)")
+@click.option("--keys", "tokens", type=click.Choice(["subject", "prompt"]), default="subject", show_default=True,
+              help="the keys kept: at the subject's last token (as for an edit) or at every prompt token")
+@click.option("--settings", "settings_file", default=None, help=SETTINGS_HELP + " (AlphaEdit's: its layers)")
+@_stats_options
+def history_protect(model, folder, facts, n, tokens, settings_file, corpus, stats_tokens):
+    """Add the facts the model now answers correctly to the history in FOLDER as a protection batch: it
+    changes no weight, and later AlphaEdit batches leave these facts' keys alone."""
+    from ..data.known import first, load_known_facts
+    from ..edit import EditHistory, EditRequest, get_method
+    from ..edit.alphaedit import protection
+    from ..evaluate.lifelong import answered
+
+    candidates = first(load_known_facts(facts), n)
+    lm = model.load()
+    settings = _settings(get_method("alphaedit"), lm, settings_file, None, stats_corpus=corpus,
+                         stats_tokens=stats_tokens)
+    history = EditHistory(lm, folder)
+    try:
+        history.replay()
+        kept = [fact for fact, ok in zip(candidates, answered(lm, candidates)) if ok]
+        if not kept:
+            raise CommandError(f"the model (with the {len(history)} batch(es) of {folder}) answers none of the "
+                               f"{len(candidates)} facts; nothing to protect")
+        history.apply(protection(lm, [EditRequest.create(f.prompt, f.subject, f.attribute) for f in kept],
+                                 settings, tokens))
+        saved = history.saved_files[-1]
+    finally:
+        history.release()
+    click.echo(f"protected {len(kept)} of {len(candidates)} facts (those the model answers now; keys at the "
+               f"{tokens} tokens, layers {settings.layers}); saved to {saved}")
 
 
 @history.command("show")
