@@ -107,6 +107,7 @@ def test_protecting_the_facts_the_model_answers(files, tiny_folder, tmp_path):
     assert "protects 2 fact(s)" in run("history", "show", folder).output
     edited = run("history", "edit", folder, "--model", tiny_folder, "-r", requests["second"], "--settings", settings)
     assert edited.exit_code == 0 and "0 edit(s) to check" in edited.output  # protected facts are not edits
+    assert "protected facts: 2 of 2 answered before this batch" in edited.output
     history = EditHistory.load(load(str(tiny_folder)), folder)
     module = next(iter(history.batches[-1].keys))
     assert history.preserved_keys(module).shape[1] == 3  # the 2 protected facts and the edit's own key

@@ -52,12 +52,16 @@ def history_edit(model, folder, requests_file, method, layer, settings_file, cor
         # without its old object cannot be scored against it
         earlier = [EditRequest.from_dict(r) for batch in history.batches if batch.method != "protect"
                    for r in batch.requests if r.get("target_true")]
+        protected = [EditRequest.from_dict(r) for batch in history.batches if batch.method == "protect"
+                     for r in batch.requests]
         click.echo(f"history {folder}: {len(history)} batch(es) replayed, {len(earlier)} edit(s) to check; editing "
                    f"{len(requests)} more with {method}")
         new_before, earlier_before = preference(lm, requests), preference(lm, earlier)
+        protected_before = answered_count(lm, protected)
         with PhaseBars() as bars:
             delta, diagnostics = history.edit(requests, method, settings, progress=bars)
         new_after, earlier_after = preference(lm, requests), preference(lm, earlier)
+        protected_after = answered_count(lm, protected)
         batches, saved = len(history), history.saved_files[-1]
     finally:
         history.release()
@@ -69,6 +73,9 @@ def history_edit(model, folder, requests_file, method, layer, settings_file, cor
         held = [sum(new > old for old, new in scores) for scores in (earlier_before, earlier_after)]
         click.echo(f"earlier edits: {held[0]} of {len(earlier)} preferred their new object before this batch, "
                    f"{held[1]} after it")
+    if protected:
+        click.echo(f"protected facts: {protected_before} of {len(protected)} answered before this batch, "
+                   f"{protected_after} after it")
     if delta.info.get("unpreserved_batches"):
         click.echo(f"note: {delta.info['unpreserved_batches']} earlier batch(es) of other methods changed these layers "
                    "without recording keys; AlphaEdit could not preserve what they wrote")
@@ -89,6 +96,15 @@ def preference(lm, requests) -> list[tuple[float, float]]:
     old = target_probs(lm, prompts, [r.target_true for r in requests])
     new = target_probs(lm, prompts, [r.target_new for r in requests])
     return list(zip(old, new))
+
+
+def answered_count(lm, facts) -> int:
+    """How many facts (requests whose target_new is the answer) the model answers: its top next token
+    after the prompt is the answer's first token."""
+    from ..scoring import teacher_forced_predictions
+
+    found = teacher_forced_predictions(lm, [f.text for f in facts], [f.target_new for f in facts]) if facts else []
+    return sum(predicted[:1] == answer[:1] for predicted, answer in found)
 
 
 def batch_lines(requests, before, after) -> list[str]:
