@@ -99,12 +99,12 @@ def preference(lm, requests) -> list[tuple[float, float]]:
 
 
 def answered_count(lm, facts) -> int:
-    """How many facts (requests whose target_new is the answer) the model answers: its top next token
-    after the prompt is the answer's first token."""
-    from ..scoring import teacher_forced_predictions
+    """How many facts (requests whose target_new is the answer, as a protection batch keeps them) the
+    model answers (factedit.evaluate.lifelong.answered)."""
+    from ..data.known import KnownFact
+    from ..evaluate.lifelong import answered
 
-    found = teacher_forced_predictions(lm, [f.text for f in facts], [f.target_new for f in facts]) if facts else []
-    return sum(predicted[:1] == answer[:1] for predicted, answer in found)
+    return sum(answered(lm, [KnownFact(i, f.subject, f.target_new, f.text) for i, f in enumerate(facts)]))
 
 
 def batch_lines(requests, before, after) -> list[str]:
