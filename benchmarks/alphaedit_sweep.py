@@ -32,6 +32,8 @@ CONFIGS = {
     "share-0.05-l2-1.0": {"null_space_threshold": 0.05, "l2": 1.0},
     "layers-2-8": {"layers": [2, 3, 4, 5, 6, 7, 8]},
     "preserve-10": {"preserve_weight": 10.0},
+    # the two knobs that kept the most edits (l2 0.1) and the most known facts (layers 2-8), together
+    "layers-2-8-l2-0.1": {"layers": [2, 3, 4, 5, 6, 7, 8], "l2": 0.1},
 }
 
 
