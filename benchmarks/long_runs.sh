@@ -5,7 +5,7 @@
 #   bash benchmarks/long_runs.sh trace   # lane 1: Gemma 3 270M averages over 200 known facts (docs 11.5)
 #   bash benchmarks/long_runs.sh edits   # lane 2: the AlphaEdit sweep's last setting, then Gemma 500 MEMIT, AlphaEdit (docs 9.4)
 #
-# Each lane runs its commands one after another on one thread; start each lane at most once
+# Each lane runs its commands one after another on THREADS threads (default 1); start each lane at most once
 # (`pgrep -af factedit` shows what runs). A lane rerun after a kill goes on where the runs stopped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,7 @@ run() {  # run FOLDER COMMAND...: the command's output goes to FOLDER/run.log
 
 case "${1:-}" in
   trace)
-    run $R/avg-gemma3 $BIN/factedit trace-avg --threads 1 --model gemma3-270m --facts "$DATA/known_1000.json" \
+    run $R/avg-gemma3 $BIN/factedit trace-avg --threads ${THREADS:-1} --model gemma3-270m --facts "$DATA/known_1000.json" \
         --n 200 --kind all --out $R/avg-gemma3
     ;;
   edits)

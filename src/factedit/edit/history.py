@@ -149,8 +149,7 @@ class EditHistory:
     @classmethod
     def load(cls, lm: LoadedModel, folder: str | Path) -> "EditHistory":
         """The history saved in `folder`, replayed onto `lm`; batches applied later are saved there too."""
-        if not (Path(folder) / MANIFEST).is_file():
-            raise HistoryError(f"{folder} is not a history folder (no {MANIFEST})")
+        read_manifest(folder)  # refuses a folder that is not a history, before touching the model
         history = cls(lm, folder)
         history.replay()
         return history
