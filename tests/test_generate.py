@@ -31,3 +31,22 @@ def test_sampling_is_seeded_and_private(tiny_llama):
 def test_empty_prompt_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="empty prompt"):
         generate_batch(tiny_llama, [[]], 3)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cache_is_read_without_deprecation_warnings(family, monkeypatch):
+    """kv_cache asks each output for its cache by the name its class has: asking a transformers 5
+    output for `past_key_values` logs a deprecation warning (seen in the Gemma trace logs)."""
+    from transformers.utils import generic
+
+    from factedit import kv_cache
+    warned = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda message, *args: warned.append(message))
+    model = tiny_model(family)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    _, cache = kv_cache.forward(model, ids, use_cache=True)
+    assert cache is not None
+    logits, after = kv_cache.forward(model, ids[:, -1:], cache=cache)
+    assert after is not None and logits.shape[1] == 1
+    assert kv_cache.forward(model, ids)[1] is None
+    assert warned == []

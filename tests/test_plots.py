@@ -17,3 +17,18 @@ def test_plot_by_layer_writes_png_and_svg_and_takes_runs_at_the_same_layer(tmp_p
     assert [p.suffix for p in written] == [".png", ".svg"] and all(p.stat().st_size > 1000 for p in written)
     with pytest.raises(ValueError, match="edits no single layer"):
         plot_by_layer([{**summary(3, 40.0), "layer": None}], tmp_path / "none")
+
+
+def test_a_redrawn_figure_gives_the_same_bytes(tmp_path):
+    """A rerun that re-reads finished results redraws their plots: no date or random ids may change them."""
+    from factedit.figures import save, subplots
+
+    def draw(stem):
+        figure, axes = subplots(figsize=(3, 2))
+        axes.plot([0, 1, 2], [1, 0, 2], label="edits")
+        axes.fill_between([0, 1, 2], [0, -1, 1], [2, 1, 3], alpha=0.2)
+        axes.legend()
+        return save(figure, tmp_path / stem)
+
+    for first, second in zip(draw("a"), draw("b")):
+        assert first.read_bytes() == second.read_bytes(), first.suffix

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 
@@ -15,8 +16,11 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **
 
 
 def save(figure: Figure, path_stem: str | Path, *, dpi: int = 130, **kwargs) -> list[Path]:
-    """Write `<stem>.png` and `<stem>.svg`; returns their paths."""
+    """Write `<stem>.png` and `<stem>.svg`; returns their paths. The same figure gives the same bytes
+    (no date in the SVG, fixed SVG element ids), so a redrawn plot of unchanged results is no change
+    in git."""
     paths = [Path(f"{path_stem}.png"), Path(f"{path_stem}.svg")]
-    for path in paths:
-        figure.savefig(path, dpi=dpi, **kwargs)
+    with rc_context({"svg.hashsalt": "factedit"}):
+        figure.savefig(paths[0], dpi=dpi, **kwargs)
+        figure.savefig(paths[1], dpi=dpi, metadata={"Date": None}, **kwargs)
     return paths

@@ -8,6 +8,7 @@ its first tokens, `keep_rows` narrows one layer of it to some batch rows.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 
 import torch
@@ -24,8 +25,10 @@ def forward_kwargs(model) -> dict[str, str]:
 
 
 def output_cache(output):
-    """The key/value cache a forward returned (None without use_cache)."""
-    return output.get("cache") if "cache" in output else output.get("past_key_values")
+    """The key/value cache a forward returned (None without use_cache). The field's name is read off
+    the output class: asking a new output for the old name logs a deprecation warning."""
+    names = {field.name for field in dataclasses.fields(output)}
+    return getattr(output, "cache" if "cache" in names else "past_key_values", None)
 
 
 def forward(model, input_ids: torch.Tensor, *, cache=None, use_cache: bool = False, last_only: bool = False,
