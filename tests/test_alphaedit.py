@@ -8,7 +8,7 @@ import torch
 from tiny import tiny_model, word_tokenizer
 
 from factedit.edit import EditHistory, EditRequest, HistoryError, get_method
-from factedit.edit.alphaedit import alphaedit_solve, null_space_projector, protection, projectors
+from factedit.edit.alphaedit import PROTECTED_TOKENS, alphaedit_solve, null_space_projector, protection, projectors
 from factedit.errors import InputError
 from factedit.hooks import Hook
 from factedit.models import from_model
@@ -169,6 +169,28 @@ def test_protected_facts_are_left_alone_by_a_later_batch(lm, tmp_path):
     assert all(keys.shape == (lm.arch.d_mlp, 10) for keys in whole.keys.values())
     with pytest.raises(InputError, match="tokens must be one of subject, prompt"):
         protection(lm, kept, settings, tokens="all")
+
+
+def test_protection_keys_equal_one_forward_per_layer(lm):
+    """protection records every layer in one forward per fact; the reference runs one per layer."""
+    from factedit.edit.prompts import io_at_subject
+    from factedit.hooks import Hook
+
+    settings = settings_for(lm)
+    kept = [EditRequest.create("{} is the capital of", city, country) for city, country in
+            (("Berlin", "Germany"), ("Paris", "France"))]
+    for tokens in PROTECTED_TOKENS:
+        found = protection(lm, kept, settings, tokens=tokens).keys
+        for layer in settings.layers:
+            reference = []
+            for fact in kept:
+                if tokens == "subject":
+                    reference.append(io_at_subject(lm, "mlp", layer, fact, ["{}"])[0])
+                else:
+                    with Hook(lm.arch.module("mlp", layer), keep_input=True, stop=True) as hook:
+                        lm.model(input_ids=torch.tensor([lm.tokenizer(fact.text)["input_ids"]]), use_cache=False)
+                    reference.append(hook.input[0])
+            assert torch.allclose(found[lm.arch.mlp_out_path(layer)], torch.cat(reference).T, atol=1e-6), (tokens, layer)
 
 
 def test_a_history_of_another_model_or_other_layers_is_refused(lm, tmp_path):

@@ -29,14 +29,14 @@ import torch
 
 from ..cache_files import read_cached, write_atomic
 from ..errors import InputError
-from ..hooks import Hook
+from ..hooks import Hook, Hooks
 from ..models import LoadedModel, cache_root
 from ..progress import Phases
 from ..request import EditRequest
 from ..tokens import check_prompt_length
 from .delta import EditDelta
 from .memit import MassEditSettings, key_statistics_at, spread_over_layers
-from .prompts import io_at_subject
+from .prompts import prompt_batch, request_texts
 
 NULL_SPACE_RULES = ("trace_share", "absolute")
 L2_RULES = ("key_energy", "absolute")
@@ -162,18 +162,22 @@ def protection(lm: LoadedModel, facts: list[EditRequest], settings: MassEditSett
         raise InputError("no facts to protect")
     if tokens not in PROTECTED_TOKENS:
         raise InputError(f"tokens must be one of {', '.join(PROTECTED_TOKENS)}, not {tokens!r}")
-    keys = {}
-    for layer in sorted(settings.layers):
+    layers = sorted(settings.layers)
+    found: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for fact in facts:  # one forward per fact records every edited layer, stopping after the deepest
         if tokens == "subject":
-            found = [io_at_subject(lm, "mlp", layer, fact, ["{}"])[0][:1] for fact in facts]
+            batch = prompt_batch(lm, request_texts(fact, ["{}"]))
+            ids, positions = batch.input_ids, batch.subject_last
         else:
-            found = []
-            for fact in facts:
-                with Hook(lm.arch.module("mlp", layer), keep_input=True, stop=True) as hook:
-                    lm.model(input_ids=torch.tensor([check_prompt_length(lm, fact.text)], device=lm.device),
-                             use_cache=False)
-                found.append(hook.input.reshape(-1, lm.arch.d_mlp).float())
-        keys[lm.arch.mlp_out_path(layer)] = torch.cat(found).T.cpu()
+            ids = torch.tensor([check_prompt_length(lm, fact.text)], device=lm.device)
+            positions = list(range(ids.shape[1]))
+        hooks = {layer: Hook(lm.arch.module("mlp", layer), keep_input=True, stop=layer == layers[-1])
+                 for layer in layers}
+        with Hooks(hooks):
+            lm.model(input_ids=ids, use_cache=False)
+        for layer in layers:
+            found[layer].append(hooks[layer].input.reshape(ids.shape[1], -1)[positions].float().cpu())
+    keys = {lm.arch.mlp_out_path(layer): torch.cat(found[layer]).T for layer in layers}
     return EditDelta("protect", lm.fingerprint, {}, settings.to_dict(), [f.to_dict() for f in facts],
                      {"protected": len(facts), "tokens": tokens}, keys)
 
