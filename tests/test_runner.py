@@ -319,3 +319,39 @@ def test_lifelong_probe_counts_the_untouched_known_facts_and_measures_perplexity
             logits = lm.model(input_ids=torch.tensor([chunk[:i]])).logits[0, -1]
             nll.append(-torch.log_softmax(logits.float(), -1)[chunk[i]])
     assert point.perplexity == pytest.approx(float(torch.exp(torch.stack(nll).mean())), rel=1e-4)
+
+
+def test_score_after_all_goes_on_where_it_stopped_and_refuses_another_requests_case(tmp_path):
+    """Cases already scored after all edits are skipped; a case file of another request is refused."""
+    from types import SimpleNamespace
+
+    from factedit.errors import InputError
+    from factedit.request import EditRequest
+
+    class Scored:  # counts what it scores; the scores themselves do not matter here
+        def __init__(self):
+            self.scored = []
+
+        def probabilities(self, lm, record):
+            self.scored.append(record.case_id)
+            return {"p": 0.5}
+
+        def scores(self, probabilities):
+            return {"ES": 1.0}
+
+    records = [SimpleNamespace(case_id=i, request=EditRequest.create("{} is in", s, "Rome"))
+               for i, s in enumerate(["Paris", "Berlin", "Oslo"])]
+    (tmp_path / "cases").mkdir()
+    for record, final_after in zip(records, [3, None, 2]):  # scored after all; not yet; after fewer edits
+        (tmp_path / "cases" / f"{record.case_id}.json").write_text(
+            json.dumps({"request": record.request.to_dict(), "final_after": final_after}))
+    ds = Scored()
+    assert not cases_module.scored_after_all(tmp_path, records)
+    cases_module.score_after_all(None, ds, tmp_path, records)
+    assert ds.scored == [1, 2]
+    assert cases_module.scored_after_all(tmp_path, records)
+    other = EditRequest.create("{} is in", "Rome", "Paris").to_dict()
+    (tmp_path / "cases" / "2.json").write_text(json.dumps({"request": other, "final_after": 3}))
+    assert not cases_module.scored_after_all(tmp_path, records)
+    with pytest.raises(InputError, match="2.json holds the case of another request"):
+        cases_module.score_after_all(None, ds, tmp_path, records)

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from ..cache_files import write_atomic
+from ..errors import InputError
 from ..generate import generate_batch
 from ..models import LoadedModel, default_cache_dir
 from .datasets import Dataset
@@ -88,15 +89,24 @@ def score_and_write(lm, ds: Dataset, out: Path, batch, pre, references, generati
         write_json(path, case)
 
 
+def _final_is_current(case: dict, record, n_records: int) -> bool:
+    """Whether `case` (a case file's contents) is `record`'s, scored after all `n_records` edits."""
+    return case.get("final_after") == n_records and case.get("request") == record.request.to_dict()
+
+
 def score_after_all(lm, ds: Dataset, out: Path, records) -> None:
     """Score every case again on the model that holds all the edits ("final"): an early edit may be
     undone or damaged by later ones, which the scores taken right after each edit cannot show. Each
     case records after how many edits it was scored ("final_after"); one already scored after all
-    of `records` is skipped, so that a run killed while scoring goes on where it stopped."""
+    of `records` is skipped, so that a run killed while scoring goes on where it stopped. A case file
+    that holds another request is refused: its scores after its own edit would not be this record's."""
     for record in records:
         path = case_path(out, record)
         case = json.loads(path.read_text())
-        if case.get("final_after") == len(records):
+        if case.get("request") != record.request.to_dict():
+            raise InputError(f"{path} holds the case of another request than record {record.case_id}'s; "
+                             "use another --out")
+        if _final_is_current(case, record, len(records)):
             continue
         case["final"] = ds.probabilities(lm, record)
         case["final_scores"] = ds.scores(case["final"])
@@ -109,7 +119,6 @@ def scored_after_all(out: Path, records) -> bool:
     (score_after_all)."""
     def done(record) -> bool:
         path = case_path(out, record)
-        case = json.loads(path.read_text()) if path.exists() else {}
-        return case.get("final_after") == len(records) and case.get("request") == record.request.to_dict()
+        return path.exists() and _final_is_current(json.loads(path.read_text()), record, len(records))
 
     return all(done(record) for record in records)
