@@ -86,6 +86,19 @@ def test_counts_are_checked_on_the_command_line_before_anything_runs(tmp_path, a
     assert f"Invalid value for '{option}'" in result.output, result.output
 
 
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--method", "magic", "--dataset", "counterfact", "-o", "x"], "unknown method 'magic'"),
+    (["eval", "--method", "rome", "--dataset", "cf", "-o", "x"], "unknown dataset 'cf'"),
+    (["eval", "--method", "rome", "--dataset", "counterfact", "-o", "x", "--data", "missing.json"],
+     "'--data': File 'missing.json' does not exist"),
+    (["sequential", "--method", "rome", "--method", "magic"], "unknown method 'magic'"),
+    (["sequential", "--dataset", "cf"], "unknown dataset 'cf'"),
+])
+def test_method_dataset_and_data_file_are_checked_before_the_model_loads(tmp_path, args, message):
+    result = CliRunner().invoke(main, args + ["--model", str(tmp_path / "no-model")])
+    assert result.exit_code != 0 and message in result.output, result.output
+
+
 def test_loaders_refuse_bad_counts_empty_files_and_repeated_ids(tmp_path):
     data = write(tmp_path / "cf.json", counterfact([(0, "The Eiffel Tower"), (1, "The Space Needle")]))
     assert len(load_counterfact(data, n=1)) == 1 and len(load_counterfact(data)) == 2

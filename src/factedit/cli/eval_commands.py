@@ -42,7 +42,7 @@ def _lifelong_options(command):
 @main.command()
 @_model_options
 @click.option("--dataset", default="counterfact", show_default=True, help="counterfact or zsre")
-@click.option("--data", type=click.Path(dir_okay=False), default=None,
+@click.option("--data", type=click.Path(dir_okay=False, exists=True), default=None,
               help="dataset file (default: from $FACTEDIT_DATA_DIR)")
 @click.option("--n", type=COUNT, default=100, show_default=True, help="edits to apply one after another")
 @click.option("--edits-per-batch", type=COUNT, default=1, show_default=True)
@@ -59,15 +59,18 @@ def sequential(model, dataset, data, n, edits_per_batch, methods, layer, corpus,
     from ..edit import get_method
     from ..evaluate.lifelong import plot_lifelong, points_to_dicts
     from ..evaluate.runner import run_evaluation
+    from ..evaluate.datasets import get_dataset
     from ..evaluate.sequential import lifelong_table, read_points
     from ..progress import SETUP_PHASES
 
+    specs = {method: get_method(method) for method in methods}  # names refused before the model loads
+    get_dataset(dataset)
     lm = model.load()
     text, facts = _lifelong_inputs(held_out, corpus, known)
     out_dir = Path(out)
     results = {}
     for method in methods:
-        settings = get_method(method).settings_with(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
+        settings = specs[method].settings_with(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
         with PhaseBars(only=SETUP_PHASES) as phases, tqdm(total=n, desc=f"{method} edits", unit="edit",
                                                              file=sys.stderr) as bar:
             run_evaluation(lm, method, dataset, out_dir / method, data=data, n=n, edits_per_batch=edits_per_batch,
@@ -85,7 +88,7 @@ def sequential(model, dataset, data, n, edits_per_batch, methods, layer, corpus,
 @_model_options
 @click.option("--method", required=True, help="an editing method (see factedit methods)")
 @click.option("--dataset", required=True, help="counterfact or zsre")
-@click.option("--data", type=click.Path(dir_okay=False), default=None,
+@click.option("--data", type=click.Path(dir_okay=False, exists=True), default=None,
               help="dataset file (default: from $FACTEDIT_DATA_DIR)")
 @click.option("--n", type=COUNT, default=None, help="first N records (default: every record)")
 @click.option("--start", type=INDEX, default=0, show_default=True,
@@ -107,15 +110,17 @@ def eval_command(model, method, dataset, data, n, start, edits_per_batch, layer,
     """Evaluate an editing method with the paper's metrics (resumable: finished cases are kept).
     With --cluster, batches of records run on Ray workers; the files written are the same."""
     from ..edit import get_method
+    from ..evaluate.datasets import get_dataset
     from ..evaluate.runner import markdown_table, run_evaluation
     from ..progress import SETUP_PHASES
 
+    spec = get_method(method)  # names refused before the model loads
+    get_dataset(dataset)
     if cluster is not None and sequential:
         raise CommandError("--cluster cannot run --sequential: each batch is edited on top of the ones before it, "
                            "so batches cannot run apart; drop one of the two")
     with _cluster_run(cluster, model) as run:  # connected (or refused) before the model loads
         lm = model.load()
-        spec = get_method(method)
         settings = _settings(spec, lm, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
         text, facts = _lifelong_inputs(held_out, corpus, known) if sequential else (None, None)
         dispatch = None
