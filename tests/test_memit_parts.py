@@ -6,7 +6,7 @@ from tiny import tiny_model, word_tokenizer
 
 from factedit.edit import EditRequest, EditStack, edit, get_method
 from factedit.edit import memit as memit_module
-from factedit.edit.mlp_change import BlockOfMlp, mlp_change
+from factedit.edit.mlp_change import BlockOfMlp, _jacobians, mlp_change
 from factedit.hooks import Hook
 from factedit.models import from_model
 from factedit.scoring import target_probs
@@ -56,6 +56,53 @@ def test_residual_is_moved_behind_a_post_mlp_norm():
     assert (found.reached > 0.99).all(), found.reached
     moved = block_output_with_added(lm, 1, found.change) - unchanged
     torch.testing.assert_close(moved, residuals, atol=0.02 * residuals.norm().item(), rtol=0)
+
+
+def test_jacobians_by_subject_position_equal_the_whole_padded_batch():
+    """_jacobians reads each row only up to its subject, in groups of rows with the same subject
+    position; the reference differentiates the whole right-padded batch, one output at a time."""
+    lm = tiny("gemma3")
+    requests = REQUESTS + [EditRequest.create("{} is located in the city of", "Paris", "Rome", "Paris"),
+                           EditRequest.create("The city of {} is in", "Berlin", "Rome", "Germany")]
+    f = BlockOfMlp(lm, 1, requests, "{}")
+    assert len(set(f.batch.subject_last)) == 3
+    with torch.no_grad():
+        m0, y0 = f()
+    y, J = _jacobians(f, m0, f.rows)
+    torch.testing.assert_close(y, y0)
+    rows, positions = f.rows, f.positions
+    for row in range(len(requests)):
+        def block_output(m_row):  # the whole padded batch, only this row's subject replaced
+            def replace(output):
+                output = output.clone()
+                output[row, positions[row]] = m_row
+                return output
+
+            with Hook(lm.arch.module("mlp", 1), edit_output=replace), \
+                    Hook(lm.arch.module("hidden", 1), keep_output=True, detach=False) as block:
+                lm.model(input_ids=f.batch.input_ids, use_cache=False)
+            return block.output[row, positions[row]]
+
+        reference = torch.autograd.functional.jacobian(block_output, m0[row])
+        torch.testing.assert_close(J[row], reference, atol=1e-5, rtol=1e-4)
+    assert rows.tolist() == list(range(len(requests)))
+
+
+def test_mlp_change_solves_each_row_on_its_own():
+    """A batch gives what each request gives alone: rows stop on their own, whatever their company."""
+    lm = tiny("gemma3")
+    requests = REQUESTS + [EditRequest.create("{} is located in the city of", "Paris", "Rome", "Paris")]
+    f = BlockOfMlp(lm, 1, requests, "{}")
+    torch.manual_seed(1)
+    with torch.no_grad():  # changes the block can make: what some MLP-output changes produce
+        m0, y0 = f()
+        residuals = f(m0 + 0.3 * torch.randn(m0.shape))[1] - y0
+    together = mlp_change(lm, 1, requests, residuals, "{}")
+    assert not together.passthrough and (together.reached > 0.99).all(), together.reached
+    for row, request in enumerate(requests):
+        alone = mlp_change(lm, 1, [request], residuals[row:row + 1], "{}")
+        torch.testing.assert_close(together.change[row], alone.change[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(together.reached[row], alone.reached[0], atol=1e-5, rtol=1e-4)
 
 
 def test_targets_are_reused_from_disk_until_the_weights_change(tmp_path, monkeypatch):

@@ -30,55 +30,71 @@ class MlpChange:
 
 
 class BlockOfMlp:
-    """f: the block's output at each prompt's subject token, given the MLP projection's output there."""
+    """f: the block's output at each prompt's subject token, given the MLP projection's output there.
+    The model is causal, so a forward reads the prompts only up to the last subject token."""
 
     def __init__(self, lm: LoadedModel, layer: int, requests: list[EditRequest], template: str):
         self.lm, self.layer = lm, layer
         self.batch = prompt_batch(lm, [request_texts(r, [template])[0] for r in requests])
-        self.rows = torch.arange(len(requests), device=lm.device)
         self.positions = torch.tensor(self.batch.subject_last, device=lm.device)
+        self.rows = torch.arange(len(requests), device=lm.device)
 
-    def __call__(self, m: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(m as it is, block output) with the projection's output at the subject replaced by `m`."""
-        n, width = self.batch.input_ids.shape
+    def __call__(self, m: torch.Tensor | None = None, rows: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m as it is, block output) for the prompts `rows` (default: all), with the projection's
+        output at each one's subject replaced by the row of `m`."""
+        rows = self.rows if rows is None else rows.to(self.lm.device)
+        positions = self.positions[rows]
+        input_ids = self.batch.input_ids[rows, :int(positions.max()) + 1]
+        n, width = input_ids.shape
+        index = torch.arange(n, device=self.lm.device)
         seen = {}
 
         def replace(output: torch.Tensor) -> torch.Tensor:
             view = output.reshape(n, width, -1)  # OPT flattens the batch
-            rows, positions = self.rows.to(view.device), self.positions.to(view.device)  # device maps
-            seen["m"] = view[rows, positions].detach()
+            at, where = index.to(view.device), positions.to(view.device)  # device maps
+            seen["m"] = view[at, where].detach()
             if m is None:
                 return output
             view = view.clone()
-            view[rows, positions] = m.to(view.device, view.dtype)
+            view[at, where] = m.to(view.device, view.dtype)
             return view.reshape(output.shape)
 
         hooks = Hooks({"mlp": Hook(self.lm.arch.module("mlp", self.layer), edit_output=replace),
                        "block": Hook(self.lm.arch.module("hidden", self.layer), keep_output=True, detach=False,
                                      stop=True)})
         with hooks:
-            self.lm.model(input_ids=self.batch.input_ids, use_cache=False)
+            self.lm.model(input_ids=input_ids, use_cache=False)
         out = hooks["block"].output.reshape(n, width, -1)
-        out = out[self.rows.to(out.device), self.positions.to(out.device)]
+        out = out[index.to(out.device), positions.to(out.device)]
         return seen["m"].float().to(self.lm.device), out.float().to(self.lm.device)
 
 
-def _jacobians(f: BlockOfMlp, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """f(m) and the per-row Jacobians (n, d_out, d_in); rows never interact, so one batched
-    backward pass per output coordinate serves every row."""
-    m = m.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        _, y = f(m)
-        d_out = y.shape[1]
-        basis = torch.eye(d_out, device=y.device).unsqueeze(1).expand(d_out, y.shape[0], d_out)
-        (grads,) = torch.autograd.grad(y, m, grad_outputs=basis, is_grads_batched=True)
-    return y.detach(), grads.permute(1, 0, 2)  # grads: (d_out, n, d_in)
+def _jacobians(f: BlockOfMlp, m: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """f(m) and the per-row Jacobians (n, d_out, d_in) for the prompts `rows` (m: one row each).
+    Rows never interact, so one batched backward pass per output coordinate serves several rows;
+    rows are taken together by subject position, so that no row pays for another's longer prompt
+    (the backward passes cost in proportion to the tokens read)."""
+    ys, jacobians = [None] * len(rows), [None] * len(rows)
+    positions = f.positions[rows]
+    for position in positions.unique().tolist():
+        group = (positions == position).nonzero().squeeze(1)
+        leaf = m[group].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            _, y = f(leaf, rows[group])
+            d_out = y.shape[1]
+            basis = torch.eye(d_out, device=y.device).unsqueeze(1).expand(d_out, y.shape[0], d_out)
+            (grads,) = torch.autograd.grad(y, leaf, grad_outputs=basis, is_grads_batched=True)
+        for i, row in enumerate(group.tolist()):
+            ys[row], jacobians[row] = y[i].detach(), grads[:, i]  # grads: (d_out, n, d_in)
+    return torch.stack(ys), torch.stack(jacobians)
 
 
 def mlp_change(lm: LoadedModel, layer: int, requests: list[EditRequest], residuals: torch.Tensor, template: str,
                *, iterations: int = 8, tolerance: float = 1e-3) -> MlpChange:
     """The changes x of the MLP projection's output (n, d) that move block `layer`'s output at each
-    request's subject token (prompt filled into `template`) by `residuals` (n, d)."""
+    request's subject token (prompt filled into `template`) by `residuals` (n, d). Each row is
+    solved on its own (a row stops once within `tolerance`), so rows may be batched in any way."""
     f = BlockOfMlp(lm, layer, requests, template)
     residuals = residuals.to(lm.device).float()
     with torch.no_grad():
@@ -91,27 +107,32 @@ def mlp_change(lm: LoadedModel, layer: int, requests: list[EditRequest], residua
     # Levenberg-Marquardt per row: a step that lowers the error is taken and the damping relaxed,
     # one that does not is refused and the damping raised.
     m, error = m0.clone(), residuals.clone()
-    damping = None
+    damping = floor = None
     for _ in range(iterations):
-        if (error.norm(dim=1) / r_norm).max() < tolerance:
+        active = ((error.norm(dim=1) / r_norm) >= tolerance).nonzero().squeeze(1)
+        if len(active) == 0:
             break
-        y, J = _jacobians(f, m)
+        y, J = _jacobians(f, m[active], active)
         J = J.double()  # a norm's Jacobian is singular along its input: keep the damped system accurate
         JtJ = J.transpose(1, 2) @ J
-        if damping is None:
+        if damping is None:  # every row that is ever active is active in the first iteration
             scale = JtJ.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-12)
-            damping = 1e-3 * scale
+            damping = torch.zeros(len(requests), dtype=JtJ.dtype, device=JtJ.device)
+            floor = torch.zeros_like(damping)
+            damping[active], floor[active] = 1e-3 * scale, 1e-9 * scale
         eye = torch.eye(JtJ.shape[1], device=JtJ.device, dtype=JtJ.dtype)
         # The damped system is symmetric positive definite: Cholesky (batched LU in MKL 2.13 with two
         # threads failed on exactly these matrices, "Pivots given to lu_solve must all be >= 1").
-        factor = torch.linalg.cholesky(JtJ + damping[:, None, None] * eye)
-        step = torch.cholesky_solve(J.transpose(1, 2) @ (target - y).double().unsqueeze(2), factor).squeeze(2).float()
+        factor = torch.linalg.cholesky(JtJ + damping[active][:, None, None] * eye)
+        step = torch.cholesky_solve(J.transpose(1, 2) @ (target[active] - y).double().unsqueeze(2),
+                                    factor).squeeze(2).float()
         with torch.no_grad():
-            _, y_new = f(m + step)
-        new_error = target - y_new
-        better = new_error.norm(dim=1) < error.norm(dim=1)
-        m[better], error[better] = (m + step)[better], new_error[better]
-        damping = torch.where(better, (damping / 3).clamp(min=1e-9 * scale), damping * 4)
+            _, y_new = f(m[active] + step, active)
+        new_error = target[active] - y_new
+        better = new_error.norm(dim=1) < error[active].norm(dim=1)
+        taken = active[better]
+        m[taken], error[taken] = m[taken] + step[better], new_error[better]
+        damping[active] = torch.where(better, (damping[active] / 3).clamp(min=floor[active]), damping[active] * 4)
     return MlpChange((m - m0).detach(), False, (1 - error.norm(dim=1) / r_norm).cpu())
 
 
