@@ -141,10 +141,11 @@ def plot_lifelong(runs: dict[str, list[LifelongPoint]], path_stem: str | Path) -
                 band = [wilson_interval(value(p), count(p)) for p in shown]
                 ax.fill_between([p.n_edits for p in shown], *zip(*band), color=line.get_color(), alpha=0.15)
         ax.set(xlabel="edits applied", ylabel=label, yscale=scale)
-        if scale == "log":  # plain numbers (22, 25, 30), not powers of ten, on a narrow range
+        if scale == "log":  # plain numbers (22, 25, 30), not powers of ten; minor ticks named on a narrow range only
             plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+            low, high = ax.get_ylim()
             ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain if high < 10 * low else matplotlib.ticker.NullFormatter())
         if ylim:
             ax.set_ylim(*ylim)
     axes[0].legend()
