@@ -14,8 +14,6 @@ beside the ratio.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ from factedit import load
 from factedit.data.counterfact import load_counterfact
 from factedit.edit.mlp_change import BlockOfMlp, _jacobians
 from factedit.hooks import Hook, Hooks
+from timing import timed
 
 
 def padded_batch_jacobians(f: BlockOfMlp, m: torch.Tensor) -> torch.Tensor:
@@ -48,15 +47,6 @@ def padded_batch_jacobians(f: BlockOfMlp, m: torch.Tensor) -> torch.Tensor:
     return grads.permute(1, 0, 2)
 
 
-def median_seconds(function, repeats: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        began = time.perf_counter()
-        result = function()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times), result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gemma3-270m")
@@ -78,8 +68,8 @@ def main() -> None:
         f = BlockOfMlp(lm, layer, requests, "{}")
         with torch.no_grad():
             m, _ = f()
-        naive, reference = median_seconds(lambda: padded_batch_jacobians(f, m), args.repeats)
-        grouped, (_, found) = median_seconds(lambda: _jacobians(f, m, f.rows), args.repeats)
+        naive, reference = timed(lambda: padded_batch_jacobians(f, m), args.repeats)
+        grouped, (_, found) = timed(lambda: _jacobians(f, m, f.rows), args.repeats)
         difference = float((found - reference).abs().max() / reference.abs().max())
         tokens = f.batch.input_ids.numel(), int((f.positions + 1).sum())
         print(f"| {layer} | {tokens[0]} / {tokens[1]} | {naive:.2f} s | {grouped:.2f} s | {naive / grouped:.2f} "
