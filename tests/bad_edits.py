@@ -74,6 +74,9 @@ BAD_EDIT_FILES = {
     "unknown format version": (None, {"version": "1.0-beta"}, "unknown format version '1.0-beta'"),
     "no format version": (None, {"version": None}, "no format version"),
     "unexpected tensor": ({**factors(), f"{MODULE}::bias": torch.ones(32, 1)}, {}, "unexpected tensor"),
+    "no tensors": ({}, {}, "holds no tensors"),
+    "non-ASCII digit version": (None, {"version": "\u00b2"}, "unknown format version '\u00b2'"),  # "²".isdigit()
+    "Arabic-Indic digit version": (None, {"version": "\u0661"}, "unknown format version"),  # int("١") == 1
 }
 
 # Well-formed files that do not fit the tiny Llama: refused when applied, not when read.
@@ -82,4 +85,5 @@ MISFIT_EDIT_FILES = {
                     "the edit changes a 16x48 matrix, but the model's weight is 32x48"),
     "transposed dense": ({f"{MODULE}::dense": torch.zeros(48, 32)}, "changes a 48x32 matrix"),
     "unknown module": ({"model.layers.9.mlp.down_proj::dense": torch.zeros(32, 48)}, "has no module"),
+    "huge": ({name: 1e15 * t for name, t in factors().items()}, "times the norm of the weight it changes"),
 }

@@ -20,17 +20,23 @@ def require_chromium() -> None:
         pytest.fail("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextmanager
-def served(bench):
-    """Serve the workbench `bench` with uvicorn; yields its URL, stops the server afterwards."""
+def served(bench, access=None):
+    """Serve the workbench `bench` with uvicorn (who may use it: `access`, default create_app's);
+    yields its URL, stops the server afterwards."""
     import uvicorn
 
     from factedit.server.app import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(bench), host="127.0.0.1", port=port, log_level="warning"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(bench, access), host="127.0.0.1", port=port,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

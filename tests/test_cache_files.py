@@ -3,6 +3,8 @@ truncated or corrupt cache file is recomputed instead of failing every run."""
 
 import json
 
+import numpy as np
+import pytest
 import torch
 from tiny import tiny_model, word_tokenizer
 
@@ -107,3 +109,67 @@ def test_a_corpus_is_known_by_its_content_not_its_modification_time(tmp_path):
     assert corpus_from(str(path)).identity == before
     path.write_text("one two four!")  # same size, other bytes
     assert corpus_from(str(path)).identity != before
+
+
+def test_a_statistics_file_that_cannot_be_the_layers_is_recomputed(tmp_path):
+    """A cache file that reads fine but holds no keys, another shape, or non-finite values is not used:
+    the statistics are computed again, equal to a fresh computation, and the file is rewritten."""
+    from factedit.stats import SecondMoment
+
+    lm, text = tiny(), corpus(tmp_path)
+    fresh = collect_second_moment(lm, 1, text, 100)
+    _, path, _ = second_moment(lm, 1, text, 100, cache_dir=tmp_path)
+    d = lm.arch.d_mlp
+    nan = fresh.sum_outer.clone()
+    nan[0, 1] = float("nan")
+    negative = fresh.sum_outer.clone()
+    negative[2, 2] = -1.0
+    for broken in (SecondMoment(fresh.sum_outer.clone(), 0), SecondMoment(fresh.sum_outer.clone(), -5),
+                   SecondMoment(torch.eye(d + 1, dtype=torch.float64), fresh.count),
+                   SecondMoment(torch.ones(d, dtype=torch.float64)[:, None].expand(d, 2).contiguous(), fresh.count),
+                   SecondMoment(nan, fresh.count), SecondMoment(fresh.sum_outer * float("inf"), fresh.count),
+                   SecondMoment(negative, fresh.count)):
+        broken.save(path)
+        again, path2, hit = second_moment(lm, 1, text, 100, cache_dir=tmp_path)
+        assert not hit and path2 == path
+        assert again.count == fresh.count and torch.equal(again.sum_outer, fresh.sum_outer)
+        reread, _, hit = second_moment(lm, 1, text, 100, cache_dir=tmp_path)
+        assert hit and torch.equal(reread.sum_outer, fresh.sum_outer)  # the file was rewritten whole
+
+
+def test_a_valid_statistics_file_is_read_as_float64(tmp_path):
+    from factedit.stats import SecondMoment
+
+    lm, text = tiny(), corpus(tmp_path)
+    fresh, path, _ = second_moment(lm, 1, text, 100, cache_dir=tmp_path)
+    SecondMoment(fresh.sum_outer.float(), fresh.count).save(path)  # e.g. written by hand in float32
+    read, _, hit = second_moment(lm, 1, text, 100, cache_dir=tmp_path)
+    assert hit and read.sum_outer.dtype == torch.float64
+    assert torch.allclose(read.sum_outer, fresh.sum_outer, rtol=1e-6)
+
+
+def test_a_prefix_cache_of_the_wrong_length_or_form_is_resampled(tmp_path):
+    lm = tiny()
+    settings = RomeSettings.defaults_for(lm, 1, prefix_lengths=[[3, 5]])
+    templates = context_templates(lm, settings, cache_dir=tmp_path)
+    assert len(templates) == 6 and templates[0] == "{}"
+    (path,) = (tmp_path / "prefixes").iterdir()
+    for broken in (templates[:3], templates[1:] + ["{}"], templates[:-1] + ["A {} and {}. {}"],
+                   templates + ["More. {}"]):
+        path.write_text(json.dumps(broken))
+        assert context_templates(lm, settings, cache_dir=tmp_path) == templates
+        assert json.loads(path.read_text()) == templates
+
+
+def test_a_running_mean_state_that_cannot_be_one_is_refused():
+    from factedit.stats_running import RunningMean
+
+    good = RunningMean()
+    for row in ([1.0, 2.0], [3.0, 5.0]):
+        good.add(row)
+    state = good.state()
+    assert np.allclose(RunningMean.from_state(state).mean, [2.0, 3.5])
+    for broken in ({**state, "count": -1}, {**state, "count": 2.5}, {**state, "m2": [1.0]},
+                   {**state, "mean": [float("nan"), 1.0]}, {**state, "m2": [-1.0, 0.0]}):
+        with pytest.raises(ValueError):
+            RunningMean.from_state(broken)

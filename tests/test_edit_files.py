@@ -73,13 +73,37 @@ def test_non_finite_edits_are_refused_on_apply(value, tiny_llama):
     assert unchanged(tiny_llama, before) and not stack.applied
 
 
-def test_an_edit_that_overflows_half_precision_weights_is_refused(tiny_llama):
+def test_an_edit_that_overflows_half_precision_weights_is_refused(tiny_llama, monkeypatch):
+    from factedit.edit import delta as delta_module
+
+    monkeypatch.setattr(delta_module, "MAX_RELATIVE_CHANGE", float("inf"))  # the overflow check behind the bound
     tiny_llama.model.half()
     before, stack = state(tiny_llama), EditStack(tiny_llama)
     huge = EditDelta("ft", tiny_llama.fingerprint, {MODULE: {"dense": torch.full((32, 48), 1e6)}})  # finite in float32
     with pytest.raises(EditFileError, match="infinite or NaN in float16"):
         stack.apply(huge)
     assert unchanged(tiny_llama, before) and not stack.applied
+
+
+def test_an_edit_that_makes_predictions_uniform_is_refused_and_reverted_when_probed(tiny_llama):
+    """Within the size bound, an edit can still break the model: setting the unembedding to one row for
+    every token makes every prediction equally likely. Applied with probe=True (edit files from
+    elsewhere), it is refused and the model is as it was."""
+    weight = tiny_llama.model.lm_head.weight.detach().float()
+    flat = EditDelta("ft", tiny_llama.fingerprint, {"lm_head": {"dense": weight.mean(0, keepdim=True) - weight}})
+    before, stack = state(tiny_llama), EditStack(tiny_llama)
+    stack.apply(factor_delta(tiny_llama), probe=True)  # a sound edit passes the probe
+    after_sound = state(tiny_llama)
+    with pytest.raises(EditFileError, match="every token as equally likely"):
+        stack.apply(flat, probe=True)
+    assert unchanged(tiny_llama, after_sound) and len(stack.applied) == 1
+    stack.revert()
+    assert unchanged(tiny_llama, before)
+
+
+def factor_delta(lm) -> EditDelta:
+    tensors = factors()
+    return EditDelta("rome", lm.fingerprint, {MODULE: {"up": tensors[f"{MODULE}::up"], "down": tensors[f"{MODULE}::down"]}})
 
 
 def test_saving_is_atomic(tiny_llama, tmp_path, monkeypatch):
@@ -114,6 +138,19 @@ def test_cli_refuses_a_bad_edit_file_in_one_line(case, tiny_folder, tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.output
     assert "Traceback" not in result.output and "applied" not in result.output
+
+
+def test_cli_refuses_an_edit_file_that_breaks_the_model(tiny_folder, tmp_path):
+    """A file of the right shapes and size whose edit makes every prediction equally likely."""
+    from factedit.models import load
+
+    lm = load(str(tiny_folder))
+    weight = lm.model.lm_head.weight.detach().float()
+    path = write_edit_file(tmp_path / "flat.safetensors", lm.fingerprint,
+                           {"lm_head::dense": (weight.mean(0, keepdim=True) - weight).contiguous()})
+    result = CliRunner().invoke(main, ["generate", "--model", str(tiny_folder), "--edits", str(path), "--prompt", "The"])
+    assert result.exit_code == 2 and "every token as equally likely" in result.output, result.output
+    assert "Traceback" not in result.output
 
 
 def test_cli_refuses_an_edit_that_does_not_fit_the_model_in_one_line(tiny_folder, tmp_path):

@@ -213,3 +213,80 @@ def test_the_api_answers_while_a_job_runs_and_an_upload_waits_for_it(client, tmp
     assert uploads and uploads[0].status_code == 200, uploads
     assert wait(client, job.view())["result"] == {"finished": True}
     assert len(client.get("/api/edits").json()["edits"]) == 1
+
+
+def test_waiting_for_the_model_is_bounded_and_the_cheap_reads_never_wait(client):
+    """The issue's case: 50 predictions queued behind a job once took every server thread, and
+    GET /api/model timed out. Now at most max_model_waiters wait; the rest get a 503 at once."""
+    started, release = threading.Event(), threading.Event()
+
+    def long_job(job):
+        started.set()
+        release.wait(20)
+        return {}
+
+    job = client.bench.submit("test", long_job)  # holds the model lock, as a running edit does
+    assert started.wait(10)
+    answers = []
+
+    def predict():
+        began = time.perf_counter()
+        response = client.post("/api/predict", json={"prompt": PROMPT})
+        answers.append((response, time.perf_counter() - began))
+
+    requests = [threading.Thread(target=predict) for _ in range(50)]
+    safety = threading.Timer(15, release.set)  # unblocks everything if the server hangs
+    safety.start()
+    try:
+        for thread in requests:
+            thread.start()
+        waiters = client.bench.max_model_waiters
+        deadline = time.time() + 10
+        while len(answers) < 50 - waiters and time.time() < deadline:
+            time.sleep(0.02)
+        refused = [(response, seconds) for response, seconds in answers if response.status_code == 503]
+        assert len(answers) == len(refused) == 50 - waiters, [r.status_code for r, _ in answers]
+        for response, seconds in refused:
+            assert seconds < 3 and response.headers["retry-after"] == "5", (seconds, response.headers)
+            assert response.json()["detail"].startswith(f"the model is busy: {waiters} requests already wait")
+        for path in ("/api/model", f"/api/jobs/{job.id}", "/api/edits", "/"):
+            began = time.perf_counter()
+            response = client.get(path)
+            assert response.status_code == 200 and time.perf_counter() - began < 0.5, path
+        assert client.post("/api/generate", json={"prompt": PROMPT}).status_code == 503
+        assert client.delete("/api/edits/1").status_code == 503  # reverting and uploading wait for the model too
+    finally:
+        release.set()
+        safety.cancel()
+        for thread in requests:
+            thread.join(30)
+    waited = [response for response, _ in answers if response.status_code != 503]
+    assert len(waited) == waiters and all(r.status_code == 200 and r.json()["predictions"] for r in waited)
+    assert client.post("/api/predict", json={"prompt": PROMPT}).status_code == 200  # the slots are free again
+
+
+def test_the_job_queue_is_bounded(word_corpus):
+    lm = from_model(tiny_model("llama"), word_tokenizer(), name="tiny")
+    bench = Workbench(lm, stats_corpus=str(word_corpus), stats_tokens=500, max_queued_jobs=3)
+    started, release = threading.Event(), threading.Event()
+    with TestClient(create_app(bench)) as client:
+        blocker = bench.submit("test", lambda job: started.set() or release.wait(10) and {})
+        assert started.wait(10)  # running: no longer queued
+        trace = {"prompt": PROMPT, "subject": SUBJECT, "samples": 1, "kinds": "hidden"}
+        try:
+            queued = [client.post("/api/trace", json=trace) for _ in range(3)]
+            assert [r.status_code for r in queued] == [202] * 3
+            full = client.post("/api/trace", json=trace)
+            assert full.status_code == 503 and full.headers["retry-after"] == "10"
+            assert full.json()["detail"] == ("3 jobs already wait for the model; wait for them to finish (or cancel "
+                                             "some), then try again")
+            edit = client.post("/api/edit", json={"prompt": "{} is in", "subject": SUBJECT, "target": "Rome"})
+            assert edit.status_code == 503
+            assert client.post(f"/api/jobs/{queued[0].json()['id']}/cancel").status_code == 200
+            assert client.post("/api/trace", json=trace).status_code == 202  # a cancelled job frees its place
+            assert client.get("/api/model").status_code == 200
+        finally:
+            release.set()
+        statuses = [wait(client, r.json())["status"] for r in queued]
+        assert statuses == ["cancelled", "done", "done"] and wait(client, blocker.view())["status"] == "done"
+        assert client.post("/api/trace", json=trace).status_code == 202

@@ -1,6 +1,6 @@
 import pytest
 
-from factedit.tokens import PromptError, answer_matches, subject_token_range, tokenize_prompt
+from factedit.tokens import PromptError, SubjectWarning, answer_matches, subject_token_range, tokenize_prompt
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,23 @@ def test_subject_inside_a_token_and_at_the_end(tok):
     assert "".join(tokens) == "Audible.com"
 
 
-def test_first_occurrence_is_used(tok):
-    _, t = locate(tok, "Paris is the capital of France, and Paris is", "Paris")
+def test_first_occurrence_is_used_with_a_warning_unless_one_is_chosen(tok):
+    prompt = "Paris is the capital of France, and Paris is"
+    with pytest.warns(SubjectWarning, match="occurs 2 times"):
+        _, t = locate(tok, prompt, "Paris")
     assert t.subject_range == (0, 1)
+    second = tokenize_prompt(tok, prompt, "Paris", occurrence=1)
+    assert second.tokens[second.subject_range[0]:second.subject_range[1]] == [" Paris"]
+    assert second.subject_range[0] > 1
+
+
+def test_a_whole_word_is_preferred_to_a_match_inside_a_word(tok):
+    prompt = "Parisian cafes are the pride of Paris"
+    tokens, t = locate(tok, prompt, "Paris")
+    assert tokens == [" Paris"] and t.subject_range[1] == t.n_tokens
+    with pytest.warns(SubjectWarning, match="only inside a word"):
+        tokens, _ = locate(tok, "Parisian cafes", "Paris")
+    assert "".join(tokens).startswith("Paris")
 
 
 def test_slow_tokenizer_fallback_matches_offsets(tok):

@@ -22,6 +22,12 @@ class InputError(FacteditError, ValueError):
     count below its minimum, an output folder that holds another run."""
 
 
+class FacteditWarning(UserWarning):
+    """Something factedit guessed or skipped that the user should know about (a subject matched at a
+    guessed occurrence, a damaged log line skipped, a stray file ignored); the CLI shows it as one
+    line, "warning: ...", as it shows errors."""
+
+
 def json_type(value) -> str:
     """How a JSON value's type is named in error messages: "a string", "a number", "null", ..."""
     if value is None:

@@ -95,7 +95,8 @@ def with_current_target(lm: LoadedModel, request: EditRequest) -> EditRequest:
         raise PromptError(f"the model's next token after {request.text!r} is {top!r} (whitespace or a special "
                           f"token), not an object to replace; give the current target (--true on the command line, "
                           f"target_true in the API), or end the prompt where the object follows")
-    return EditRequest.create(request.prompt, request.subject, request.target_new, top.strip())
+    return EditRequest.create(request.prompt, request.subject, request.target_new, top.strip(),
+                              occurrence=request.occurrence)
 
 
 def _start_ids(lm: LoadedModel, start: str, context: str) -> tuple[list[int], list[int]]:

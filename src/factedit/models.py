@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import numbers
 import os
 import shutil
 import tempfile
@@ -256,8 +257,7 @@ def load(name: str, *, device: str | torch.device = "cpu", dtype: str | torch.dt
     dict module -> device, "cpu" or "disk" for offloaded parts); `device` is then ignored.
     """
     dtype = resolve_dtype(dtype)
-    check_dtype_on_device(dtype, device)
-    device = torch.device(device)
+    device = check_device(device, dtype)  # before any weights are read
     if device_map is not None:
         hf_kwargs = {**hf_kwargs, **_device_map_kwargs(device_map, cache_dir)}
     cache = cache_root(cache_dir)
@@ -293,6 +293,45 @@ def load(name: str, *, device: str | torch.device = "cpu", dtype: str | torch.dt
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, arch=map_architecture(model),
                        fingerprint=weights_fingerprint(model), name=name, source=str(source), device=device)
+
+
+def check_device(device: str | torch.device, dtype: torch.dtype | None = None) -> torch.device:
+    """`device` as a torch.device, or an InputError saying why this machine cannot compute there (in
+    `dtype`, if given): torch would only fail later, deep inside the model's .to() or first pass."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"unknown device {str(device)!r}; give cpu, cuda, cuda:N (N: the GPU's index) or mps") \
+            from None
+    if dtype is not None:
+        check_dtype_on_device(dtype, parsed)
+    if parsed.type == "cpu":
+        return parsed
+    backend = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if backend is None or not hasattr(backend, "is_available"):
+        raise InputError(f"device {str(device)!r}: models cannot run on {parsed.type!r} devices here; "
+                         "give cpu, cuda, cuda:N or mps")
+    if not backend.is_available():
+        why = ("this torch build has no CUDA support" if parsed.type == "cuda" and torch.version.cuda is None
+               and torch.version.hip is None else f"no {parsed.type} device is available to torch")
+        raise InputError(f"device {str(device)!r}: {why}; use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else None
+    if parsed.index is not None and count is not None and parsed.index >= count:
+        raise InputError(f"device {str(device)!r}: this machine has {count} {parsed.type} device(s)"
+                         + (f", {parsed.type}:0 to {parsed.type}:{count - 1}" if count else ""))
+    return parsed
+
+
+# Seeds go to torch (Generator.manual_seed: -2**63 .. 2**64 - 1), numpy (default_rng: 0 or more;
+# np.random.seed: below 2**32) and random (any int): 0 .. 2**32 - 1 is what all of them take.
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(seed: int, name: str = "seed") -> int:
+    """`seed` if every random generator takes it (0 .. SEED_MAX), else an InputError naming the range."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= SEED_MAX:
+        raise InputError(f"{name} must be a whole number from 0 to {SEED_MAX} (2**32 - 1), not {seed!r}")
+    return int(seed)
 
 
 def check_dtype_on_device(dtype: torch.dtype, device: str | torch.device) -> None:

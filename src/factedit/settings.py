@@ -2,7 +2,10 @@
 
 Values read from JSON are checked against the dataclass's field annotations (int, float, str, bool,
 `X | None`, `list[...]`, nested lists) when they are loaded, so that a wrong type is refused with a
-message naming the field instead of failing deep inside an editor."""
+message naming the field instead of failing deep inside an editor. Ranges and choices are declared
+per field (`bounded`, `one_of`) and checked by one checker whenever settings are made: from a file,
+from a dict or in Python (JsonSettings.__post_init__), so that a value no editor can use (0 value
+steps, a negative learning rate) is refused before any work, not after it."""
 
 from __future__ import annotations
 
@@ -10,18 +13,108 @@ import json
 import math
 import types
 import typing
-from dataclasses import MISSING, asdict, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import FacteditError, json_type
+from .errors import InputError, json_type
 
 
-class SettingsError(FacteditError, ValueError):
-    """Settings (a settings file, a preset name, a field value) that do not fit the method."""
+class SettingsError(InputError):
+    """Settings (a settings file, a preset name, a field value) that do not fit the method. An
+    InputError: a setting out of its range is a bad argument like any other."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a setting allows: at least `low` (above it when `low_open`) and at most `high`
+    (below it when `high_open`); None: no bound on that side. Never NaN or infinite."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.low == 0 and self.high is None:
+            return "positive" if self.low_open else "zero or positive"
+        parts = [] if self.low is None else [f"{'above' if self.low_open else 'at least'} {self.low:g}"]
+        if self.high is not None:
+            parts.append(f"{'below' if self.high_open else 'at most'} {self.high:g}")
+        return " and ".join(parts) or "finite"
+
+
+def bounded(default=MISSING, *, at_least: float | None = None, above: float | None = None,
+            at_most: float | None = None, below: float | None = None, default_factory=MISSING,
+            item_length: int | None = None):
+    """A dataclass field whose number (or every number in its lists) must lie in the given range;
+    `item_length`: a list of lists whose every item has that many numbers (e.g. [tokens, count])."""
+    if at_least is not None and above is not None or at_most is not None and below is not None:
+        raise ValueError("give at most one lower and one upper bound")
+    allowed = Range(above if above is not None else at_least, below if below is not None else at_most,
+                    low_open=above is not None, high_open=below is not None)
+    return field(default=default, default_factory=default_factory,
+                 metadata={"range": allowed, "item_length": item_length})
+
+
+def one_of(default, choices: tuple[str, ...]):
+    """A dataclass field that takes one of `choices`."""
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+def check_values(cls, values: dict, source: str | Path | None = None) -> None:
+    """A SettingsError naming the field, the value and what it allows if one of `values` (field name:
+    value, of the settings dataclass `cls`) is outside its declared range or choices. Values of
+    another type are left to the type check (JsonSettings.from_dict)."""
+    where = f"{source}: " if source is not None else ""
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        choices = f.metadata.get("choices")
+        if choices is not None and isinstance(value, str) and value not in choices:
+            raise SettingsError(f"{where}{cls.__name__} field {f.name} must be {' or '.join(map(repr, choices))}, "
+                                f"not {value!r}")
+        allowed, length = f.metadata.get("range"), f.metadata.get("item_length")
+        if allowed is None:
+            continue
+        if length is not None and isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, list) and len(item) != length:
+                    raise SettingsError(f"{where}{cls.__name__} field {f.name} must hold lists of {length} numbers, "
+                                        f"but {f.name}[{i}] is {item!r}")
+        for place, number in _numbers(value, f.name):
+            if number not in allowed:
+                raise SettingsError(f"{where}{cls.__name__} field {place} must be {allowed}, not {number!r}")
+
+
+def _numbers(value, place: str):
+    """(place, number) for `value` if it is a number, or for every number inside its (nested) lists."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _numbers(item, f"{place}[{i}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield place, value
+
+
+def check_settings_values(settings, source: str | Path | None = None) -> None:
+    """check_values on every field of the settings dataclass instance `settings` (e.g. one changed
+    after it was made)."""
+    check_values(type(settings), {f.name: getattr(settings, f.name) for f in fields(settings)}, source)
 
 
 class JsonSettings:
     """Mixin for dataclasses: to_dict / from_dict (unknown keys refused, types checked) / save / load."""
+
+    def __post_init__(self) -> None:
+        # Every way of making settings (a file, a dict, Python, dataclasses.replace) passes here.
+        check_settings_values(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,7 +149,10 @@ class JsonSettings:
                     f"but {place} is {json_type(found)} ({found!r})"
                 raise SettingsError(f"{where}{name} field {key!r} must be {expected}, {detail}")
             values[key] = _as_declared(value, annotation)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except SettingsError as err:  # out of range (__post_init__): say where it came from
+            raise SettingsError(f"{where}{err}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))

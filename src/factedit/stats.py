@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from .errors import InputError
 from .hooks import Hook, Hooks
 from .cache_files import file_digest, read_cached, write_atomic
-from .models import LoadedModel, cache_root, weights_fingerprint
+from .models import LoadedModel, cache_root, check_seed, weights_fingerprint
 from .progress import SAMPLING, STATISTICS, Phases, on_first_step, start_phase
-from .settings import JsonSettings
+from .settings import JsonSettings, bounded
 
 
 @dataclass(kw_only=True)
@@ -30,7 +30,7 @@ class StatisticsSettings(JsonSettings):
     """Where the key statistics C come from, one set for every editor that reads them."""
 
     stats_corpus: str | None = None  # text/JSONL/folder/"wikitext"; None: $FACTEDIT_STATS_CORPUS or model text
-    stats_tokens: int = 100_000
+    stats_tokens: int = bounded(100_000, at_least=1)
 
 
 @dataclass
@@ -69,12 +69,29 @@ class SecondMoment:
                                                            metadata=meta))
 
     @classmethod
-    def load(cls, path: str | Path) -> "SecondMoment":
+    def load(cls, path: str | Path, dim: int | None = None) -> "SecondMoment":
+        """The statistics saved at `path`; with `dim`, checked to be a layer's with `dim` keys
+        (a ValueError says why not: a cache reader then computes them again)."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             count = int(f.metadata()["count"])
-        return cls(load_file(str(path))["sum_outer"], count)
+        loaded = cls(load_file(str(path))["sum_outer"], count)
+        return loaded if dim is None else loaded.checked(dim)
+
+    def checked(self, dim: int) -> "SecondMoment":
+        """self, in float64, if it can be the key statistics of a layer with `dim` keys: some keys
+        counted, a finite (dim x dim) sum of k k^T (whose diagonal, sums of squares, is not negative)."""
+        if self.count <= 0:
+            raise ValueError(f"statistics of {self.count} keys")
+        if tuple(self.sum_outer.shape) != (dim, dim):
+            raise ValueError(f"statistics of shape {tuple(self.sum_outer.shape)}, not ({dim}, {dim})")
+        if not self.sum_outer.is_floating_point() or not bool(torch.isfinite(self.sum_outer).all()):
+            raise ValueError("statistics with values that are not finite numbers")
+        if bool((torch.diagonal(self.sum_outer) < 0).any()):
+            raise ValueError("statistics with a negative sum of squares")
+        self.sum_outer = self.sum_outer.double()
+        return self
 
 
 # ---------------------------------------------------------------------------------------- corpora
@@ -150,6 +167,7 @@ def model_sampled_corpus(lm: LoadedModel, seed: int = 0, n_texts: int = 512, len
     (slow: n_texts x length tokens generated; phase progress.SAMPLING when its texts are read)."""
     from .generate import sample_texts, sampled_tokens
 
+    check_seed(seed)
     starts = ["The", "In", "A", "It", "This", "He", "She", "When"]
     per_start = max(1, n_texts // len(starts))
 
@@ -269,7 +287,7 @@ def second_moments(lm: LoadedModel, layers: list[int], corpus: Corpus, n_tokens:
     result = {}
     for layer in layers:
         for path in dict.fromkeys([unedited[layer], paths[layer]]):
-            stats = read_cached(path, SecondMoment.load)
+            stats = read_cached(path, lambda p: SecondMoment.load(p, lm.arch.d_mlp))  # damaged: recomputed
             if stats is not None:
                 result[layer] = (stats, path, True)
                 break

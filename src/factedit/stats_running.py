@@ -43,4 +43,11 @@ class RunningMean:
 
     @classmethod
     def from_state(cls, state: dict) -> "RunningMean":
-        return cls(state["count"], np.asarray(state["mean"], float), np.asarray(state["m2"], float))
+        """The mean saved by state(); a ValueError where the state cannot be one (a damaged file), so
+        that a reader counts it as missing instead of merging nonsense into its averages."""
+        count, mean, m2 = state["count"], np.asarray(state["mean"], float), np.asarray(state["m2"], float)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"a running mean of {count!r} values")
+        if mean.shape != m2.shape or not (np.isfinite(mean).all() and np.isfinite(m2).all()) or (m2 < 0).any():
+            raise ValueError("a running mean whose mean and squared deviations do not fit together")
+        return cls(count, mean, m2)

@@ -3,13 +3,16 @@ beside this one, grouped by what they do (trace, edit, evaluate, serve)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+import warnings
 from dataclasses import dataclass
 
 import click
 
-from ..errors import FacteditError
+from ..errors import FacteditError, FacteditWarning
+from ..models import SEED_MAX
 
 
 class CommandError(FacteditError):
@@ -20,6 +23,7 @@ class CommandError(FacteditError):
 # Counts on the command line: a count of 0 or less is refused by click (exit code 2) before anything runs.
 COUNT = click.IntRange(min=1)
 INDEX = click.IntRange(min=0)  # a layer (its upper bound depends on the model) or a number of records to skip
+SEED = click.IntRange(0, SEED_MAX)  # what torch, numpy and random all take (models.check_seed)
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,13 @@ class ModelChoice:
     dtype: str
     threads: int | None
     device_map: str | None
+
+    def check(self) -> "ModelChoice":
+        """Refuse a device this machine lacks, or cannot compute in the dtype on, before anything runs."""
+        from ..models import check_device, resolve_dtype
+
+        check_device(self.device, resolve_dtype(self.dtype))
+        return self
 
     def load(self):
         import torch
@@ -52,7 +63,7 @@ def _model_options(command):
 
     @functools.wraps(command)
     def with_choice(*args, model, device, dtype, threads, device_map, **kwargs):
-        return command(*args, model=ModelChoice(model, device, dtype, threads, device_map), **kwargs)
+        return command(*args, model=ModelChoice(model, device, dtype, threads, device_map).check(), **kwargs)
 
     options = [
         click.option("--model", "-m", default="smollm2-135m", show_default=True,
@@ -72,13 +83,34 @@ def _model_options(command):
     return with_choice
 
 
+@contextlib.contextmanager
+def warnings_as_lines():
+    """Show each FacteditWarning (a guessed subject occurrence, a skipped damaged log line, an ignored
+    stray file) as one line on stderr, "warning: ...", as errors are shown, instead of Python's
+    "file:line: ...Warning: ..." and the source line; other warnings as Python shows them."""
+    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+        python_shows = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, FacteditWarning):
+                click.echo(f"warning: {message}", err=True)
+            else:
+                python_shows(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        warnings.simplefilter("always", FacteditWarning)  # every prompt's, not only the first per code line
+        yield
+
+
 class FriendlyGroup(click.Group):
     """Turns the errors users cause (bad model name, subject not in prompt, ...: every FacteditError)
-    into one line and exit code 2. Any other exception is a bug and keeps its traceback."""
+    into one line and exit code 2, and factedit's warnings into one line each. Any other exception
+    is a bug and keeps its traceback."""
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with warnings_as_lines():
+                return super().invoke(ctx)
         except FacteditError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
@@ -99,7 +131,7 @@ def _load_edits(lm, paths, history=None):
     stack = EditStack(lm)
     for path in paths:
         delta = EditDelta.load(path)
-        stack.apply(delta)
+        stack.apply(delta, probe=True)  # a file from elsewhere: refused if the model breaks under it
         click.echo(f"applied {path}: {delta.method}, {len(delta.requests)} request(s)", err=True)
     return stack
 
@@ -114,25 +146,70 @@ def _stats_options(command):
 
 
 SETTINGS_HELP = ("named settings ('default', or 'paper': the reference implementation's protocol, e.g. ROME's "
-                 "20 value steps) or a settings JSON file (as written next to results)")
+                 "20 value steps) or a settings JSON file (as written next to results; checked before the model "
+                 "loads; --corpus, --tokens and --seed given with it replace its fields)")
+
+# The command-line options that set a settings field: (click parameter, settings field).
+_OPTION_FIELDS = (("corpus", "stats_corpus"), ("stats_tokens", "stats_tokens"), ("seed", "prefix_seed"))
 
 
-def _settings(spec, lm, name_or_file: str | None, layer: int | None, **options):
-    """The method's settings: per-model defaults, a named preset, or a JSON file (type-checked, its
-    layers checked against the model)."""
+@dataclass(frozen=True)
+class ChosenSettings:
+    """What --settings chose, checked as far as it can be without the model: a preset name with the
+    options (`from_file` None), or the contents of a settings file."""
+
+    spec: object  # the method (factedit.edit.registry.Method)
+    preset: str
+    layer: int | None
+    options: dict
+    from_file: object | None = None
+    path: str | None = None
+
+    def for_model(self, lm):
+        """The settings on the loaded model: the preset's per-model defaults, or the file's settings
+        with their layers checked against the model."""
+        if self.from_file is None:
+            return self.spec.settings_with(lm, self.layer, preset=self.preset, **self.options)
+        self.spec.check_settings(lm, self.from_file, source=self.path)
+        return self.from_file
+
+
+def _settings(spec, name_or_file: str | None, layer: int | None, **options) -> ChosenSettings:
+    """The method's settings as far as they can be chosen before the model loads: a named preset, or a
+    JSON file, read and checked now (types, ranges, choices) so that a bad file costs no model load.
+    `options` (settings field: value) come from the command line; with a file, those given
+    explicitly replace the file's fields (said on stderr), --layer is refused."""
+    import dataclasses
     from pathlib import Path
 
-    from ..settings import SettingsError
+    from click.core import ParameterSource
+
+    from ..settings import SettingsError, check_values
 
     if name_or_file is None or name_or_file in spec.preset_names():
-        return spec.settings_with(lm, layer, preset=name_or_file or "default", **options)
+        check_values(spec.settings_type, options)  # e.g. a negative --seed, before the model loads
+        return ChosenSettings(spec, name_or_file or "default", layer, options)
     if not Path(name_or_file).is_file():
         raise SettingsError(f"--settings {name_or_file!r} is neither a settings file nor a name for method "
                             f"{spec.name} ({', '.join(spec.preset_names())})")
     if layer is not None:  # the file's layer would silently win
         raise SettingsError(f"--layer {layer} and the settings file {name_or_file} both choose the layer; "
                             "give one of them (the file's layer field, or --layer with a preset)")
-    return spec.load_settings(lm, name_or_file)
+    settings = spec.read_settings(name_or_file)
+    ctx = click.get_current_context(silent=True)
+    names = {f.name for f in dataclasses.fields(settings)}
+    given = {}
+    for parameter, name in _OPTION_FIELDS:
+        if ctx is None or name not in options or name not in names:  # as with presets: another method's option
+            continue
+        if ctx.get_parameter_source(parameter) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            flag = next(p.opts[0] for p in ctx.command.params if p.name == parameter)
+            check_values(spec.settings_type, {name: options[name]}, source=flag)
+            click.echo(f"note: {flag} {options[name]} replaces {name} {getattr(settings, name)!r} of the settings "
+                       f"file {name_or_file}", err=True)
+            given[name] = options[name]
+    return ChosenSettings(spec, preset="", layer=None, options={}, from_file=dataclasses.replace(settings, **given),
+                          path=name_or_file)
 
 
 def _cluster_options(command):

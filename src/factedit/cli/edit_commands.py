@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -10,8 +11,10 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from . import (COUNT, INDEX, SETTINGS_HELP, CommandError, _cluster_options, _cluster_run, _load_edits, _model_options,
-               _settings, _stats_options, main)
+from ..cache_files import check_output_file, check_output_folder
+from . import (COUNT, INDEX, SEED, SETTINGS_HELP, CommandError, _cluster_options, _cluster_run, _load_edits,
+               _model_options, _settings, _stats_options, main, warnings_as_lines)
+from .trace_commands import OCCURRENCE_HELP
 
 
 HISTORY_HELP = "a history folder (factedit history edit) whose batches are applied first"
@@ -30,6 +33,8 @@ def methods():
 @_model_options
 @click.option("--prompt", "-p", required=True, help='template with {} for the subject, or a full prompt')
 @click.option("--subject", "-s", required=True)
+@click.option("--occurrence", type=click.IntRange(min=0), default=None, metavar="N",
+              help=OCCURRENCE_HELP + "; with a full prompt, not a template")
 @click.option("--target", "-t", required=True, help="the new object, e.g. Rome")
 @click.option("--true", "target_true", default=None, help="the current object (default: the model's top token)")
 @click.option("--method", default="rome", show_default=True, help="an editing method (see factedit methods)")
@@ -37,9 +42,9 @@ def methods():
 @click.option("--settings", "settings_file", default=None, help=SETTINGS_HELP)
 @click.option("--paraphrase", multiple=True, help="extra prompts to check (repeatable)")
 @_stats_options
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of the sampled context prefixes")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the sampled context prefixes")
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="write the edit to this .safetensors file")
-def edit_command(model, prompt, subject, target, target_true, method, layer, settings_file,
+def edit_command(model, prompt, subject, occurrence, target, target_true, method, layer, settings_file,
                  paraphrase, corpus, stats_tokens, seed, save):
     """Rewrite one fact (with ROME unless --method says otherwise) and show the model before and after;
     for batches on top of earlier edits, see factedit history."""
@@ -49,16 +54,19 @@ def edit_command(model, prompt, subject, target, target_true, method, layer, set
     from ..tokens import check_prompt_length
 
     if save:
-        check_writable(Path(save))  # before loading the model and computing the edit, not after
+        check_output_file(Path(save), "save the edit to")  # before loading the model and computing the edit
     spec = get_method(method)
-    request = EditRequest.create(prompt, subject, target, target_true)
+    with warnings_as_lines():
+        request = EditRequest.create(prompt, subject, target, target_true, occurrence)
+    chosen = _settings(spec, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens, prefix_seed=seed)
     lm = model.load()
     check_prompt_length(lm, request.text)
     for i, text in enumerate(paraphrase):
         check_prompt_length(lm, text, f"--paraphrase {i + 1}")
     request = with_current_target(lm, request)
-    settings = _settings(spec, lm, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens,
-                         prefix_seed=seed)
+    if request.occurrence != occurrence:  # with_current_target re-creates the request from its template
+        request = dataclasses.replace(request, occurrence=occurrence)
+    settings = chosen.for_model(lm)
     where = getattr(settings, "layer", None) if hasattr(settings, "layer") else getattr(settings, "layers", None)
     click.echo(f"editing layer(s) {where} ({getattr(settings, 'layer_rule', '')}) with {method}: "
                f"{request.text!r}: {request.target_true!r} -> {request.target_new!r}")
@@ -127,27 +135,6 @@ def report_lines(report) -> list[str]:
     return lines
 
 
-def check_writable(path: Path) -> None:
-    """Fail now, with the reason, if an edit could not be written to `path` later: the path must not be a
-    folder, and its folder (or the nearest existing folder above it, where the rest will be created)
-    must accept a new file. Probes with a real temporary file, which also catches read-only mounts."""
-    if path.is_dir():
-        raise CommandError(f"cannot save the edit to {path}: it is a folder")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise CommandError(f"cannot save the edit to {path}: the file exists and is not writable")
-    folder = path.parent
-    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise CommandError(f"cannot save the edit to {path}: {folder} is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise CommandError(f"cannot save the edit to {path}: cannot create files in {folder} "
-                           f"({err.strerror or err})") from None
-
-
 def save_edit(delta, path: Path) -> None:
     """Write the edit to `path`; if that fails after all, keep the computed edit in a temporary file and
     say where, so that the work is not lost."""
@@ -205,6 +192,7 @@ def export(model, edits, history, out):
     """Write the edited model (edit files, or a history, applied) as a Hugging Face folder (save_pretrained)."""
     if not edits and history is None:
         raise CommandError("nothing to export: give edit files (--edits) or a history folder (--history)")
+    check_output_folder(Path(out), "write the edited model to")  # before the model loads, not after
     lm = model.load()
     _load_edits(lm, edits, history)
     lm.model.save_pretrained(out)

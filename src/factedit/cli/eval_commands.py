@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from . import (COUNT, INDEX, SETTINGS_HELP, CommandError, _cluster_options, _cluster_run, _model_options, _settings,
                _stats_options, main)
+from ..cache_files import check_output_file, check_output_folder
 from .edit_commands import PhaseBars
 
 
@@ -65,6 +66,7 @@ def sequential(model, dataset, data, n, edits_per_batch, methods, layer, corpus,
 
     specs = {method: get_method(method) for method in methods}  # names refused before the model loads
     get_dataset(dataset)
+    check_output_folder(Path(out), "write the runs to")
     lm = model.load()
     text, facts = _lifelong_inputs(held_out, corpus, known)
     out_dir = Path(out)
@@ -119,9 +121,11 @@ def eval_command(model, method, dataset, data, n, start, edits_per_batch, layer,
     if cluster is not None and sequential:
         raise CommandError("--cluster cannot run --sequential: each batch is edited on top of the ones before it, "
                            "so batches cannot run apart; drop one of the two")
+    check_output_folder(Path(out), "write the run to")
+    chosen = _settings(spec, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
     with _cluster_run(cluster, model) as run:  # connected (or refused) before the model loads
         lm = model.load()
-        settings = _settings(spec, lm, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
+        settings = chosen.for_model(lm)
         text, facts = _lifelong_inputs(held_out, corpus, known) if sequential else (None, None)
         dispatch = None
         if run is not None:
@@ -163,6 +167,9 @@ def summarize(runs, bars_stem, edits_stem, layer_stem, lifelong_stem):
     from ..evaluate.runner import markdown_table, summarize as summarize_run
     from ..evaluate.sequential import lifelong_table, read_points
 
+    for stem in (bars_stem, edits_stem, layer_stem, lifelong_stem):
+        for path in (f"{stem}.png", f"{stem}.svg") if stem else ():
+            check_output_file(Path(path), "write the plot to")  # before the runs are read
     summaries = [summarize_run(run) for run in runs]
     click.echo(markdown_table(summaries))
     if lifelong_stem:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from . import COUNT, INDEX, SETTINGS_HELP, CommandError, _model_options, _settings, _stats_options, main
+from . import COUNT, INDEX, SEED, SETTINGS_HELP, CommandError, _model_options, _settings, _stats_options, main
 from .edit_commands import PhaseBars
 
 
@@ -28,7 +28,7 @@ def history():
 @click.option("--layer", type=INDEX, default=None, help="layer to edit, for single-layer methods (default: per model)")
 @click.option("--settings", "settings_file", default=None, help=SETTINGS_HELP)
 @_stats_options
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of the sampled context prefixes")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the sampled context prefixes")
 def history_edit(model, folder, requests_file, method, layer, settings_file, corpus, stats_tokens, seed):
     """Apply the requests as one more batch on top of the history in FOLDER (created if new) and save
     it there; show how the new and the earlier edits fare."""
@@ -39,12 +39,12 @@ def history_edit(model, folder, requests_file, method, layer, settings_file, cor
 
     spec = get_method(method)
     requests = load_requests(requests_file)  # a bad file fails before the model loads
+    chosen = _settings(spec, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens, prefix_seed=seed)
     lm = model.load()
     for i, request in enumerate(requests):
         check_prompt_length(lm, request.text, f"{requests_file}: request {i}")
-    settings = _settings(spec, lm, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens,
-                         prefix_seed=seed)
-    history = EditHistory(lm, folder)
+    settings = chosen.for_model(lm)
+    history = EditHistory(lm, folder, lock=True)  # a second writer is refused here, before any work
     try:
         history.replay()
         requests = [with_current_target(lm, r) for r in requests]  # on the model as the history left it
@@ -134,10 +134,10 @@ def history_protect(model, folder, facts, n, tokens, settings_file, corpus, stat
     from ..evaluate.lifelong import answered
 
     candidates = first(load_known_facts(facts), n)
+    chosen = _settings(get_method("alphaedit"), settings_file, None, stats_corpus=corpus, stats_tokens=stats_tokens)
     lm = model.load()
-    settings = _settings(get_method("alphaedit"), lm, settings_file, None, stats_corpus=corpus,
-                         stats_tokens=stats_tokens)
-    history = EditHistory(lm, folder)
+    settings = chosen.for_model(lm)
+    history = EditHistory(lm, folder, lock=True)
     try:
         history.replay()
         kept = [fact for fact, ok in zip(candidates, answered(lm, candidates)) if ok]
@@ -157,15 +157,16 @@ def history_protect(model, folder, facts, n, tokens, settings_file, corpus, stat
 @click.argument("folder", type=click.Path(file_okay=False))
 def history_show(folder):
     """List the batches of the history in FOLDER (no model needed)."""
-    from ..edit import EditDelta
-    from ..edit.history import read_manifest
+    from ..edit.manifest import load_batch, read_manifest, stray_batch_files
 
     manifest = read_manifest(folder)
-    click.echo(f"history of {manifest.get('model')} (fingerprint {manifest.get('model_fingerprint')}): "
-               f"{len(manifest['batches'])} batch(es)")
+    click.echo(f"history of {manifest.model} (fingerprint {manifest.model_fingerprint}): "
+               f"{len(manifest.batches)} batch(es)")
+    for name in stray_batch_files(Path(folder), manifest.batches):
+        click.echo(f"note: ignoring {name}: the manifest does not name it (left by a write that was interrupted)")
     total = 0
-    for number, name in enumerate(manifest["batches"], 1):
-        delta = EditDelta.load(Path(folder) / name)
+    for number, entry in enumerate(manifest.batches, 1):
+        name, delta = entry.file, load_batch(Path(folder), entry)
         edits = len(delta.requests) if delta.method != "protect" else 0
         total += edits
         what = (f"protects {len(delta.requests)} fact(s)" if delta.method == "protect" else
@@ -187,5 +188,5 @@ def history_revert(folder, last):
     from ..edit.history import read_manifest, remove_last_batches
 
     removed = remove_last_batches(folder, last)
-    left = len(read_manifest(folder)["batches"])
+    left = len(read_manifest(folder).batches)
     click.echo(f"removed {', '.join(removed)}; {left} batch(es) left in {folder}")

@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from . import COUNT, CommandError, _cluster_options, _cluster_run, _model_options, main
+from ..cache_files import check_output_file, check_output_folder
+from . import COUNT, SEED, CommandError, _cluster_options, _cluster_run, _model_options, main, warnings_as_lines
 
 
 def _corruption_options(command):
@@ -23,6 +24,10 @@ def _corruption_options(command):
                              "known subject of the same token length (seeded)")(command)
 
 
+OCCURRENCE_HELP = ("which occurrence of the subject in the prompt is the subject, counted from 0 (default: the first "
+                   "that is a whole word, with a warning when the subject occurs more than once or only inside a word)")
+
+
 def _replacement_pool(facts) -> list[tuple[str, str]]:
     from ..data.known import load_known_facts
 
@@ -33,13 +38,14 @@ def _replacement_pool(facts) -> list[tuple[str, str]]:
 @_model_options
 @click.option("--prompt", "-p", required=True, help='e.g. "The Eiffel Tower is located in the city of"')
 @click.option("--subject", "-s", required=True, help="the subject as it occurs in the prompt")
+@click.option("--occurrence", type=click.IntRange(min=0), default=None, metavar="N", help=OCCURRENCE_HELP)
 @click.option("--kind", default="all", show_default=True,
               help="hidden, mlp, attn, hidden_no_mlp, hidden_no_attn, a comma list, or all (= hidden,mlp,attn)")
 @click.option("--sever", is_flag=True, help="also compute the severed kinds (hidden_no_mlp, hidden_no_attn)")
 @click.option("--noise", type=click.FloatRange(min=0), default=None, help="noise std (default: 3 x embedding std)")
 @click.option("--samples", type=COUNT, default=10, show_default=True)
 @click.option("--window", type=COUNT, default=10, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--answer", default=None, help="trace this answer's first token instead of the top prediction")
 @click.option("--facts", type=click.Path(dir_okay=False), default=None,
               help="--corrupt replace: the known-facts JSON whose subjects replace this one "
@@ -51,8 +57,8 @@ def _replacement_pool(facts) -> list[tuple[str, str]]:
 @click.option("--refine", type=COUNT, default=None, metavar="K",
               help="with --approx: compute the K cells the estimate ranks highest exactly, and report disagreements")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="trace-out", show_default=True)
-def trace(model, prompt, subject, kind, sever, noise, samples, window, seed, answer, corrupt, metric, facts,
-          approx, refine, out):
+def trace(model, prompt, subject, occurrence, kind, sever, noise, samples, window, seed, answer, corrupt, metric,
+          facts, approx, refine, out):
     """Causal tracing of one fact: heatmaps of where the model recalls it."""
     from ..trace.heatmap import expand_kinds, heatmap
     from ..trace.plot import plot_heatmap
@@ -67,9 +73,12 @@ def trace(model, prompt, subject, kind, sever, noise, samples, window, seed, ans
         from ..trace.atp import check_approx
 
         check_approx(approx, kinds)  # before the model loads
+    check_output_folder(Path(out), "write the heatmaps to")
     lm = model.load()
-    run = prepare(lm, prompt, subject, samples=samples, noise=noise, seed=seed, answer=answer, corrupt=corrupt,
-                  replacements=_replacement_pool(facts) if corrupt == "replace" else None, metric=metric)
+    with warnings_as_lines():
+        run = prepare(lm, prompt, subject, occurrence=occurrence, samples=samples, noise=noise, seed=seed,
+                      answer=answer, corrupt=corrupt,
+                      replacements=_replacement_pool(facts) if corrupt == "replace" else None, metric=metric)
     corruption = (f"noise std {run.noise_std:.4f}" if corrupt == "gaussian"
                   else f"subject replaced by {', '.join(repr(r) for r in run.replacements)}")
     scores = (f"p_clean {run.p_clean:.4f}  p_corrupt {run.p_corrupt:.4f}" if metric == "prob"
@@ -109,7 +118,7 @@ def trace(model, prompt, subject, kind, sever, noise, samples, window, seed, ans
               help="noise std (default: 3 x std of subject embeddings)")
 @click.option("--samples", type=COUNT, default=10, show_default=True)
 @click.option("--window", type=COUNT, default=10, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @_corruption_options
 @click.option("--approx", type=click.Choice(["atp"]), default=None,
               help="average attribution-patching estimates instead of exact restorations")
@@ -130,6 +139,7 @@ def trace_avg(model, facts, n, kind, noise, samples, window, seed, corrupt, metr
         from ..trace.heatmap import expand_kinds
 
         check_approx(approx, expand_kinds(kind))
+    check_output_folder(Path(out), "write the averages to")
     with _cluster_run(cluster, model) as run:  # connected (or refused) before the model loads
         lm = model.load()
         records = load_known_facts(facts)
@@ -149,9 +159,10 @@ def trace_avg(model, facts, n, kind, noise, samples, window, seed, corrupt, metr
                 on_fact.seen += 1
                 on_fact.wrong += not record["correct"]
             on_fact.seen = on_fact.wrong = 0
-            result = average_effects(lm, records, kind, n=n, samples=samples, window=window, seed=seed,
-                                     noise=noise, corrupt=corrupt, metric=metric, approx=approx or "",
-                                     out_dir=out, on_fact=on_fact, records=traced_by)
+            with warnings_as_lines():
+                result = average_effects(lm, records, kind, n=n, samples=samples, window=window, seed=seed,
+                                         noise=noise, corrupt=corrupt, metric=metric, approx=approx or "",
+                                         out_dir=out, on_fact=on_fact, records=traced_by)
     out_dir = Path(out)
     (out_dir / "average.json").write_text(json.dumps(result.to_dict(), indent=1))
     if result.n_correct == 0:
@@ -188,6 +199,8 @@ def trace_compare(runs, labels, n, stem):
     names = labels or [Path(run).name for run in runs]
     if len(set(names)) != len(names):
         raise CommandError(f"two runs share a name ({', '.join(names)}); name them with --label")
+    for path in (f"{stem}.md", f"{stem}.png", f"{stem}.svg"):
+        check_output_file(Path(path), "write the comparison to")
     results = {name: read_average(run, n) for name, run in zip(names, runs)}
     text = comparison_markdown(results)
     Path(f"{stem}.md").write_text(text + "\n")

@@ -1,8 +1,9 @@
 """Joining a Ray cluster, or starting a local one: Ray is imported here, on demand only.
 
 `auto` joins the cluster `ray start` left running on this machine (or $RAY_ADDRESS), else starts a
-local Ray that listens on 127.0.0.1 only. A HOST:PORT is probed with a plain TCP connect first, so
-that an unreachable address fails within seconds instead of leaving ray.init retrying for minutes.
+local Ray that listens on 127.0.0.1 only. A HOST:PORT is probed first (a connect, then one request to
+Ray's GCS, all within PROBE_SECONDS), so that an unreachable address, or one where something other
+than a Ray head listens, fails within seconds instead of leaving ray.init retrying for many seconds.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,44 +64,185 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 def probe(address: str, timeout: float = PROBE_SECONDS) -> None:
-    """A plain TCP connect to the address, then the opening of an HTTP/2 connection, which a Ray
-    head (its GCS, a gRPC server) answers at once: so that an unreachable address, or one where
-    something else listens, fails within `timeout` seconds with a clear message instead of leaving
-    ray.init retrying for minutes. (With TLS, $RAY_USE_TLS, only the connect is checked.)"""
+    """Check within `timeout` seconds in all that a Ray head listens at the address: a TCP connect,
+    then one gRPC request a Ray GCS answers at once (GetClusterId, see _gcs_verdict). So an
+    unreachable address, or one where another server listens (HTTP/2 or gRPC servers included), fails
+    with a clear message instead of leaving ray.init retrying. (With TLS, $RAY_USE_TLS, only the
+    connect is checked.)"""
     host, port = parse_address(address)
+    deadline = time.monotonic() + timeout
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", ""):
-                answered = _answers_http2(sock)
+                authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 in brackets
+                verdict = _gcs_verdict(sock, authority, deadline, timeout)
             else:
-                answered = True
+                verdict = None
     except OSError as err:
         reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
         raise ClusterError(f"cannot reach a Ray cluster at {address} ({reason} after at most {timeout:g} s); "
                            "start one there with `ray start --head`, check the address and firewall, or use "
                            "--cluster auto for a local one") from None
-    if not answered:
-        raise ClusterError(f"{address} answers, but not as a Ray head node; give the address `ray start --head` "
-                           "printed (HOST:6379 by default)")
+    if verdict is not None:
+        raise ClusterError(f"{address} answers, but not as a Ray head node ({verdict}); give the address "
+                           "`ray start --head` printed (HOST:6379 by default)")
 
 
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+GCS_PROBE_PATH = b"/ray.rpc.NodeInfoGcsService/GetClusterId"  # the first call of every Ray client
+_DATA, _HEADERS, _RST_STREAM, _SETTINGS, _GOAWAY = 0, 1, 3, 4, 7  # HTTP/2 frame types (RFC 9113)
+_END_STREAM, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x4, 0x8, 0x20
+_GRPC_UNIMPLEMENTED = 12
 
 
-def _answers_http2(sock: socket.socket) -> bool:
-    """Whether the server answers the HTTP/2 client preface with a SETTINGS frame (a 9-byte frame
-    header whose type byte is 4), as every gRPC server does first; the socket's timeout applies."""
-    sock.sendall(HTTP2_PREFACE)
-    header = b""
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _hpack_string(text: bytes) -> bytes:
+    """An HPACK string literal, not Huffman-coded: its length as a 7-bit-prefix integer, then the bytes."""
+    n, prefix = len(text), []
+    if n < 127:
+        return bytes([n]) + text
+    n -= 127
+    while n >= 128:
+        prefix.append(n % 128 + 128)
+        n //= 128
+    return bytes([127, *prefix, n]) + text
+
+
+def _gcs_request(authority: str) -> bytes:
+    """The HTTP/2 client preface, an empty SETTINGS frame and a gRPC call of GetClusterId (an empty
+    request message) on stream 1; header fields as HPACK literals without indexing (RFC 7541 6.2.2)."""
+    fields = ((b":method", b"POST"), (b":scheme", b"http"), (b":path", GCS_PROBE_PATH),
+              (b":authority", authority.encode()), (b"content-type", b"application/grpc"), (b"te", b"trailers"))
+    block = b"".join(b"\x00" + _hpack_string(name) + _hpack_string(value) for name, value in fields)
+    return (HTTP2_PREFACE + _frame(_SETTINGS, 0, 0, b"") + _frame(_HEADERS, _END_HEADERS, 1, block)
+            + _frame(_DATA, _END_STREAM, 1, b"\x00" + (0).to_bytes(4, "big")))
+
+
+def _receive(sock: socket.socket, n: int, deadline: float) -> bytes | None:
+    """Exactly n bytes, None if the server closes first; TimeoutError at the deadline."""
+    data = b""
+    while len(data) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def _unpad(payload: bytes, flags: int, kind: int) -> bytes:
+    """A DATA or HEADERS frame's content without its padding (and a HEADERS frame's priority fields)."""
+    pad = 0
+    if flags & _PADDED and payload:
+        pad, payload = payload[0], payload[1:]
+    if kind == _HEADERS and flags & _PRIORITY:
+        payload = payload[5:]
+    return payload[:len(payload) - pad]
+
+
+def _grpc_status(block: bytes) -> int | None:
+    """grpc-status of a header block, where it is written as a plain literal (as grpc-core, which Ray's
+    GCS is built on, writes it); None where it is not readable without a full HPACK decoder."""
+    at = block.find(b"\x0bgrpc-status")
+    rest = block[at + 12:] if at >= 0 else b""
+    if not rest or rest[0] & 0x80:  # absent, or Huffman-coded
+        return None
+    value = rest[1:1 + rest[0]]
+    return int(value) if value.isdigit() else None
+
+
+def _has_cluster_id(message: bytes) -> bool:
+    """Whether `message` is a protocol buffer with a non-empty bytes field 2: GetClusterIdReply's
+    cluster_id (field 1 is its status)."""
+    i, found = 0, False
+    while i < len(message):
+        key, i = _varint(message, i)
+        if key is None:
+            return False
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(message, i)
+            if value is None:
+                return False
+        elif wire == 2:
+            size, i = _varint(message, i)
+            if size is None or i + size > len(message):
+                return False
+            found = found or (field == 2 and size > 0)
+            i += size
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            return False
+    return found and i == len(message)
+
+
+def _varint(data: bytes, i: int) -> tuple[int | None, int]:
+    value, shift = 0, 0
+    while i < len(data) and shift < 64:
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        i += 1
+        if not byte & 0x80:
+            return value, i
+        shift += 7
+    return None, i
+
+
+def _gcs_verdict(sock: socket.socket, authority: str, deadline: float, timeout: float) -> str | None:
+    """None if the server answers GetClusterId as a Ray GCS does (a reply carrying a cluster id), or
+    refuses it as a gRPC server that has the method may (token authentication: the refusal's status
+    is left to ray.init to explain); otherwise why it is not a Ray head. A server that says nothing
+    (any HTTP/2 server that does not speak gRPC may just wait) fails at the deadline."""
+    message, status_line = b"", None
     try:
-        while len(header) < 9:
-            data = sock.recv(9 - len(header))
-            if not data:
-                break
-            header += data
+        sock.sendall(_gcs_request(authority))
+        while True:
+            header = _receive(sock, 9, deadline)
+            if header is None:
+                return "it closed the connection without a gRPC answer"
+            if int.from_bytes(header[:3], "big") > 1 << 20:  # e.g. "HTTP/1.1 400": not an HTTP/2 frame
+                return "it does not speak HTTP/2"
+            payload = _receive(sock, int.from_bytes(header[:3], "big"), deadline)
+            kind, flags, stream = header[3], header[4], int.from_bytes(header[5:9], "big") & 0x7FFFFFFF
+            if payload is None:
+                return "it closed the connection"
+            if kind == _GOAWAY:
+                return "it closed the HTTP/2 connection without answering"
+            if stream != 1:  # the server's SETTINGS, WINDOW_UPDATE, PING: not the answer
+                continue
+            if kind == _RST_STREAM:
+                return "it refused the gRPC request"
+            if kind == _HEADERS:
+                block = _unpad(payload, flags, kind)
+                if status_line is None:
+                    status_line = block[:1]
+                    if status_line != b"\x88":  # HPACK's static entry for ":status: 200", as gRPC answers
+                        return "an HTTP/2 server that is not a gRPC server"
+                if flags & _END_STREAM:  # a gRPC refusal without a reply
+                    if _grpc_status(block) == _GRPC_UNIMPLEMENTED:
+                        return "a gRPC server without Ray's GCS service"
+                    return None
+            elif kind == _DATA:
+                message += _unpad(payload, flags, kind)
+                if len(message) >= 5:
+                    size = int.from_bytes(message[1:5], "big")
+                    if message[0] != 0 or size > 1 << 16:
+                        return "its answer is not a Ray GCS reply"
+                    if len(message) >= 5 + size:
+                        return None if _has_cluster_id(message[5:5 + size]) else "its answer is not a Ray GCS reply"
+                if flags & _END_STREAM:
+                    return "its answer is not a Ray GCS reply"
     except TimeoutError:
-        return False
-    return len(header) == 9 and header[3] == 4
+        return f"no gRPC answer within {timeout:g} s" if status_line is None else "its answer stopped short"
+    except OSError as err:
+        return f"the connection failed: {err.strerror or err}"
 
 
 def running_cluster_address() -> str | None:

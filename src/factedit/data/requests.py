@@ -1,5 +1,5 @@
 """A file of edit requests for a batch: a JSON list whose items are either requests
-({"prompt", "subject", "target_new", optional "target_true"}, as an edit file stores them) or
+({"prompt", "subject", "target_new", optional "target_true" and "occurrence"}, as an edit file stores them) or
 CounterFact records (their requested_rewrite), so a slice of CounterFact can be applied as it is."""
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def _request(item, index: int, path: Path) -> EditRequest:
     # null, as EditRequest.to_dict writes an unknown current target, means the same as absent
     target_true = typed_field(item, "target_true", str, where, optional=True) \
         if item.get("target_true") is not None else None
+    occurrence = typed_field(item, "occurrence", int, where, optional=True) \
+        if item.get("occurrence") is not None else None
     try:
-        return EditRequest.create(fields["prompt"], fields["subject"], fields["target_new"], target_true)
+        return EditRequest.create(fields["prompt"], fields["subject"], fields["target_new"], target_true, occurrence)
     except PromptError as err:
         raise DatasetError(f"{where}: {err}") from None

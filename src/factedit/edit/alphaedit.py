@@ -37,6 +37,7 @@ from ..tokens import check_prompt_length
 from .delta import EditDelta
 from .memit import MassEditSettings, key_statistics_at, spread_over_layers
 from .prompts import prompt_batch, request_texts
+from ..settings import bounded, one_of
 
 NULL_SPACE_RULES = ("trace_share", "absolute")
 L2_RULES = ("key_energy", "absolute")
@@ -48,18 +49,18 @@ class AlphaEditSettings(MassEditSettings):
     # null_space_threshold of C's trace: a key of the statistics' text then has, on average, that share
     # of its energy where the update acts. "absolute": eigenvalues below null_space_threshold (the
     # reference's 2e-2, which keeps 70% of SmolLM2's directions and 20-75% of Gemma 3's).
-    null_space_rule: str = "trace_share"
-    null_space_threshold: float = 0.1  # one batch of 100 SmolLM2 edits: 0.05 writes ES 81, 0.1 ES 91 (docs/results.md 9.2)
+    null_space_rule: str = one_of("trace_share", NULL_SPACE_RULES)
+    null_space_threshold: float = bounded(0.1, above=0)  # one batch of 100 SmolLM2 edits: 0.05 writes ES 81, 0.1 ES 91 (docs/results.md 9.2)
     # "key_energy": l2 x the mean energy of a key of the statistics (trace of C), so that the penalty on
     # the update's size means the same on every model; "absolute": l2 as it is (reference: 10, which
     # is 0.33 x the key energy at SmolLM2's layer 5).
-    l2_rule: str = "key_energy"
-    l2: float = 0.3
+    l2_rule: str = one_of("key_energy", L2_RULES)
+    l2: float = bounded(0.3, above=0)  # the reduced system is singular without it (alphaedit_delta)
     # Weight of H (the preserved keys of earlier edits and protected facts) in the solve; the reference
     # weighs it 1, like the batch's own keys. How much H protects depends on its size beside l2: a
     # preserved key with energy e in the null space keeps about l2 / (l2 + w e) of the change it would
     # get otherwise (docs/results.md 9.2).
-    preserve_weight: float = 1.0
+    preserve_weight: float = bounded(1.0, at_least=0)
 
     @classmethod
     def defaults_for(cls, lm: LoadedModel, layer: int | None = None, **overrides) -> "AlphaEditSettings":

@@ -142,6 +142,8 @@ class EditDelta:
             raise EditFileError(f"{path} is not a valid .safetensors edit file: {err}") from err
         if metadata.get("format") != "factedit-edit":
             raise EditFileError(f"{path} is a safetensors file but not a factedit edit (no 'format' metadata)")
+        if not tensors:  # a real edit changes a weight or names keys to protect
+            raise EditFileError(f"{path} holds no tensors: it changes no weight; not an edit")
         fields = _read_metadata(metadata, str(path))
         changes: dict[str, dict[str, torch.Tensor]] = {}
         keys: dict[str, torch.Tensor] = {}
@@ -165,7 +167,7 @@ def _read_metadata(metadata: dict[str, str], source: str) -> dict:
     version = metadata.get("version")
     if version is None:
         raise EditFileError(f"{source}: no format version in the metadata; not a factedit edit file")
-    if not version.isdigit():
+    if not (version.isascii() and version.isdigit()):  # "٣".isdigit() is true too
         raise EditFileError(f"{source}: unknown format version {version!r}; this factedit reads version {FORMAT_VERSION}")
     if int(version) != FORMAT_VERSION:
         newer = " (written by a newer factedit?)" if int(version) > FORMAT_VERSION else ""
@@ -196,6 +198,11 @@ def _read_metadata(metadata: dict[str, str], source: str) -> dict:
         if not isinstance(request.get("target_true"), (str, type(None))):
             raise EditFileError(f"{source}: requests[{i}].target_true must be a string or null, "
                                 f"not {json_type(request['target_true'])}")
+        occurrence = request.get("occurrence")  # absent in files written before occurrences existed
+        if occurrence is not None and (isinstance(occurrence, bool) or not isinstance(occurrence, int)
+                                       or occurrence < 0):
+            raise EditFileError(f"{source}: requests[{i}].occurrence must be a whole number from 0 or null, "
+                                f"not {json_type(occurrence)} ({occurrence!r})")
     return fields
 
 
@@ -209,6 +216,36 @@ def _module(lm: LoadedModel, module_name: str) -> tuple[torch.nn.Module, bool]:
     if dims is None:
         raise EditFileError(f"{module_name} is not a linear layer")
     return module, not isinstance(module, torch.nn.Linear)
+
+
+# The largest change an edit may make to a weight matrix, relative to the matrix as it is (Frobenius
+# norms). Real edits stay far below it: the largest measured here is 2.3, a MEMIT batch of 100 edits
+# into Gemma 3's layer 1 after 200 earlier ones, when that layer was already collapsing
+# (docs/results.md 9.4). An edit file whose factors were scaled by 1e30 made every prediction uniform.
+MAX_RELATIVE_CHANGE = 100.0
+PROBE_TEXT = "The capital of France is"
+
+
+@torch.no_grad()
+def probe_logits(lm: LoadedModel) -> torch.Tensor:
+    """The model's logits (float64, on the CPU) at every position of a short fixed text: one forward."""
+    ids = torch.tensor([lm.tokenizer(PROBE_TEXT)["input_ids"]], device=lm.device)
+    return lm.model(input_ids=ids, use_cache=False).logits[0].double().cpu()
+
+
+def check_health(lm: LoadedModel, before: torch.Tensor, source: str) -> None:
+    """Refuse (EditFileError) a model whose probe logits (probe_logits) are no longer finite, or have
+    collapsed to a uniform prediction at some position where `before` (the same probe before the
+    change) was not uniform."""
+    after = probe_logits(lm)
+    if not torch.isfinite(after).all():
+        raise EditFileError(f"{source} makes the model's predictions NaN or infinite; refused (the model is as it "
+                            "was)")
+    spread_before = before.amax(-1) - before.amin(-1)
+    spread_after = after.amax(-1) - after.amin(-1)
+    if (spread_after < 1e-3 * spread_before).any():
+        raise EditFileError(f"{source} makes the model predict every token as equally likely (its logits "
+                            "collapse to one value); refused (the model is as it was)")
 
 
 class EditStack:
@@ -236,6 +273,12 @@ class EditStack:
             if got != shape:
                 raise EditFileError(f"{name}: the edit changes a {got[0]}x{got[1]} matrix, but the model's weight is "
                                     f"{shape[0]}x{shape[1]} (d_out x d_in); refusing to apply it")
+            weight_norm = read_weight(module).float().norm().item()
+            change_norm = delta.weight_change(name).norm().item()
+            if not change_norm <= MAX_RELATIVE_CHANGE * weight_norm:  # also catches an overflow to inf
+                raise EditFileError(f"{name}: the edit's change has {change_norm / weight_norm if weight_norm else float('inf'):.3g} times "
+                                    f"the norm of the weight it changes (at most {MAX_RELATIVE_CHANGE:g}); no "
+                                    "real edit is that large; refusing to apply it")
         for name, keys in delta.keys.items():
             module, transposed = _module(self.lm, name)
             d_in = module.weight.shape[0 if transposed else 1]
@@ -259,14 +302,23 @@ class EditStack:
             write_weight(module, value)
 
     @torch.no_grad()
-    def apply(self, delta: EditDelta) -> int:
-        """Apply an edit; returns its index for `revert`. A refused edit leaves the model unchanged."""
+    def apply(self, delta: EditDelta, *, probe: bool = False) -> int:
+        """Apply an edit; returns its index for `revert`. A refused edit leaves the model unchanged.
+        `probe=True` (for edit files from elsewhere) also refuses an edit after which the model's
+        predictions are non-finite or uniform (check_health), at the cost of two short forwards."""
         self.check(delta)
+        before = probe_logits(self.lm) if probe else None
         for name in delta.changes:  # the model is unedited in these modules, or as the applied edits left it
             if name not in self._originals:
                 self._originals[name] = read_weight(_module(self.lm, name)[0]).detach().clone()
         self._add(delta, check_finite=True)
         self.applied.append(delta)
+        if probe:
+            try:
+                check_health(self.lm, before, "the edit")
+            except EditFileError:
+                self.revert()
+                raise
         return len(self.applied) - 1
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 from ..hooks import Hook
 from ..models import LoadedModel
 from ..placement import read_weight
-from ..settings import JsonSettings
+from ..settings import JsonSettings, bounded
 from .delta import EditDelta
 from ..request import EditRequest, target_ids
 from .rome import edit_layer
@@ -28,10 +28,10 @@ from .rome import edit_layer
 
 @dataclass
 class FinetuneSettings(JsonSettings):
-    layer: int
-    steps: int = 25
-    lr: float = 5e-4
-    linf_constraint: float | None = None  # set for ft-l (the paper's FT+L used 5e-4 on GPT-2 XL)
+    layer: int = bounded(at_least=0)  # (its upper bound depends on the model: Method.check_settings)
+    steps: int = bounded(25, at_least=1)
+    lr: float = bounded(5e-4, above=0)
+    linf_constraint: float | None = bounded(None, above=0)  # set for ft-l (the paper's FT+L used 5e-4 on GPT-2 XL)
     linf_relative: bool = False  # True: eps = linf_constraint x the RMS of the edited matrix's entries
     layer_rule: str = ""
     preset: str = "default"

@@ -10,37 +10,58 @@ when reverted), with a manifest naming the model and the order. A history opened
 replays the saved batches onto the freshly loaded model (`replay`), which then has the same
 weights and the same preserved keys as the one that wrote them: a sequence continued tomorrow, or a
 run resumed after a kill, goes on exactly where it stopped.
+
+A history folder is shared and long-lived, so it is guarded (manifest.py says how it is checked):
+- one writer at a time: a batch is saved or removed only under the folder's lock (folder_lock.py),
+  after checking that the manifest is still the one this history read. Two processes that both
+  replayed batch N-1 can never both save batch N: the second is refused with a message, nothing of
+  the first is lost. `EditHistory(..., lock=True)` takes the lock at once (the command line and the
+  sequential runner do), so that the second writer is refused before it computes anything;
+- the manifest names only files the code writes (batch_NNNNN.safetensors in the folder, in order)
+  with each file's SHA-256, and every batch records its index: reordered, duplicated, swapped or
+  altered batches are refused instead of replayed;
+- a batch file the manifest does not name is the debris of a write interrupted between the batch
+  file and the manifest: it is ignored, and said so (`ignored`, and a HistoryWarning).
 """
 
 from __future__ import annotations
 
-import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from ..cache_files import write_atomic
-from ..errors import FacteditError
+from ..folder_lock import FolderLock
 from ..models import LoadedModel
-from .delta import EditDelta, EditStack
+from .delta import EditDelta, EditStack, check_health, probe_logits
+from .manifest import (LOCK_FILE, BatchEntry, HistoryError, HistoryWarning, Manifest, batch_entry, batch_file_name,
+                       load_batch, read_manifest, stray_batch_files, write_manifest)
 from .registry import edit
 
-MANIFEST = "history.json"
-
-
-class HistoryError(FacteditError, ValueError):
-    """A history folder that is malformed, belongs to another model, or is used out of order."""
+__all__ = ["EditHistory", "HistoryError", "HistoryWarning", "read_manifest", "remove_last_batches"]
 
 
 class EditHistory:
-    def __init__(self, lm: LoadedModel, folder: str | Path | None = None):
+    def __init__(self, lm: LoadedModel, folder: str | Path | None = None, *, lock: bool = False):
         """An empty history on `lm` (as it is now). With `folder`, batches already saved there are
-        found (see `replay`) and every batch applied from now on is saved there."""
+        found (see `replay`) and every batch applied from now on is saved there. `lock=True` takes the
+        folder's writer lock now (else at the first save or removal) and refuses a folder another
+        process is writing."""
         self.lm = lm
         self.stack = EditStack(lm)
         self.folder = Path(folder) if folder is not None else None
-        self._saved: list[str] = self._read_manifest() if self.folder is not None else []
+        self._lock = FolderLock(self.folder, LOCK_FILE, "history folder") if self.folder is not None else None
+        self._saved: list[BatchEntry] = []
+        self.ignored: list[str] = []  # batch files the manifest does not name (debris of an interrupted write)
+        if self.folder is not None:
+            if lock:
+                self._lock.acquire()
+            try:
+                self._open()
+            except BaseException:
+                self._lock.release()
+                raise
 
     # ------------------------------------------------------------------ the batches
     @property
@@ -59,24 +80,27 @@ class EditHistory:
     @property
     def saved_files(self) -> list[Path]:
         """The folder's batch files, oldest first (none without a folder)."""
-        return [self.folder / name for name in self._saved] if self.folder is not None else []
+        return [self.folder / entry.file for entry in self._saved] if self.folder is not None else []
 
     def apply(self, delta: EditDelta) -> None:
         """Apply one more batch (saved to the folder, if any). Refused while saved batches wait to be
-        replayed: a new batch belongs after them."""
+        replayed (a new batch belongs after them), and when another process holds the folder or has
+        changed it since this history read it."""
         if self.pending:
             raise HistoryError(f"{self.folder} holds {self.pending} saved batch(es) not replayed yet; replay them "
                                "before adding another")
+        if self.folder is not None:
+            self._check_writable()
         self.stack.apply(delta)
         if self.folder is not None:
-            name = f"batch_{len(self) - 1:05d}.safetensors"
+            index = len(self) - 1
+            delta.info["history_index"] = index  # a batch file knows its place: a swapped file is refused
             try:
-                delta.save(self.folder / name)
-                self._write_manifest(self._saved + [name])
+                path = delta.save(self.folder / batch_file_name(index))
+                self._saved = self._write(self._saved + [batch_entry(path, index)])
             except BaseException:
                 self.stack.revert()  # nothing half-done: the model and the folder agree
                 raise
-            self._saved.append(name)
 
     def edit(self, requests, method: str = "rome", settings=None, *, cache_dir: Path | None = None,
              progress=None) -> tuple[EditDelta, list[dict]]:
@@ -92,26 +116,55 @@ class EditHistory:
         return delta, diagnostics
 
     def replay(self, count: int | None = None) -> int:
-        """Apply the next `count` saved batches (all by default) from the folder; returns how many."""
+        """Apply the next `count` saved batches (all by default) from the folder; returns how many.
+        Each file is checked against the manifest (name, index, SHA-256) before it is applied, and
+        the model must still give finite, non-uniform predictions afterwards; a batch that fails
+        leaves the model as it was before this call."""
         todo = self.pending if count is None else min(count, self.pending)
-        for name in self._saved[len(self):len(self) + todo]:
-            self.stack.apply(EditDelta.load(self.folder / name))
+        if not todo:
+            return 0
+        before = probe_logits(self.lm)
+        applied = 0
+        try:
+            for entry in self._saved[len(self):len(self) + todo]:
+                self.stack.apply(load_batch(self.folder, entry))
+                applied += 1
+            check_health(self.lm, before, f"the history {self.folder}")
+        except BaseException:
+            for _ in range(applied):
+                self.stack.revert()
+            raise
         return todo
 
     def revert(self) -> EditDelta:
         """Undo the last batch; its keys leave the preserved keys with it (and its file the folder)."""
         if self.pending:
             raise HistoryError("cannot revert while saved batches wait to be replayed")
-        removed = self.stack.revert()
+        if not self.stack.applied:
+            raise HistoryError("no batch to revert")
         if self.folder is not None:
-            name = self._saved.pop()
-            self._write_manifest(self._saved)
-            (self.folder / name).unlink(missing_ok=True)
-        return removed
+            self._check_writable()
+            entry = self._saved[-1]
+            self._saved = self._write(self._saved[:-1])  # the manifest first: a kill in between leaves debris
+            (self.folder / entry.file).unlink(missing_ok=True)
+        return self.stack.revert()
 
     def release(self) -> None:
-        """Restore the model's weights; the folder keeps the saved batches (open it again to go on)."""
+        """Restore the model's weights and let other processes write the folder; the folder keeps the
+        saved batches (open it again to go on)."""
         self.stack.revert_all()
+        if self._lock is not None:
+            self._lock.release()
+
+    def close(self) -> None:
+        """The same as `release`."""
+        self.release()
+
+    def __enter__(self) -> "EditHistory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     # ------------------------------------------------------------------ what later edits preserve
     def key_modules(self) -> set[str]:
@@ -131,66 +184,56 @@ class EditHistory:
         return keys @ keys.T
 
     # ------------------------------------------------------------------ the folder
-    def _read_manifest(self) -> list[str]:
-        if not (self.folder / MANIFEST).exists():
-            if self.folder.exists() and any(self.folder.glob("*.safetensors")):
-                raise HistoryError(f"{self.folder} holds edit files but no {MANIFEST}; not a history folder")
-            return []
-        manifest = read_manifest(self.folder)
-        if manifest.get("model_fingerprint") != self.lm.fingerprint:
-            raise HistoryError(f"{self.folder} holds a history of edits made for model {manifest.get('model')} "
-                               f"(fingerprint {manifest.get('model_fingerprint')}), not {self.lm.name} "
+    def _open(self) -> None:
+        manifest = read_manifest(self.folder, missing_ok=True)
+        if manifest is not None and manifest.model_fingerprint != self.lm.fingerprint:
+            raise HistoryError(f"{self.folder} holds a history of edits made for model {manifest.model} "
+                               f"(fingerprint {manifest.model_fingerprint}), not {self.lm.name} "
                                f"({self.lm.fingerprint}); refusing to continue it")
-        return list(manifest["batches"])
+        self._saved = list(manifest.batches) if manifest is not None else []
+        self.ignored = stray_batch_files(self.folder, self._saved)
+        if self.ignored:
+            warnings.warn(HistoryWarning(
+                f"{self.folder}: ignoring {', '.join(self.ignored)}, not named in the manifest (left by a write "
+                "that was interrupted before the manifest named it)"), stacklevel=3)
 
-    def _write_manifest(self, batches: list[str]) -> None:
-        _write_manifest(self.folder, self.lm.name, self.lm.fingerprint, batches)
+    def _check_writable(self) -> None:
+        """Take the folder's lock and make sure the manifest is still the one this history read."""
+        self._lock.acquire()
+        on_disk = read_manifest(self.folder, missing_ok=True)
+        if (on_disk.batches if on_disk is not None else []) != self._saved:
+            count = len(on_disk.batches) if on_disk is not None else 0
+            raise HistoryError(f"{self.folder} was changed by another process since this history read it (it "
+                               f"now holds {count} batch(es), not {len(self._saved)}); open it again to go on "
+                               "from what it holds now")
+
+    def _write(self, batches: list[BatchEntry]) -> list[BatchEntry]:
+        return write_manifest(self.folder, Manifest(self.lm.name, self.lm.fingerprint, batches)).batches
 
     @classmethod
-    def load(cls, lm: LoadedModel, folder: str | Path) -> "EditHistory":
+    def load(cls, lm: LoadedModel, folder: str | Path, *, lock: bool = False) -> "EditHistory":
         """The history saved in `folder`, replayed onto `lm`; batches applied later are saved there too."""
         read_manifest(folder)  # refuses a folder that is not a history, before touching the model
-        history = cls(lm, folder)
-        history.replay()
+        history = cls(lm, folder, lock=lock)
+        try:
+            history.replay()
+        except BaseException:
+            history.release()
+            raise
         return history
-
-
-def read_manifest(folder: str | Path) -> dict:
-    """The manifest of the history in `folder` ({"model", "model_fingerprint", "batches": file names,
-    oldest first}), checked to be one and to name only files that are there; no model needed."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise HistoryError(f"{folder} is not a history folder (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise HistoryError(f"{path} is not a readable history manifest: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "factedit-history" \
-            or not isinstance(manifest.get("batches"), list):
-        raise HistoryError(f"{path} is not a factedit history manifest")
-    missing = [name for name in manifest["batches"] if not (Path(folder) / name).is_file()]
-    if missing:
-        raise HistoryError(f"{folder}: the manifest names {len(missing)} batch file(s) that are missing "
-                           f"(first: {missing[0]})")
-    return manifest
 
 
 def remove_last_batches(folder: str | Path, count: int) -> list[str]:
     """Drop the last `count` batches of the history saved in `folder` (the manifest first, then their
-    files), without loading the model; returns the removed file names. A model that replays the
-    folder afterwards has the weights it had before those batches."""
-    manifest = read_manifest(folder)
-    batches = manifest["batches"]
-    if not 1 <= count <= len(batches):
-        raise HistoryError(f"{folder} holds {len(batches)} batch(es); cannot remove the last {count}")
-    kept, removed = batches[:len(batches) - count], batches[len(batches) - count:]
-    _write_manifest(Path(folder), manifest.get("model"), manifest.get("model_fingerprint"), kept)
-    for name in removed:  # after the manifest: a kill in between leaves stray files, never a broken history
-        (Path(folder) / name).unlink(missing_ok=True)
-    return removed
-
-
-def _write_manifest(folder: Path, model: str, fingerprint: str, batches: list[str]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = {"format": "factedit-history", "model": model, "model_fingerprint": fingerprint, "batches": batches}
-    write_atomic(folder / MANIFEST, lambda partial: partial.write_text(json.dumps(manifest, indent=1)))
+    files), under the folder's lock, without loading the model; returns the removed file names. A
+    model that replays the folder afterwards has the weights it had before those batches."""
+    with FolderLock(folder, LOCK_FILE, "history folder"):
+        manifest = read_manifest(folder)
+        batches = manifest.batches
+        if not 1 <= count <= len(batches):
+            raise HistoryError(f"{folder} holds {len(batches)} batch(es); cannot remove the last {count}")
+        kept, removed = batches[:len(batches) - count], batches[len(batches) - count:]
+        write_manifest(Path(folder), Manifest(manifest.model, manifest.model_fingerprint, kept))
+        for entry in removed:  # after the manifest: a kill in between leaves debris, never a broken history
+            (Path(folder) / entry.file).unlink(missing_ok=True)
+    return [entry.file for entry in removed]

@@ -29,24 +29,25 @@ from ..errors import InputError
 from ..hooks import Hook
 from ..models import LoadedModel
 from ..placement import read_weight
-from ..settings import JsonSettings
+from ..settings import JsonSettings, bounded
 from .delta import EditDelta
 from ..request import EditRequest, target_ids
 
 
 @dataclass
 class KnSettings(JsonSettings):
-    ig_steps: int = 20
-    threshold: float = 0.2  # keep neurons with attribution > threshold x max
-    max_neurons: int = 20
-    scale: float = 2.0
+    ig_steps: int = bounded(20, at_least=1)
+    # keep neurons with attribution > threshold x max (1 or more would keep none)
+    threshold: float = bounded(0.2, at_least=0, below=1)
+    max_neurons: int = bounded(20, at_least=1)
+    scale: float = bounded(2.0, above=0)  # 0 changes nothing; below 0 would write the old object back
     # The reference rule adds the change whatever the sign of the neuron's activation: right for
     # GPT-2's GELU neurons (almost never negative), backwards for a gated MLP's negative ones, which
     # then push towards the old object. True: multiply by the sign of the activation at the prompt.
     follow_activation_sign: bool = True
     # True: divide each neuron's change by |its activation at the prompt| (scale-aware, see above).
     per_unit_activation: bool = True
-    layers: list[int] | None = None  # None: every layer
+    layers: list[int] | None = bounded(None, at_least=0)  # None: every layer
     preset: str = "default"
 
     @classmethod

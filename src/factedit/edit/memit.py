@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +33,7 @@ from ..request import EditRequest
 from .prompts import io_at_subject
 from .rome import context_templates, edit_layer, statistics_corpus
 from .value import ValueSettings, compute_value_deltas
+from ..settings import bounded
 
 
 GPTJ_D_MLP = 16384  # the MLP width of GPT-J, where MEMIT's lambda = 15,000 was tuned
@@ -44,10 +45,12 @@ class MassEditSettings(ValueSettings, StatisticsSettings):
     the targets' value optimisation (ValueSettings, with MEMIT's clamp and prefixes), the statistics
     (StatisticsSettings) and the layers."""
 
-    layers: list[int]
-    clamp_norm_factor: float = 0.75
-    prefix_lengths: list[list[int]] = field(default_factory=lambda: [[10, 5]])  # [tokens, count]
-    batch_requests: int = 16  # requests whose targets are optimised together (same result, faster)
+    layers: list[int] = bounded(at_least=0)  # (their upper bound depends on the model: Method.check_settings)
+    # Redeclared fields replace the base's, range included: each states its range again.
+    clamp_norm_factor: float = bounded(0.75, above=0)
+    prefix_lengths: list[list[int]] = bounded(default_factory=lambda: [[10, 5]], at_least=1,
+                                              item_length=2)  # [tokens, count]
+    batch_requests: int = bounded(16, at_least=1)  # requests whose targets are optimised together (same result, faster)
     layer_rule: str = ""
     preset: str = "default"
 
@@ -63,7 +66,7 @@ class MassEditSettings(ValueSettings, StatisticsSettings):
 
 @dataclass(kw_only=True)
 class MemitSettings(MassEditSettings):
-    mom2_update_weight: float = 15000.0  # lambda: weight of the existing keys' statistics (see defaults_for)
+    mom2_update_weight: float = bounded(15000.0, above=0)  # lambda: weight of the existing keys' statistics (see defaults_for)
 
     @classmethod
     def defaults_for(cls, lm: LoadedModel, layer: int | None = None, **overrides) -> "MemitSettings":

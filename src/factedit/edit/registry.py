@@ -12,7 +12,7 @@ from typing import Callable
 from ..errors import InputError
 from ..models import LoadedModel
 from ..progress import OPTIMISATION, Phases, start_phase
-from ..settings import JsonSettings, SettingsError
+from ..settings import JsonSettings, SettingsError, check_settings_values
 from ..tokens import check_prompt_length
 from .delta import EditDelta, EditStack
 from . import alphaedit, kn, memit, rome
@@ -63,30 +63,42 @@ class Method:
             overrides["preset"] = preset
         return self.defaults(lm, layer, **overrides)
 
-    def load_settings(self, lm: LoadedModel, path: str | Path):
-        """Settings from a JSON file (as `save` writes them), with types, layers and choices checked."""
+    def read_settings(self, path: str | Path):
+        """Settings from a JSON file (as `save` writes them), with all checked that needs no model:
+        types, ranges, choices (the CLI reads a settings file before it loads the model)."""
         settings = self.settings_type.load(path)
+        self.check_fields(settings, source=path)
+        return settings
+
+    def load_settings(self, lm: LoadedModel, path: str | Path):
+        """Settings from a JSON file (as `save` writes them), with types, ranges, layers and choices checked."""
+        settings = self.read_settings(path)
         self.check_settings(lm, settings, source=path)
         return settings
 
-    def check_settings(self, lm: LoadedModel, settings, source: str | Path | None = None) -> None:
-        """A SettingsError if `settings` do not fit this method on `lm`: a layer the model lacks, an
-        empty list of layers, a field outside its choices."""
+    def check_fields(self, settings, source: str | Path | None = None) -> None:
+        """A SettingsError if a field of `settings` is outside its range or choices, or those of this
+        method (e.g. rome's key_mode), or a list of layers is empty: all but the model's layer count."""
         where = f"{source}: " if source is not None else ""
-        layers = [settings.layer] if hasattr(settings, "layer") else []
-        if getattr(settings, "layers", None) is not None:
-            if not settings.layers:
-                raise SettingsError(f"{where}layers is empty; give at least one layer (or null where allowed)")
-            layers += settings.layers
-        for layer in layers:
-            if not 0 <= layer < lm.n_layers:
-                raise SettingsError(f"{where}layer {layer} out of range: the model has {lm.n_layers} layers "
-                                    f"(0..{lm.n_layers - 1})")
+        check_settings_values(settings, source)  # again: a field may have changed since the settings were made
+        if getattr(settings, "layers", None) is not None and not settings.layers:
+            raise SettingsError(f"{where}layers is empty; give at least one layer (or null where allowed)")
         for name, allowed in self.choices.items():
             value = getattr(settings, name)
             if value not in allowed:
                 raise SettingsError(f"{where}{name} must be {' or '.join(map(repr, allowed))} for method "
                                     f"{self.name}, not {value!r}")
+
+    def check_settings(self, lm: LoadedModel, settings, source: str | Path | None = None) -> None:
+        """A SettingsError if `settings` do not fit this method on `lm`: check_fields, and a layer the
+        model lacks."""
+        where = f"{source}: " if source is not None else ""
+        self.check_fields(settings, source)
+        layers = ([settings.layer] if hasattr(settings, "layer") else []) + (getattr(settings, "layers", None) or [])
+        for layer in layers:
+            if not 0 <= layer < lm.n_layers:
+                raise SettingsError(f"{where}layer {layer} out of range: the model has {lm.n_layers} layers "
+                                    f"(0..{lm.n_layers - 1})")
 
     def preset_names(self) -> list[str]:
         return [DEFAULT_PRESET, *self.presets]

@@ -28,7 +28,7 @@ import torch
 
 from ..cache_files import read_cached, write_atomic
 from ..errors import InputError
-from ..models import LoadedModel, cache_root
+from ..models import LoadedModel, cache_root, check_seed
 from ..progress import PREFIXES, Phases, start_phase
 from ..stats import Corpus, StatisticsSettings, corpus_from, model_sampled_corpus, second_moment
 from .delta import EditDelta
@@ -36,6 +36,10 @@ from .mlp_change import response_clamp
 from .prompts import io_at_subject
 from ..request import EditRequest
 from .value import ValueSettings, compute_value_delta
+from ..settings import bounded, one_of
+
+
+KEY_MODES = ("consistent", "original")
 
 
 @dataclass(kw_only=True)
@@ -43,9 +47,9 @@ class RomeSettings(ValueSettings, StatisticsSettings):
     """ROME's settings: the value optimisation's (ValueSettings; the norm clamp derived per model, see
     defaults_for), the statistics' (StatisticsSettings), and the solve's."""
 
-    layer: int
-    key_mode: str = "consistent"  # "consistent" (rome) or "original" (rome-original)
-    ridge: float = 1e-4  # added to C's diagonal, relative to its mean diagonal (conditioning)
+    layer: int = bounded(at_least=0)  # (its upper bound depends on the model: Method.check_settings)
+    key_mode: str = one_of("consistent", KEY_MODES)  # "consistent" (rome) or "original" (rome-original)
+    ridge: float = bounded(1e-4, at_least=0)  # added to C's diagonal, relative to its mean diagonal (conditioning)
     # True: the value step adds to each prompt the share of the change that the rank-one update will
     # give it (update_shares), so it optimises what the edit will do; False: the same change at every
     # prompt, as the reference (whose update then reaches prompts whose keys differ only in part).
@@ -107,14 +111,18 @@ def context_templates(lm: LoadedModel, settings: RomeSettings, cache_dir: Path |
     sampling is phase progress.PREFIXES, counted in tokens."""
     from ..generate import sample_texts, sampled_tokens
 
+    check_seed(settings.prefix_seed, "prefix_seed")
+    starts = ["The", "Therefore", "Because", "I", "You"]
     spec = "-".join(f"{n}x{length}" for length, n in settings.prefix_lengths)
     if settings.prefix_context:
         spec += "_after-" + hashlib.sha256(settings.prefix_context.encode()).hexdigest()[:8]
     path = cache_root(cache_dir) / "prefixes" / f"{lm.fingerprint}_seed{settings.prefix_seed}_{spec}.json"
     cached = read_cached(path, lambda p: json.loads(p.read_text()))
-    if isinstance(cached, list) and all(isinstance(t, str) and "{}" in t for t in cached):
+    # What this function writes: "{}" first, then one template per sampled text, each with one "{}".
+    expected = 1 + sum(max(1, count // len(starts)) * len(starts) for _, count in settings.prefix_lengths)
+    if isinstance(cached, list) and len(cached) == expected and cached[0] == "{}" \
+            and all(isinstance(t, str) and t.count("{}") == 1 for t in cached):
         return cached
-    starts = ["The", "Therefore", "Because", "I", "You"]
     total = sum(sampled_tokens(lm, starts, max(1, count // len(starts)), length, settings.prefix_context)
                 for length, count in settings.prefix_lengths)
     step = start_phase(progress, PREFIXES, total, "tok")

@@ -23,9 +23,16 @@ import torch
 from ..errors import InputError
 from ..hooks import Hook, Hooks
 from ..kv_cache import forward_kwargs, output_cache
-from ..models import LoadedModel
+from ..models import SEED_MAX, LoadedModel
 from ..request import EditRequest, target_ids
-from ..settings import JsonSettings
+from ..settings import JsonSettings, bounded, one_of
+
+# What the early stop compares with early_stop_loss. "total" is the reference's: the whole objective,
+# whose weight-decay term grows with the size of delta (0.5 ||delta|| / ||v||^2, about 0.04 for an
+# edit that needs 3 x the value's norm), so that an edit needing a large change may never get below
+# 0.05 however well it predicts the target. "nll" compares the prediction part alone (the target's
+# mean negative log-likelihood over the prompts), which is what convergence should mean.
+EARLY_STOP_CRITERIA = ("nll", "total")
 
 
 @dataclass(kw_only=True)
@@ -33,19 +40,21 @@ class ValueSettings(JsonSettings):
     """The value optimisation's settings, one set for every editor that optimises a value (ROME's v*,
     MEMIT's and AlphaEdit's targets z). Editors derive from it and may change the defaults."""
 
-    v_lr: float = 0.5
+    v_lr: float = bounded(0.5, above=0)
     # The optimisation runs until its loss is below early_stop_loss, for at most v_steps steps. The
     # reference's 20-25 (tuned for GPT-2 XL and GPT-J) leave many zsRE and some CounterFact edits
     # unconverged on the small models here; see benchmarks/convergence.py and the "paper" presets.
-    v_steps: int = 100
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0  # ||delta|| <= clamp_norm_factor x ||value||
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 0.05
-    early_stop_on: str = "nll"  # "nll": the target's NLL; "total": the whole objective (reference; see below)
+    v_steps: int = bounded(100, at_least=1)
+    v_weight_decay: float = bounded(0.5, at_least=0)
+    clamp_norm_factor: float = bounded(4.0, above=0)  # ||delta|| <= clamp_norm_factor x ||value||
+    kl_factor: float = bounded(0.0625, at_least=0)
+    early_stop_loss: float = bounded(0.05, at_least=0)
+    # "nll": the target's NLL; "total": the whole objective (reference; see EARLY_STOP_CRITERIA)
+    early_stop_on: str = one_of("nll", EARLY_STOP_CRITERIA)
     essence_prompt: str = "{} is a"
-    prefix_lengths: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])  # [tokens, count]
-    prefix_seed: int = 0
+    # [tokens, count] pairs
+    prefix_lengths: list[list[int]] = bounded(default_factory=lambda: [[5, 10], [10, 10]], at_least=1, item_length=2)
+    prefix_seed: int = bounded(0, at_least=0, at_most=SEED_MAX)
     # Text the prefixes are sampled after when the tokenizer adds no start-of-text token (see
     # generate.sample_texts); "" samples from the bare start word, as the reference did.
     prefix_context: str = "\n"
@@ -72,13 +81,6 @@ class ValueResult:
                 "final_nll": self.nlls[-1] if self.nlls else None, "converged": self.converged,
                 "losses": self.losses, "delta_norm": float(self.delta.norm())}
 
-
-# What the early stop compares with early_stop_loss. "total" is the reference's: the whole objective,
-# whose weight-decay term grows with the size of delta (0.5 ||delta|| / ||v||^2, about 0.04 for an
-# edit that needs 3 x the value's norm), so that an edit needing a large change may never get below
-# 0.05 however well it predicts the target. "nll" compares the prediction part alone (the target's
-# mean negative log-likelihood over the prompts), which is what convergence should mean.
-EARLY_STOP_CRITERIA = ("nll", "total")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..cache_files import file_digest
+from ..cache_files import file_digest, write_atomic
 from ..edit import EditStack, edit, get_method
 from ..errors import InputError
 from ..models import LoadedModel
@@ -97,7 +97,8 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
         differ = _differences(previous, run_info)
         if differ:
             raise InputError(f"{out} holds a run with other settings ({'; '.join(differ)}); use another --out")
-    info_path.write_text(json.dumps(run_info, indent=1))
+    # Atomically: a settings.json cut off by a kill would stop every resume of the run.
+    write_atomic(info_path, lambda partial: partial.write_text(json.dumps(run_info, indent=1)))
 
     if sequential:
         run_sequential(lm, method, ds, records, out, edits_per_batch=edits_per_batch, settings=settings,

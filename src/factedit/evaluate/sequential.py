@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from ..cache_files import append_jsonl, read_jsonl
 from ..data.known import KnownFact
 from ..edit.history import EditHistory
 from ..errors import InputError
@@ -33,24 +34,22 @@ POINTS_FILE = "lifelong.jsonl"
 
 
 def read_points(out: Path) -> dict[int, LifelongPoint]:
-    """The measurements of a run so far, by batch (an unfinished last line, from a kill, is ignored)."""
-    path = Path(out) / POINTS_FILE
+    """The measurements of a run so far, by batch. A line cut off by a kill, or not a measurement, is
+    skipped (cache_files.read_jsonl reports it): that batch is measured again on resuming."""
     points = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                point = LifelongPoint.from_dict(json.loads(line))
-            except (json.JSONDecodeError, TypeError):
-                continue
-            points[point.batch] = point
+    for record in read_jsonl(Path(out) / POINTS_FILE):
+        try:
+            point = LifelongPoint.from_dict(record)
+        except TypeError:  # not an object, or other fields
+            continue
+        points[point.batch] = point
     return points
 
 
 def _append_point(out: Path, point: LifelongPoint) -> None:
     from dataclasses import asdict
 
-    with (out / POINTS_FILE).open("a") as f:
-        f.write(json.dumps(asdict(point)) + "\n")
+    append_jsonl(out / POINTS_FILE, asdict(point))  # on a line of its own, even after a cut-off one
 
 
 def _unedited_scores(lm, ds: Dataset, record, out: Path) -> dict:
@@ -73,27 +72,27 @@ def run_sequential(lm, method: str, ds: Dataset, records: list, out: Path, *, ed
     last. The model is restored at the end (also after an error)."""
     batches = chunks(records, edits_per_batch)
     points = read_points(out)
-    history = EditHistory(lm, out / "history")
-    if history.pending > len(batches):
-        raise InputError(f"{out / 'history'} holds {history.pending} batches, more than the {len(batches)} of this "
-                         "run; use another --out")
-
-    def finish() -> list[LifelongPoint]:
-        ordered = [points[b] for b in sorted(points)]
-        plot_lifelong({method: ordered}, out / "lifelong")
-        return ordered
-
-    measured = {0} | {n for n in range(1, len(batches) + 1) if n % measure_every == 0 or n == len(batches)}
-    if history.pending == len(batches) and measured <= set(points) and scored_after_all(out, records):
-        if progress:  # a finished run, e.g. killed before its summary was written: nothing to replay
-            progress(len(records))
-        return finish()
-    # A batch with any case file missing is scored again whole (a kill can stop it midway).
-    pending = [r for batch in batches if any(not case_path(out, r).exists() for r in batch) for r in batch]
-    pre = {r.case_id: _unedited_scores(lm, ds, r, out) for r in pending}  # all on the unedited model
-    references = {r.case_id: references_for(lm, ds, r, generation, tokens) for r in pending}
-    probe = LifelongProbe(lm, [r.request for r in records], held_out=held_out, known=known)
+    history = EditHistory(lm, out / "history", lock=True)  # one run per folder: a second one is refused
     try:
+        if history.pending > len(batches):
+            raise InputError(f"{out / 'history'} holds {history.pending} batches, more than the {len(batches)} "
+                             "of this run; use another --out")
+
+        def finish() -> list[LifelongPoint]:
+            ordered = [points[b] for b in sorted(points)]
+            plot_lifelong({method: ordered}, out / "lifelong")
+            return ordered
+
+        measured = {0} | {n for n in range(1, len(batches) + 1) if n % measure_every == 0 or n == len(batches)}
+        if history.pending == len(batches) and measured <= set(points) and scored_after_all(out, records):
+            if progress:  # a finished run, e.g. killed before its summary was written: nothing to replay
+                progress(len(records))
+            return finish()
+        # A batch with any case file missing is scored again whole (a kill can stop it midway).
+        pending = [r for batch in batches if any(not case_path(out, r).exists() for r in batch) for r in batch]
+        pre = {r.case_id: _unedited_scores(lm, ds, r, out) for r in pending}  # all on the unedited model
+        references = {r.case_id: references_for(lm, ds, r, generation, tokens) for r in pending}
+        probe = LifelongProbe(lm, [r.request for r in records], held_out=held_out, known=known)
         if 0 not in points:
             points[0] = probe.measure(history, 0, [])
             _append_point(out, points[0])
@@ -120,9 +119,9 @@ def run_sequential(lm, method: str, ds: Dataset, records: list, out: Path, *, ed
             if progress:
                 progress(len(batch))
         score_after_all(lm, ds, out, records)
+        return finish()
     finally:
         history.release()
-    return finish()
 
 
 def lifelong_table(runs: dict[str, list[LifelongPoint]]) -> str:

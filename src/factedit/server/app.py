@@ -1,4 +1,5 @@
-"""FastAPI application: a JSON API under /api (documented at /docs) and the page at /."""
+"""FastAPI application: a JSON API under /api (documented at /docs) and the page at /. Who may use
+it is access.py's business; its middleware runs before anything else."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from ..errors import FacteditError
 from ..tokens import PromptError, check_prompt_length, prompt_token_limit, tokenize_prompt
 from ..trace.atp import check_approx
 from ..trace.heatmap import expand_kinds
-from .workbench import Workbench
+from .access import Access
+from .workbench import Busy, Workbench
 
 MAX_BODY_BYTES = 64 * 1024  # JSON requests
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # edit files (a ROME edit of a small model is a few KB)
@@ -47,8 +49,11 @@ class PromptIn(BaseModel):
     max_new: int = Field(20, ge=1, le=100)
 
 
-def create_app(bench: Workbench) -> FastAPI:
+def create_app(bench: Workbench, access: Access | None = None) -> FastAPI:
+    """The workbench's app; `access` says who may use it (default: loopback and same-origin, no token)."""
+    access = access or Access()
     app = FastAPI(title="factedit workbench", description="Trace, edit and compare a model's facts.")
+    page_html = resources.files("factedit.server").joinpath("static/index.html").read_text()
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -58,17 +63,35 @@ def create_app(bench: Workbench) -> FastAPI:
             return JSONResponse({"detail": f"request too large: {length} bytes, at most {limit}"}, status_code=413)
         return await call_next(request)
 
+    @app.middleware("http")  # added last, so it runs first: nothing is read before access is checked
+    async def check_access(request: Request, call_next):
+        refusal = access.refusal(request)
+        if refusal is not None:
+            return refusal
+        response = await call_next(request)
+        offered = request.query_params.get("token")
+        if offered and access.is_token(offered):  # the page's own later requests carry it from now on
+            response.set_cookie(access.cookie_name(request), offered, httponly=True, samesite="strict",
+                                secure=request.url.scheme == "https")
+        return response
+
     @app.exception_handler(FacteditError)
     async def user_error(request: Request, err: FacteditError):
         # Only user errors; any other exception is a bug and becomes a 500 (with its traceback logged).
         return JSONResponse({"detail": str(err)}, status_code=400)
 
+    @app.exception_handler(Busy)
+    async def busy(request: Request, err: Busy):
+        return JSONResponse({"detail": str(err)}, status_code=503, headers={"Retry-After": str(err.retry_after)})
+
+    # The cheap reads are `async def`: they run on the event loop, never wait for the model lock and
+    # need no worker thread, so they answer at once however many requests wait for the model.
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page():
-        return resources.files("factedit.server").joinpath("static/index.html").read_text()
+    async def page():
+        return page_html
 
     @app.get("/api/model")
-    def model_info():
+    async def model_info():
         return {**bench.info(), "methods": {name: m.description for name, m in METHODS.items() if name != "none"}}
 
     @app.post("/api/predict")
@@ -97,7 +120,7 @@ def create_app(bench: Workbench) -> FastAPI:
         if body.layer is not None:
             bench.lm.check_layer(body.layer)
         request = EditRequest.create(body.prompt, body.subject, body.target, body.target_true or None)
-        tokenize_prompt(bench.lm.tokenizer, request.text, request.subject,
+        tokenize_prompt(bench.lm.tokenizer, request.text, request.subject, occurrence=request.subject_occurrence,
                         max_tokens=prompt_token_limit(bench.lm.model))
         paraphrases = [p for p in body.paraphrases if p.strip()]
         for i, paraphrase in enumerate(paraphrases):
@@ -105,23 +128,24 @@ def create_app(bench: Workbench) -> FastAPI:
         return bench.edit_job(request, body.method, body.layer, paraphrases).view()
 
     @app.get("/api/jobs/{job_id}")
-    def job(job_id: str):
-        if job_id not in bench.jobs:
+    async def job(job_id: str):
+        found = bench.jobs.get(job_id)
+        if found is None:
             raise HTTPException(404, f"no job {job_id}")
-        return bench.jobs[job_id].view()
+        return found.view()
 
     @app.post("/api/jobs/{job_id}/cancel")
     def cancel(job_id: str):
         """Stop a trace job (the page cancels its previous trace when a new one starts)."""
-        if job_id not in bench.jobs:
+        job = bench.jobs.get(job_id)
+        if job is None:
             raise HTTPException(404, f"no job {job_id}")
-        job = bench.jobs[job_id]
         if job.kind != "trace":
             raise HTTPException(409, f"only trace jobs can be cancelled, not {job.kind} jobs")
         return bench.cancel(job).view()
 
     @app.get("/api/edits")
-    def edits():
+    async def edits():
         return {"edits": bench.list_edits()}
 
     @app.delete("/api/edits/{edit_id}")
@@ -149,6 +173,7 @@ def create_app(bench: Workbench) -> FastAPI:
     def upload(file: UploadFile = File(...)):
         # A plain `def`: FastAPI runs it in its threadpool. Applying the edit waits for the model lock,
         # which a running job holds for minutes; waiting on the event loop would stall every request.
+        # Only a few requests may wait so (Workbench.max_model_waiters); the next is a 503 at once.
         import tempfile
         from pathlib import Path
 
@@ -170,4 +195,4 @@ def create_app(bench: Workbench) -> FastAPI:
     return app
 
 
-__all__ = ["create_app", "PromptError"]
+__all__ = ["Access", "create_app", "PromptError"]

@@ -4,6 +4,11 @@ Every use of the model (tracing, editing, prediction, generation, applying or re
 runs under one lock, so nothing ever observes a half-applied edit and edits never interleave. Long
 work (tracing, editing with a first statistics computation) runs as a job on a single worker thread
 and reports progress; the HTTP server stays responsive meanwhile.
+
+Waiting is bounded: at most `max_model_waiters` requests wait for (or use) the model and at most
+`max_queued_jobs` jobs wait for the worker; beyond that a request fails at once with Busy (HTTP 503),
+since each waiting request holds one of the server's threads. What the page polls (the model's
+description, the applied edits, a job's progress) are snapshots read without the lock.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,7 +33,7 @@ from ..generate import greedy_continuation, with_current_target
 from ..models import LoadedModel
 from ..progress import Step
 from ..report import checks_for, report_around
-from ..tokens import check_prompt_length
+from ..tokens import check_prompt_length, token_label
 from ..trace.atp import estimated_heatmaps
 from ..trace.heatmap import heatmap
 from ..trace.runs import last_token_probs, prepare
@@ -34,6 +41,18 @@ from ..trace.runs import last_token_probs, prepare
 
 class JobCancelled(Exception):
     """Raised inside a job's work when the job was cancelled (Workbench.cancel)."""
+
+
+class Busy(Exception):
+    """Too many requests already wait for the model or the job worker: try again after `retry_after`
+    seconds (the server answers 503 with a Retry-After header). Not the user's mistake, nor a bug."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+FINISHED = ("done", "error", "cancelled")
 
 
 @dataclass
@@ -78,25 +97,51 @@ class AppliedEdit:
 
 class Workbench:
     def __init__(self, lm: LoadedModel, *, stats_corpus: str | None = None, stats_tokens: int = 100_000,
-                 max_jobs_kept: int = 100):
+                 max_jobs_kept: int = 100, max_model_waiters: int = 8, max_queued_jobs: int = 16):
         self.lm = lm
         self.stats_corpus, self.stats_tokens = stats_corpus, stats_tokens
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the model's: held while anything uses it
         self.stack = EditStack(lm)
-        self.edits: list[AppliedEdit] = []
+        self.edits: tuple[AppliedEdit, ...] = ()  # replaced whole, under the model lock: readers need no lock
         self._ids = itertools.count(1)
         self.jobs: dict[str, Job] = {}
         self.max_jobs_kept = max_jobs_kept
+        self.max_model_waiters, self.max_queued_jobs = max_model_waiters, max_queued_jobs
+        self._model_slots = threading.BoundedSemaphore(max_model_waiters)
+        self._jobs_lock = threading.Lock()  # guards `jobs` and `_queued` (never held while using the model)
+        self._queued: set[str] = set()  # ids of the jobs waiting for the worker, not cancelled
+        self._description = {"model": lm.name, "fingerprint": lm.fingerprint, "n_layers": lm.n_layers,
+                             "d_model": lm.arch.d_model, "architecture": lm.arch.describe()}
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="factedit-model")
+
+    @contextmanager
+    def _model(self) -> Iterator[None]:
+        """Hold the model lock for a request, waiting only if fewer than `max_model_waiters` requests do."""
+        if not self._model_slots.acquire(blocking=False):
+            raise Busy(f"the model is busy: {self.max_model_waiters} requests already wait for it or use it (a "
+                       f"running job holds it for as long as it runs); try again in a few seconds", retry_after=5)
+        try:
+            with self.lock:
+                yield
+        finally:
+            self._model_slots.release()
 
     # ------------------------------------------------------------------------------------- jobs
     def submit(self, kind: str, work: Callable[[Job], dict]) -> Job:
-        job = Job(uuid.uuid4().hex[:12], kind)
-        self.jobs[job.id] = job
-        for old in sorted(self.jobs.values(), key=lambda j: j.created)[:-self.max_jobs_kept]:
-            self.jobs.pop(old.id, None)
+        with self._jobs_lock:
+            if len(self._queued) >= self.max_queued_jobs:
+                raise Busy(f"{self.max_queued_jobs} jobs already wait for the model; wait for them to finish "
+                           f"(or cancel some), then try again", retry_after=10)
+            job = Job(uuid.uuid4().hex[:12], kind)
+            self.jobs[job.id] = job
+            self._queued.add(job.id)
+            finished = sorted((j for j in self.jobs.values() if j.status in FINISHED), key=lambda j: j.created)
+            for old in finished[:max(0, len(self.jobs) - self.max_jobs_kept)]:
+                del self.jobs[old.id]
 
         def run():
+            with self._jobs_lock:
+                self._queued.discard(job.id)
             if job.cancel_requested:
                 job.status, job.error = "cancelled", "cancelled"
                 return
@@ -122,19 +167,20 @@ class Workbench:
         next step (only for work that checks, such as tracing; it leaves no state behind)."""
         if job.status in ("queued", "running"):
             job.cancel_requested = True
+            with self._jobs_lock:
+                self._queued.discard(job.id)  # it will never start: its place in the queue is free
         return job
 
     # ----------------------------------------------------------------------------- model reads
     def info(self) -> dict:
-        return {"model": self.lm.name, "fingerprint": self.lm.fingerprint, "n_layers": self.lm.n_layers,
-                "d_model": self.lm.arch.d_model, "architecture": self.lm.arch.describe(), "edits": self.list_edits()}
+        return {**self._description, "edits": self.list_edits()}
 
     def predictions(self, prompt: str, k: int = 10) -> list[dict]:
-        with self.lock:
+        with self._model():
             return self._top_unlocked(prompt, k)
 
     def generate(self, prompt: str, n_new: int = 20) -> str:
-        with self.lock:
+        with self._model():
             return greedy_continuation(self.lm, prompt, n_new)
 
     # ---------------------------------------------------------------------------------- tracing
@@ -175,7 +221,7 @@ class Workbench:
             ids = torch.tensor([check_prompt_length(self.lm, prompt)], device=self.lm.device)
             probs, _ = last_token_probs(self.lm, ids)
         top = probs[0].topk(k)
-        return [{"token": self.lm.tokenizer.decode([int(i)]), "p": float(p)} for p, i in zip(top.values, top.indices)]
+        return [{"token": token_label(self.lm.tokenizer, int(i)), "p": float(p)} for p, i in zip(top.values, top.indices)]
 
     # ---------------------------------------------------------------------------------- editing
     def edit_job(self, request: EditRequest, method: str, layer: int | None, paraphrases: list[str]) -> Job:
@@ -198,24 +244,27 @@ class Workbench:
 
         return self.submit("edit", work)
 
-    def _apply(self, delta: EditDelta, label: str, source: str) -> AppliedEdit:
-        self.stack.apply(delta)  # checks the fingerprint and shapes first; refuses without changes
+    def _apply(self, delta: EditDelta, label: str, source: str, *, probe: bool = False) -> AppliedEdit:
+        # checks the fingerprint, shapes and size first (and with `probe` the predictions after);
+        # a refused edit leaves the model unchanged
+        self.stack.apply(delta, probe=probe)
         applied = AppliedEdit(next(self._ids), delta, label, source)
-        self.edits.append(applied)
+        self.edits = (*self.edits, applied)
         return applied
 
     def upload(self, delta: EditDelta, filename: str) -> dict:
-        with self.lock:
+        with self._model():
             label = ", ".join(f"{r['subject']} -> {r['target_new'].strip()}" for r in delta.requests[:3]) or filename
-            return self._view(self._apply(delta, f"{label} ({delta.method}, {filename})", "uploaded"))
+            return self._view(self._apply(delta, f"{label} ({delta.method}, {filename})", "uploaded", probe=True))
 
     def revert(self, edit_id: int) -> dict:
-        with self.lock:
+        with self._model():
             index = next((i for i, e in enumerate(self.edits) if e.id == edit_id), None)
             if index is None:
                 raise KeyError(f"no applied edit with id {edit_id}")
             self.stack.revert(index)
-            return self._view(self.edits.pop(index))
+            reverted, self.edits = self.edits[index], self.edits[:index] + self.edits[index + 1:]
+            return self._view(reverted)
 
     def get_edit(self, edit_id: int) -> AppliedEdit:
         for applied in self.edits:

@@ -14,9 +14,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from ..cache_files import append_jsonl, read_jsonl
 from ..data.known import KnownFact
 from ..errors import InputError
-from ..models import LoadedModel
+from ..models import LoadedModel, check_seed
 from ..stats_running import RunningMean
 from ..tokens import answer_matches, check_prompt_length
 from .atp import check_approx, estimated_heatmaps
@@ -211,6 +212,7 @@ def average_effects(lm: LoadedModel, facts: list[KnownFact], kinds: str | list[s
     several workers, so that facts.jsonl is the same either way.
     """
     kinds = expand_kinds(kinds)
+    check_seed(seed)  # here, not at the first fact traced: settings.json is written before
     check_corruption(corrupt)
     check_metric(metric)
     if approx:
@@ -230,7 +232,7 @@ def average_effects(lm: LoadedModel, facts: list[KnownFact], kinds: str | list[s
                                metric=metric, approx=approx)
     result = AverageResult(settings)
     done: dict[int, dict] = {}
-    log = None
+    log: Path | None = None  # facts.jsonl, appended to as facts finish
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -239,12 +241,11 @@ def average_effects(lm: LoadedModel, facts: list[KnownFact], kinds: str | list[s
             previous = AverageSettings.with_defaults(json.loads(settings_file.read_text()))
             if previous != asdict(settings):
                 raise InputError(f"{out} holds a run with other settings ({previous}); use another --out")
-            for line in log_path.read_text().splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    done[record["known_id"]] = record
+            # A line cut off by a kill is skipped (and reported): that fact is traced again.
+            done = {r["known_id"]: r for r in read_jsonl(log_path) if isinstance(r, dict) and "known_id" in r}
         settings_file.write_text(json.dumps(asdict(settings), indent=1))
-        log = log_path.open("a")
+        log_path.touch()  # the folder reads as a run (trace-compare) before its first fact
+        log = log_path
     todo = (fact for fact in facts if fact.known_id not in done)
     computed = iter(records(todo, kinds, settings, pool) if records is not None
                     else (fact_record(lm, fact, kinds, settings, progress, pool) for fact in todo))
@@ -256,14 +257,11 @@ def average_effects(lm: LoadedModel, facts: list[KnownFact], kinds: str | list[s
             if record is None:
                 record = next(computed)
                 if log:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                    append_jsonl(log, record)
             result.add(record)
             if on_fact:
                 on_fact(record)
     finally:
         if hasattr(computed, "close"):  # stop the work on facts that are no longer needed
             computed.close()
-        if log:
-            log.close()
     return result

@@ -57,9 +57,10 @@ def choose_replacements(tokenizer, prompt: str, subject: str, tokenized: Tokeniz
     random.Random(f"{seed}:{subject}").shuffle(candidates)
     chosen: list[Replacement] = []
     seen: set[tuple[int, ...]] = set()
-    at = prompt.find(subject)
+    # the occurrence the prompt was tokenized at (not always the first: tokens.find_subject)
+    at, stop = tokenized.subject_chars or (prompt.find(subject), prompt.find(subject) + len(subject))
     for other, attribute in candidates:
-        swapped = prompt[:at] + other + prompt[at + len(subject):]
+        swapped = prompt[:at] + other + prompt[stop:]
         other_ids = list(tokenizer(swapped)["input_ids"])
         if len(other_ids) != len(ids) or other_ids[:start] != ids[:start] or other_ids[end:] != ids[end:]:
             continue

@@ -115,17 +115,17 @@ def result_of(run: TraceRun, kind: str, window: int, scores: np.ndarray, approx:
 
 def trace(lm: LoadedModel, prompt: str, subject: str, kinds: str | list[str] = "hidden", *, window: int = 10,
           samples: int = 10, noise: float | None = None, seed: int = 0, answer: str | None = None,
-          corrupt: str = "gaussian", replacements=None, metric: str = "prob",
+          corrupt: str = "gaussian", replacements=None, metric: str = "prob", occurrence: int | None = None,
           progress: Callable[[int], None] | None = None) -> dict[str, TraceResult]:
     """Causal tracing of `subject` in `prompt` for each kind in `kinds` ("all" = hidden, mlp, attn).
 
     Returns {kind: TraceResult}. The clean and corrupted runs (and their noise) are shared by all kinds.
-    corrupt, replacements, metric: see runs.prepare. Estimates instead of exact restorations:
-    atp.estimated_heatmaps(prepare(...), kinds).
+    corrupt, replacements, metric, occurrence (of the subject, from 0): see runs.prepare. Estimates
+    instead of exact restorations: atp.estimated_heatmaps(prepare(...), kinds).
     """
     kinds = expand_kinds(kinds)
     run = prepare(lm, prompt, subject, samples=samples, noise=noise, seed=seed, answer=answer, corrupt=corrupt,
-                  replacements=replacements, metric=metric)
+                  replacements=replacements, metric=metric, occurrence=occurrence)
     return {kind: heatmap(run, kind, window=window, progress=progress) for kind in kinds}
 
 

@@ -17,8 +17,8 @@ import torch
 from ..errors import InputError
 from ..hooks import Hook, Hooks
 from ..kv_cache import forward
-from ..models import LoadedModel
-from ..tokens import PromptError, TokenizedPrompt, prompt_token_limit, tokenize_prompt
+from ..models import LoadedModel, check_seed
+from ..tokens import PromptError, TokenizedPrompt, prompt_token_limit, token_label, tokenize_prompt
 from .corrupt import check_corruption, choose_replacements, corruption_hook
 from .metric import Metric, check_metric, contrast_from_corrupted
 
@@ -117,7 +117,8 @@ def _recording_hooks(lm: LoadedModel) -> dict[tuple[str, int], Hook]:
 def prepare(lm: LoadedModel, prompt: str, subject: str, *, samples: int = 10, noise: float | None = None,
             noise_multiplier: float = 3.0, seed: int = 0, answer: str | None = None,
             max_tokens: int | None = None, corrupt: str = "gaussian",
-            replacements: Sequence[tuple[str, str]] | None = None, metric: str = "prob") -> TraceRun:
+            replacements: Sequence[tuple[str, str]] | None = None, metric: str = "prob",
+            occurrence: int | None = None) -> TraceRun:
     """Run the clean and corrupted passes and record every block, MLP and attention output.
 
     noise: absolute standard deviation; by default `noise_multiplier` x the embedding std (vocabulary).
@@ -126,16 +127,19 @@ def prepare(lm: LoadedModel, prompt: str, subject: str, *, samples: int = 10, no
     swapped for those of up to `samples` subjects from `replacements`, (subject, answer) pairs such
     as the known facts; see corrupt.py).
     metric: "prob" (p(answer)) or "logit-diff" (see metric.py).
+    occurrence: which occurrence of the subject in the prompt to corrupt, counted from 0 (default: the
+    first whole-word one, with a SubjectWarning when that is a guess; see tokens.find_subject).
     """
     if samples < 1:
         raise InputError(f"samples must be at least 1, not {samples}")
+    check_seed(seed)
     check_corruption(corrupt)
     check_metric(metric)
     if corrupt == "replace" and noise is not None:
         raise InputError("noise sets Gaussian noise; corrupt='replace' swaps the subject's tokens and takes no noise")
     limit = prompt_token_limit(lm.model)
-    tokenized = tokenize_prompt(lm.tokenizer, prompt, subject, max_tokens=min(limit, max_tokens or limit),
-                                device=lm.device)
+    tokenized = tokenize_prompt(lm.tokenizer, prompt, subject, occurrence=occurrence,
+                                max_tokens=min(limit, max_tokens or limit), device=lm.device)
     ids = tokenized.input_ids
     with torch.no_grad():
         hooks = _recording_hooks(lm)
@@ -190,7 +194,7 @@ def prepare(lm: LoadedModel, prompt: str, subject: str, *, samples: int = 10, no
     p_corrupt = float(measure.values(corrupt_logits, n_samples).mean())
     return TraceRun(
         lm=lm, prompt=prompt, subject=subject, tokenized=tokenized, answer_id=answer_id,
-        answer=lm.tokenizer.decode([answer_id]), p_clean=p_clean, p_corrupt=p_corrupt,
+        answer=token_label(lm.tokenizer, answer_id), p_clean=p_clean, p_corrupt=p_corrupt,
         noise_std=noise_std, noise=values, seed=seed, clean=clean, corrupt=corrupt_states, corrupt_cache=cache,
         block_returns_tuple=isinstance(raw_outputs[0], tuple), metric=measure, corruption=corrupt,
         replacements=[r.subject for r in chosen],
