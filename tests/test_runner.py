@@ -355,3 +355,18 @@ def test_score_after_all_goes_on_where_it_stopped_and_refuses_another_requests_c
     assert not cases_module.scored_after_all(tmp_path, records)
     with pytest.raises(InputError, match="2.json holds the case of another request"):
         cases_module.score_after_all(None, ds, tmp_path, records)
+
+
+def test_a_sequential_run_on_a_folder_another_run_writes_is_refused_before_editing(env, tmp_path):
+    """Two sequential runs on one --out would both save batch N of one history: the second is refused."""
+    from factedit.folder_lock import FolderBusyError, FolderLock
+
+    lm, data = env
+    out = tmp_path / "seq"
+    weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    with FolderLock(out / "history", "history.lock", "history folder"):
+        with pytest.raises(FolderBusyError, match="in use by another process"):
+            run_evaluation(lm, "ft", "counterfact", out, data=str(data), n=2,
+                           settings=get_method("ft").defaults(lm, 1, lr=1e-2), sequential=True)
+    assert not list((out / "history").glob("batch_*")) and not list((out / "cases").glob("*.json"))
+    assert all(torch.equal(weights[k], v) for k, v in lm.model.state_dict().items())
