@@ -2,8 +2,8 @@
 # The long runs behind docs/results.md (hours each on a 2-core CPU), started or resumed in the
 # background: every run is resumable and keeps its log (run.log) in its own run folder.
 #
-#   bash benchmarks/long_runs.sh trace   # lane 1: Gemma 3 270M averages over 200 known facts (docs 11.5)
-#   bash benchmarks/long_runs.sh edits   # lane 2: the AlphaEdit sweep's last setting, then Gemma 500 MEMIT, AlphaEdit (docs 9.4)
+#   bash benchmarks/long_runs.sh trace   # lane 1: Gemma 3 270M averages over 200 known facts (docs/results.md#trace-average-gemma3)
+#   bash benchmarks/long_runs.sh edits   # lane 2: the AlphaEdit sweep's last setting, then Gemma 500 MEMIT, AlphaEdit (docs/results.md#lifelong-runs)
 #
 # Each lane runs its commands one after another on THREADS threads (default 1); start each lane at most once
 # (`pgrep -af factedit` shows what runs). A lane rerun after a kill goes on where the runs stopped.
