@@ -72,8 +72,9 @@ def test_average_skips_wrong_facts_matches_heatmaps_and_resumes(tmp_path, monkey
     (tmp_path / "settings.json").write_text(json.dumps({k: v for k, v in settings.items()
                                                         if k not in ("corruption", "metric", "approx")}))
     assert average_effects(lm, facts, "hidden", samples=2, noise=1.0, out_dir=tmp_path).to_dict() == result.to_dict()
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"other settings \(samples: 2 -> 3\)"):
         average_effects(lm, facts, "hidden", samples=3, noise=1.0, out_dir=tmp_path)
+    assert len(json.loads((tmp_path / "settings.json").read_text())["sessions"]) == 3  # the first run and the two resumed
     with pytest.raises(ValueError, match="other settings"):
         average_effects(lm, facts, "hidden", samples=2, noise=1.0, metric="logit-diff", out_dir=tmp_path)
 

@@ -243,6 +243,24 @@ def test_resuming_with_other_settings_is_refused_and_says_what_differs(env, tmp_
     copy.write_text(copy.read_text().replace("Rome", "Berlin"))
     with pytest.raises(ValueError, match="data_digest: "):
         run_evaluation(lm, "none", "counterfact", tmp_path / "r", data=str(copy), n=2)
+    saved = json.loads((tmp_path / "r" / "settings.json").read_text())
+    assert len(saved["sessions"]) == 3  # one per run that wrote to the folder, none for the refused ones
+
+
+def test_a_run_folder_from_before_later_fields_and_sessions_resumes_and_gains_them(env, tmp_path):
+    """A folder written before start, data_digest and the sessions were recorded (the committed runs
+    under docs/results) resumes, with any data (its digest is unknown), and records the resuming session."""
+    lm, data = env
+    run_evaluation(lm, "none", "counterfact", tmp_path / "r", data=str(data), n=1)
+    path = tmp_path / "r" / "settings.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
+                                if k not in ("start", "data_digest", "sessions")}))
+    run_evaluation(lm, "none", "counterfact", tmp_path / "r", data=str(data), n=2)
+    saved = json.loads(path.read_text())
+    assert saved["start"] == 0 and saved["data_digest"] and len(saved["sessions"]) == 2
+    assert saved["sessions"][0] == {"version": None, "revision": None, "dirty": None, "started": None}
+    assert set(saved["sessions"][1]) == {"version", "revision", "dirty", "started"}
+    assert runner_module.summarize(tmp_path / "r")["cases"] == 2
 
 
 def test_generative_scores_come_from_greedy_continuations_of_each_prompt(env, tmp_path):

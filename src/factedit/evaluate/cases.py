@@ -8,10 +8,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..cache_files import write_atomic
 from ..errors import InputError
 from ..generate import generate_batch
 from ..models import LoadedModel, default_cache_dir
+from ..run_folder import write_json
 from .datasets import Dataset
 from .metrics import generation_entropy, tfidf_consistency
 
@@ -37,11 +37,6 @@ def generation_scores(generated: list[str], references: list[str]) -> dict[str, 
     if references:
         scores["RS*"] = tfidf_consistency(generated, references) / 100
     return scores
-
-
-def write_json(path: Path, value) -> None:
-    """Atomically (cache_files.write_atomic): a crash never leaves half a file."""
-    write_atomic(path, lambda partial: partial.write_text(json.dumps(value)))
 
 
 def case_path(out: Path, record) -> Path:

@@ -4,8 +4,8 @@ Datasets come from one registry (`DATASETS`): each knows how to load its records
 score, and how to turn probabilities into the paper's per-record scores. The runner never branches
 on dataset or method names.
 
-Datasets and their scoring: datasets.py. Layout of an output folder:
-    settings.json        method, settings, model, data, options
+Datasets and their scoring: datasets.py. Layout of an output folder (a run_folder.RunFolder):
+    settings.json        method, settings, model, data, options; the sessions that wrote the folder
     cases/<case_id>.json pre (unedited) and post (edited) probabilities and scores; resume skips these
     summary.json         means and 95% CIs, pre and post
     summary.md           the same as a markdown table
@@ -18,20 +18,29 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Callable, Iterable
 
-from ..cache_files import file_digest, write_atomic
+from ..cache_files import file_digest
 from ..edit import EditStack, edit, get_method
 from ..errors import InputError
 from ..models import LoadedModel
 from ..progress import Phases
+from ..run_folder import UNRECORDED, RunFolder, write_json
 from ..tokens import check_prompt_length
 from ..data.known import KnownFact
 from ..stats import Corpus
-from .cases import case_path, chunks, references_for, score_and_write, write_json
+from .cases import case_path, chunks, references_for, score_and_write
 from .datasets import Dataset, get_dataset
 from .metrics import aggregate
 from .sequential import read_points, run_sequential
+
+# Run settings added after runs were written: the value those runs had (the data's digest was not
+# recorded: any data resumes them, as before it was).
+ADDED_LATER = MappingProxyType({"start": 0, "measure_every": 1, "data_digest": UNRECORDED})
+# Recorded but not compared: a rerun may ask for more cases, and the data is the same when its bytes
+# are (data_digest), whatever its path.
+MAY_DIFFER = frozenset({"n", "data"})
 
 
 def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Path, *, data: str | None = None,
@@ -87,18 +96,7 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
     if sequential:  # what the measurements after each batch read
         run_info.update({"held_out": held_out.identity if held_out else None,
                          "known_facts": len(known) if known is not None else None, "measure_every": measure_every})
-    info_path = out / "settings.json"
-    if info_path.exists():
-        # Settings added later take the value they had before they existed.
-        previous = {"start": 0, **({"measure_every": 1} if sequential else {}), **json.loads(info_path.read_text())}
-        previous = {"data_digest": run_info["data_digest"], **previous}  # runs from before it was recorded
-        if previous["data_digest"] == run_info["data_digest"]:  # the same data, perhaps read from another path
-            previous["data"] = run_info["data"]
-        differ = _differences(previous, run_info)
-        if differ:
-            raise InputError(f"{out} holds a run with other settings ({'; '.join(differ)}); use another --out")
-    # Atomically: a settings.json cut off by a kill would stop every resume of the run.
-    write_atomic(info_path, lambda partial: partial.write_text(json.dumps(run_info, indent=1)))
+    RunFolder(out, added_later=ADDED_LATER, may_differ=MAY_DIFFER).start(run_info)
 
     if sequential:
         run_sequential(lm, method, ds, records, out, edits_per_batch=edits_per_batch, settings=settings,
@@ -178,20 +176,6 @@ def check_record_prompts(lm: LoadedModel, ds: Dataset, records: list) -> None:
                 check_prompt_length(lm, prompt, f"{ds.name} case {record.case_id}: {label}")
 
 
-def _differences(previous: dict, current: dict) -> list[str]:
-    """'key: old -> new' for each run setting (and method setting) that changed; the count n may."""
-    differ = []
-    for key in sorted(set(previous) | set(current)):
-        old, new = previous.get(key), current.get(key)
-        if key == "n" or old == new:
-            continue
-        if isinstance(old, dict) and isinstance(new, dict):
-            differ += [f"{key}.{d}" for d in _differences(old, new)]
-        else:
-            differ.append(f"{key}: {old!r} -> {new!r}")
-    return differ
-
-
 def convergence_counts(cases: list[dict]) -> dict:
     """How many edits optimised a value and how many of those did not reach the early-stop loss
     within their step budget (cases of methods without such an optimisation are not counted)."""
@@ -209,10 +193,11 @@ def _edited_layer(settings: dict) -> int | None:
 
 def summarize(out_dir: str | Path) -> dict:
     out = Path(out_dir)
-    if not (out / "settings.json").is_file():
+    folder = RunFolder(out, added_later=ADDED_LATER, may_differ=MAY_DIFFER)
+    info = folder.settings()
+    if info is None:
         raise InputError(f"{out} is not an evaluation run: it has no settings.json (factedit eval writes one)")
     cases = [json.loads(p.read_text()) for p in sorted((out / "cases").glob("*.json"))]
-    info = json.loads((out / "settings.json").read_text())
     settings = info.get("settings", {})
     summary = {"run": out.resolve().name, "method": info["method"], "dataset": info["dataset"], "model": info["model"],
                "preset": settings.get("preset", "default"), "layer": _edited_layer(settings), "cases": len(cases),
@@ -224,8 +209,8 @@ def summarize(out_dir: str | Path) -> dict:
     points = read_points(out)
     if points:
         summary["lifelong"] = {"first": vars(points[min(points)]), "last": vars(points[max(points)])}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(markdown_table([summary]) + "\n")
+    folder.write_json("summary.json", summary, indent=1)
+    folder.write_text("summary.md", markdown_table([summary]) + "\n")
     return summary
 
 

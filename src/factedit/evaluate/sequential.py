@@ -16,16 +16,17 @@ break.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from ..cache_files import append_jsonl, read_jsonl
 from ..data.known import KnownFact
 from ..edit.history import EditHistory
 from ..errors import InputError
 from ..progress import Phases
+from ..run_folder import RunFolder, write_json
 from ..stats import Corpus
-from .cases import case_path, chunks, references_for, score_after_all, score_and_write, scored_after_all, write_json
+from .cases import case_path, chunks, references_for, score_after_all, score_and_write, scored_after_all
 from .datasets import Dataset
 from .lifelong import LifelongPoint, LifelongProbe, plot_lifelong
 from .metrics import wilson_interval
@@ -35,9 +36,9 @@ POINTS_FILE = "lifelong.jsonl"
 
 def read_points(out: Path) -> dict[int, LifelongPoint]:
     """The measurements of a run so far, by batch. A line cut off by a kill, or not a measurement, is
-    skipped (cache_files.read_jsonl reports it): that batch is measured again on resuming."""
+    skipped (RunFolder.records reports it): that batch is measured again on resuming."""
     points = {}
-    for record in read_jsonl(Path(out) / POINTS_FILE):
+    for record in RunFolder(out).records(POINTS_FILE):
         try:
             point = LifelongPoint.from_dict(record)
         except TypeError:  # not an object, or other fields
@@ -47,9 +48,7 @@ def read_points(out: Path) -> dict[int, LifelongPoint]:
 
 
 def _append_point(out: Path, point: LifelongPoint) -> None:
-    from dataclasses import asdict
-
-    append_jsonl(out / POINTS_FILE, asdict(point))  # on a line of its own, even after a cut-off one
+    RunFolder(out).append(POINTS_FILE, asdict(point))  # on a line of its own, even after a cut-off one
 
 
 def _unedited_scores(lm, ds: Dataset, record, out: Path) -> dict:

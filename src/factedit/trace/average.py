@@ -1,12 +1,11 @@
 """Average indirect effects over many facts, per token class and layer (the paper's Figure 2).
 
-Per-fact heatmaps are appended to `facts.jsonl` in the output folder as they finish, so an
-interrupted run resumes where it stopped.
+Per-fact heatmaps are appended to `facts.jsonl` in the output folder (a run_folder.RunFolder,
+settings.json holding AverageSettings) as they finish, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator
@@ -14,10 +13,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..cache_files import append_jsonl, read_jsonl
 from ..data.known import KnownFact
 from ..errors import InputError
 from ..models import LoadedModel, check_seed
+from ..run_folder import RunFolder, with_added_later
 from ..stats_running import RunningMean
 from ..tokens import answer_matches, check_prompt_length
 from .atp import check_approx, estimated_heatmaps
@@ -26,6 +25,7 @@ from .metric import check_metric
 from .heatmap import expand_kinds, heatmap
 from .runs import embedding_std, last_token_logits, prepare
 
+FACTS_FILE = "facts.jsonl"
 TOKEN_CLASSES = ("first_subject", "middle_subject", "last_subject", "first_after", "further", "last")
 
 
@@ -60,10 +60,20 @@ class AverageSettings:
     approx: str = ""  # "atp": estimates instead of exact restorations
 
     @classmethod
+    def added_later(cls) -> dict:
+        """Each field with a default: a settings.json written before the field existed is read as if
+        it held the default (so that older runs resume)."""
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+    @classmethod
     def with_defaults(cls, saved: dict) -> dict:
-        """A settings.json written before a field existed, read as if it held that field's default
-        (so that older runs resume)."""
-        return {**{f.name: f.default for f in fields(cls) if f.default is not MISSING}, **saved}
+        """A run folder's settings.json as this class's fields (added_later; without the sessions)."""
+        return with_added_later(saved, cls.added_later())
+
+    @classmethod
+    def folder(cls, out: str | Path) -> RunFolder:
+        """A trace-avg run folder: settings.json checked against these settings, facts.jsonl."""
+        return RunFolder(out, added_later=cls.added_later())
 
 
 @dataclass
@@ -232,20 +242,13 @@ def average_effects(lm: LoadedModel, facts: list[KnownFact], kinds: str | list[s
                                metric=metric, approx=approx)
     result = AverageResult(settings)
     done: dict[int, dict] = {}
-    log: Path | None = None  # facts.jsonl, appended to as facts finish
+    folder: RunFolder | None = None  # facts.jsonl appended to as facts finish
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        settings_file, log_path = out / "settings.json", out / "facts.jsonl"
-        if settings_file.exists() and log_path.exists():
-            previous = AverageSettings.with_defaults(json.loads(settings_file.read_text()))
-            if previous != asdict(settings):
-                raise InputError(f"{out} holds a run with other settings ({previous}); use another --out")
-            # A line cut off by a kill is skipped (and reported): that fact is traced again.
-            done = {r["known_id"]: r for r in read_jsonl(log_path) if isinstance(r, dict) and "known_id" in r}
-        settings_file.write_text(json.dumps(asdict(settings), indent=1))
-        log_path.touch()  # the folder reads as a run (trace-compare) before its first fact
-        log = log_path
+        folder = AverageSettings.folder(out_dir)
+        folder.start(asdict(settings))
+        # A line cut off by a kill is skipped (and reported): that fact is traced again.
+        done = {r["known_id"]: r for r in folder.records(FACTS_FILE) if isinstance(r, dict) and "known_id" in r}
+        (folder.path / FACTS_FILE).touch()  # the folder reads as a run (trace-compare) before its first fact
     todo = (fact for fact in facts if fact.known_id not in done)
     computed = iter(records(todo, kinds, settings, pool) if records is not None
                     else (fact_record(lm, fact, kinds, settings, progress, pool) for fact in todo))
@@ -256,8 +259,8 @@ def average_effects(lm: LoadedModel, facts: list[KnownFact], kinds: str | list[s
             record = done.get(fact.known_id)
             if record is None:
                 record = next(computed)
-                if log:
-                    append_jsonl(log, record)
+                if folder is not None:
+                    folder.append(FACTS_FILE, record)
             result.add(record)
             if on_fact:
                 on_fact(record)
