@@ -19,9 +19,11 @@ import torch
 
 from factedit import load
 from factedit.edit import RomeSettings
-from factedit.edit.rome import compute_keys, context_templates, key_statistics, update_left, update_shares
+from factedit.edit.prefixes import context_templates
+from factedit.edit.rome import compute_keys, update_left, update_shares
 from factedit.edit.value import compute_value_deltas
 from factedit.evaluate.datasets import get_dataset
+from factedit.stats import key_statistics
 
 
 def steps_to_converge(lm, records, settings, templates, batch: int) -> list[dict]:

@@ -23,10 +23,11 @@ import numpy as np
 
 from factedit import load
 from factedit.edit import EditRequest, RomeSettings, get_method
-from factedit.edit.rome import context_templates, key_statistics, rome_delta
+from factedit.edit.prefixes import context_templates
+from factedit.edit.rome import rome_delta
 from factedit.evaluate.datasets import get_dataset
 from factedit.hooks import Hook
-from factedit.stats import corpus_from, token_chunks
+from factedit.stats import corpus_from, key_statistics, token_chunks
 
 
 def stats_throughput(lm, layer, corpus, n_tokens=16_384, chunk=256, batch=8):

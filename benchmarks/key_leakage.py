@@ -26,8 +26,10 @@ import torch
 from factedit import load
 from factedit.data import load_counterfact
 from factedit.edit import RomeSettings
-from factedit.edit.rome import compute_keys, context_templates, key_statistics, update_left
+from factedit.edit.prefixes import context_templates
+from factedit.edit.rome import compute_keys, update_left
 from factedit.hooks import Hook
+from factedit.stats import key_statistics
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from factedit import load
 from factedit.data.counterfact import load_counterfact
 from factedit.edit import edit, get_method
 from factedit.edit.alphaedit import null_space_projector
-from factedit.edit.memit import key_statistics_at
+from factedit.stats import key_statistics_at
 
 
 def timed(function) -> float:

@@ -35,10 +35,9 @@ from factedit.data.counterfact import load_counterfact
 from factedit.data.known import load_known_facts
 from factedit.edit import EditRequest, get_method
 from factedit.edit.alphaedit import null_space_projector, projectors
-from factedit.edit.memit import key_statistics_at
 from factedit.edit.prompts import io_at_subject
 from factedit.hooks import Hook, Hooks
-from factedit.stats import held_out_corpus, token_chunks
+from factedit.stats import held_out_corpus, key_statistics_at, token_chunks
 
 
 def null_share(keys: torch.Tensor, basis: torch.Tensor) -> float:

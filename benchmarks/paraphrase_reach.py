@@ -34,12 +34,14 @@ import torch
 from factedit import load
 from factedit.data.zsre import load_zsre
 from factedit.edit import EditStack
+from factedit.edit.prefixes import context_templates
 from factedit.edit.prompts import io_at_subject
-from factedit.edit.rome import RomeSettings, compute_keys, context_templates, key_statistics, rome_delta, update_left
+from factedit.edit.rome import RomeSettings, compute_keys, rome_delta, update_left
 from factedit.evaluate.metrics import token_accuracy
 from factedit.hooks import Hook
 from factedit.request import EditRequest
 from factedit.scoring import teacher_forced_predictions
+from factedit.stats import key_statistics
 from factedit.tokens import subject_token_range
 
 BUCKETS = [(-float("inf"), 0.6), (0.6, 0.8), (0.8, 0.9), (0.9, 1.0), (1.0, float("inf"))]

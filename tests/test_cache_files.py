@@ -10,8 +10,9 @@ from tiny import tiny_model, word_tokenizer
 
 from factedit.cache_files import read_cached, write_atomic
 from factedit.edit import EditDelta, EditRequest, EditStack, RomeSettings
-from factedit.edit.memit import MemitSettings, TargetCache
-from factedit.edit.rome import context_templates
+from factedit.edit.memit import MemitSettings
+from factedit.edit.prefixes import context_templates
+from factedit.edit.targets import TargetCache
 from factedit.models import from_model
 from factedit.stats import collect_second_moment, corpus_from, second_moment
 

@@ -135,7 +135,7 @@ def test_averages_and_model_sampled_text_refuse_a_bad_seed_before_writing_or_sam
 
 def test_the_prefix_sampling_refuses_a_bad_seed(tiny_llama, tmp_path):
     from factedit.edit import RomeSettings
-    from factedit.edit.rome import context_templates
+    from factedit.edit.prefixes import context_templates
 
     settings = RomeSettings.defaults_for(tiny_llama, 1, prefix_lengths=[[3, 5]])
     object.__setattr__(settings, "prefix_seed", 2**70)  # past any check on the settings themselves

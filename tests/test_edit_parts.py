@@ -6,6 +6,7 @@ import torch
 from tiny import tiny_model, word_tokenizer
 
 from factedit.edit import EditDelta, EditFileError, EditRequest, EditStack, RomeSettings
+from factedit.edit import rome
 from factedit.edit.prompts import io_at_subject
 from factedit.edit.rome import compute_keys, rome_delta, solve_rank_one, update_left, update_shares
 from factedit.edit.value import CachedForward, compute_value_delta
@@ -152,6 +153,29 @@ def test_rank_one_solve_matches_numpy():
                                    torch.tensor(v_target), ridge=0.1)
     u = np.linalg.solve(C + 0.1 * np.diag(C).mean() * np.eye(d_mlp), k)
     assert np.allclose(ridge_left.numpy(), u / (u @ k), rtol=1e-4)
+
+
+@pytest.mark.parametrize("key_mode", ["consistent", "original"])
+def test_rome_writes_the_update_that_solve_rank_one_solves(key_mode, monkeypatch):
+    """Step 4 as documented is what rome_delta runs: its factors are solve_rank_one's for the averaged
+    key's direction, bit for bit the same as with the direction solved again (rome_delta passes the
+    one its value step needed)."""
+    lm = tiny()
+    A = torch.randn(lm.arch.d_mlp, 200, generator=torch.Generator().manual_seed(0))
+    C = A @ A.T / 200
+    settings = RomeSettings.defaults_for(lm, 1, v_steps=3, key_mode=key_mode)
+    calls = []
+    monkeypatch.setattr(rome, "solve_rank_one", lambda *args, **kwargs: calls.append((args, kwargs))
+                        or solve_rank_one(*args, **kwargs))
+    delta, _ = rome_delta(lm, request(), settings, C, TEMPLATES)
+    assert len(calls) == 1 and "left" in calls[0][1]
+    args = calls[0][0]
+    keys = compute_keys(lm, 1, request(), TEMPLATES)
+    assert torch.equal(args[1], keys.k_avg) and args[5] == settings.ridge
+    assert torch.equal(args[2], keys.k_avg if key_mode == "consistent" else keys.k_plain)
+    left, right = solve_rank_one(*args)  # without the direction passed in: solved again
+    change = next(iter(delta.changes.values()))
+    assert torch.equal(change["down"][0], left) and torch.equal(change["up"][:, 0], right)
 
 
 def test_value_step_optimises_what_the_rank_one_update_does_at_each_prompt(monkeypatch):

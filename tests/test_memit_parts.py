@@ -6,6 +6,7 @@ from tiny import tiny_model, word_tokenizer
 
 from factedit.edit import EditRequest, EditStack, edit, get_method
 from factedit.edit import memit as memit_module
+from factedit.edit import targets as targets_module
 from factedit.edit.mlp_change import BlockOfMlp, _jacobians, mlp_change
 from factedit.hooks import Hook
 from factedit.models import from_model
@@ -117,7 +118,7 @@ def test_targets_are_reused_from_disk_until_the_weights_change(tmp_path, monkeyp
     def no_optimising(*args, **kwargs):
         raise AssertionError("the targets should have come from the cache")
 
-    monkeypatch.setattr(memit_module, "compute_value_deltas", no_optimising)
+    monkeypatch.setattr(targets_module, "compute_value_deltas", no_optimising)
     again, _ = memit_module.memit_delta(lm, REQUESTS, settings, cache_dir=tmp_path)
     for name, change in first.changes.items():
         assert torch.equal(change["up"], again.changes[name]["up"])

@@ -10,7 +10,7 @@ from factedit.evaluate.datasets import counterfact_probabilities
 
 pytestmark = pytest.mark.slow
 
-# What each method does on these records (measured, docs/results.md section 8): FT and MEMIT make the
+# What each method does on these records (measured, docs/results.md#counterfact-smollm2): FT and MEMIT make the
 # new object win; FT-L (a small L-infinity ball) only raises it; KN moves the model's output a lot
 # but not reliably towards the new object (its top neurons sit in the last layers with activations
 # up to +-190 at every token, and the rewrite scales with them).

@@ -93,7 +93,7 @@ def test_context_prefixes_are_sentences(smollm2, tmp_path):
     sampled after a newline (the default) they read as text."""
     import torch
 
-    from factedit.edit.rome import context_templates
+    from factedit.edit.prefixes import context_templates
 
     next_dash = []
     for word in ("The", "I", "Because", "You"):

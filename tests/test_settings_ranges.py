@@ -170,7 +170,7 @@ def test_an_edit_with_a_field_changed_out_of_range_stops_before_any_work(tiny_ll
     """Before: v_steps 0 ran the edit, then failed formatting its report (the edit was lost)."""
     settings = get_method("rome").defaults(tiny_llama, 1)
     settings.v_steps = 0
-    monkeypatch.setattr("factedit.edit.registry.key_statistics", lambda *a, **k: pytest.fail("the edit started"))
+    monkeypatch.setattr("factedit.edit.rome.key_statistics", lambda *a, **k: pytest.fail("the edit started"))
     with pytest.raises(SettingsError, match="field v_steps must be at least 1, not 0"):
         edit(tiny_llama, EditRequest.create(PROMPT, SUBJECT, "Rome", "Paris"), "rome", settings)
 

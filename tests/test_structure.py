@@ -1,5 +1,6 @@
-"""The package's structure: no import cycles (between modules, function-level imports included), and
-importing the tracing engine loads neither the editors nor a plotting backend."""
+"""The package's structure: no import cycles (between modules, function-level imports included), no
+editing method's module imports another's, and importing the tracing engine loads neither the editors
+nor a plotting backend."""
 
 import ast
 import subprocess
@@ -87,6 +88,38 @@ def test_no_module_imports_itself_back():
     assert cycles(graph) == []
 
 
+EDITORS = {"factedit.edit.rome", "factedit.edit.memit", "factedit.edit.alphaedit", "factedit.edit.finetune",
+           "factedit.edit.kn"}
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through other modules."""
+    seen, todo = set(), [start]
+    while todo:
+        for module in graph[todo.pop()] - seen:
+            seen.add(module)
+            todo.append(module)
+    return seen
+
+
+def test_no_editor_imports_another_editor():
+    """What two methods share (prefixes, key statistics, the layer rule, targets, spreading over layers)
+    lives in neutral modules: no method module imports another's, directly or through a neutral
+    module or the edit package (whose __init__ imports them all), so changing one method's module
+    changes no other method."""
+    from factedit.edit import METHODS
+
+    # The list names every module that registers a method's computation (the "none" baseline is the
+    # registry's own), so a new method's module is checked too.
+    registered = {getattr(method.compute, "func", method.compute).__module__ for method in METHODS.values()}
+    assert registered - {"factedit.edit.registry"} == EDITORS
+    graph = import_graph()
+    assert "factedit.edit.prefixes" in reachable(graph, "factedit.edit.memit")  # the graph follows the shared parts
+    for editor in sorted(EDITORS):
+        found = reachable(graph, editor) & (EDITORS | {"factedit.edit", "factedit.edit.registry"})
+        assert not found, f"{editor} imports {sorted(found)}"
+
+
 def test_tracing_loads_neither_the_editors_nor_a_plotting_backend():
     code = ("import sys, factedit.trace, factedit.evaluate.plots; "
             "print(sorted(m for m in ('factedit.edit', 'matplotlib.pyplot') if m in sys.modules))")
@@ -103,3 +136,42 @@ def test_transformers_cache_internals_sit_in_one_module():
         if path.name != "kv_cache.py":
             text = path.read_text()
             assert not [word for word in internals if word in text], path
+
+
+def test_benchmarks_and_examples_import_names_that_exist():
+    """A name moved from one module to another (e.g. a shared step out of a method's module) leaves no
+    benchmark or example importing it from where it was: every `from factedit... import name` in
+    benchmarks/*.py and the notebooks' code cells resolves, and a function or class imported from a
+    module (not a package, which exports what its modules define) is defined there, not merely
+    imported there for its own use."""
+    import importlib
+    import importlib.util
+    import json
+
+    root = PACKAGE.parents[1]
+    sources = {path: path.read_text() for path in sorted((root / "benchmarks").glob("*.py"))}
+    for notebook in sorted((root / "examples").glob("*.ipynb")):
+        cells = json.loads(notebook.read_text())["cells"]
+        code = ["".join(cell["source"]) for cell in cells if cell["cell_type"] == "code"]
+        sources[notebook] = "\n".join(line for cell in code for line in cell.splitlines()
+                                      if not line.lstrip().startswith(("%", "!")))
+    assert len(sources) > 10
+    missing = []
+    for path, text in sources.items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("factedit"):
+                module = importlib.import_module(node.module)
+                package = hasattr(module, "__path__")
+                for alias in node.names:
+                    if not hasattr(module, alias.name):
+                        found = importlib.util.find_spec(f"{node.module}.{alias.name}") is not None
+                    else:
+                        home = getattr(getattr(module, alias.name), "__module__", None)
+                        found = package or not isinstance(home, str) or home == node.module
+                    if not found:
+                        missing.append(f"{path.name}: {node.module}.{alias.name}")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("factedit"):
+                        importlib.import_module(alias.name)
+    assert missing == []

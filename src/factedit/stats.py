@@ -3,7 +3,8 @@
 The keys are the inputs of the MLP output projection. The forward pass stops right after that
 projection in the requested layer, text is streamed in fixed-length chunks (never the model's
 maximum context), products are accumulated in float64, and the result is cached on disk keyed by
-model fingerprint, layer, corpus and token count.
+model fingerprint, layer, corpus and token count. Every editor (and the `stats` command) reads them
+through `key_statistics` / `key_statistics_at`, which turn a StatisticsSettings into a corpus.
 """
 
 from __future__ import annotations
@@ -308,3 +309,38 @@ def second_moment(lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int = 1
                   ) -> tuple[SecondMoment, Path, bool]:
     """C for `layer` over `corpus`, from the disk cache when present. Returns (stats, path, cache_hit)."""
     return second_moments(lm, [layer], corpus, n_tokens, **kwargs)[layer]
+
+
+# ----------------------------------------------------------------- the statistics an editor reads
+
+def statistics_corpus(lm: LoadedModel, settings: StatisticsSettings, progress: Phases | None = None) -> Corpus:
+    """The corpus for the key statistics: the settings' source, else $FACTEDIT_STATS_CORPUS, else
+    text sampled from the model itself (its name says so: model-sampled-seedN; `progress` hears of
+    the sampling). Its seed is the settings' prefix_seed where they have one (an editor samples its
+    context prefixes and this text with one seed), else 0."""
+    import os
+
+    source = settings.stats_corpus or os.environ.get("FACTEDIT_STATS_CORPUS")
+    if source:
+        return corpus_from(source)
+    return model_sampled_corpus(lm, seed=getattr(settings, "prefix_seed", 0), progress=progress)
+
+
+def key_statistics(lm: LoadedModel, settings: StatisticsSettings, *, layer: int | None = None,
+                   cache_dir: Path | None = None, progress: Phases | None = None, sum_chunks=None
+                   ) -> tuple[SecondMoment, Path, bool]:
+    """C at `layer` (default: the settings' layer) over the settings' corpus (statistics_corpus), from
+    the disk cache or computed (phases progress.SAMPLING where the model's own text is the corpus,
+    then progress.STATISTICS). Returns (stats, path, cache hit). `sum_chunks`: what sums k k^T when
+    not cached (collect_second_moments; e.g. sharded over workers)."""
+    corpus = statistics_corpus(lm, settings, progress)
+    return second_moment(lm, settings.layer if layer is None else layer, corpus, settings.stats_tokens,
+                         cache_dir=cache_dir, progress=progress, sum_chunks=sum_chunks)
+
+
+def key_statistics_at(lm: LoadedModel, settings: StatisticsSettings, cache_dir: Path | None = None,
+                      progress: Phases | None = None) -> dict[int, tuple[SecondMoment, Path, bool]]:
+    """{layer: (SecondMoment, cache path, cache hit)} for every layer of the settings' `layers`, over
+    the settings' corpus (statistics_corpus), in one pass for the layers not cached."""
+    corpus = statistics_corpus(lm, settings, progress)
+    return second_moments(lm, settings.layers, corpus, settings.stats_tokens, cache_dir=cache_dir, progress=progress)

@@ -208,20 +208,19 @@ def export(model, edits, history, out):
 def stats(model, layer, corpus, stats_tokens, cluster):
     """Compute (or load from the cache) the MLP key second moment at a layer. With --cluster, the
     corpus's chunks are shared out over Ray workers and their sums merged: the same cache file."""
-    from ..edit import RomeSettings
-    from ..edit.rome import key_statistics
+    from ..stats import StatisticsSettings, key_statistics
 
     with _cluster_run(cluster, model) as run:  # connected (or refused) before the model loads
         lm = model.load()
         lm.check_layer(layer)
-        settings = RomeSettings.defaults_for(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
+        settings = StatisticsSettings(stats_corpus=corpus, stats_tokens=stats_tokens)
         sum_chunks = None
         if run is not None:
             from ..cluster import sharded_moments
 
             sum_chunks = sharded_moments(run.pool(lm.fingerprint))
         with PhaseBars() as bars:
-            result, path, hit = key_statistics(lm, settings, progress=bars, sum_chunks=sum_chunks)
+            result, path, hit = key_statistics(lm, settings, layer=layer, progress=bars, sum_chunks=sum_chunks)
         if run is not None and not hit:
             click.echo(f"cluster: {run.describe()}", err=True)
     click.echo(f"{'loaded' if hit else 'computed'} C at layer {layer}: {result.count} keys, "
@@ -239,7 +238,7 @@ def suggest_layer(model, facts, n, samples, window):
     within 90% of the peak average effect), and take the default layer rule's layer if it lies in
     that site, else the site's layer nearest to it."""
     from ..data.known import load_known_facts
-    from ..edit.rome import edit_layer
+    from ..edit.layers import edit_layer
     from ..trace.average import average_effects
 
     lm = model.load()

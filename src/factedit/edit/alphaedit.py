@@ -1,9 +1,9 @@
 """AlphaEdit (Fang et al., ICLR 2025): MEMIT's update projected onto the null space of what to keep.
 
-MEMIT's targets and its spreading over layers (memit.spread_over_layers), with another solve per
-layer: with K the batch's keys, R their residuals, P the projector onto the null space of the
-preserved keys (directions the keys of ordinary text hardly use, from the cached statistics C) and
-H = sum of K_p K_p^T over the keys of the earlier edits in the history,
+MEMIT's targets (targets.py) and its spreading over layers (mass_edit.spread_over_layers), with
+another solve per layer: with K the batch's keys, R their residuals, P the projector onto the null
+space of the preserved keys (directions the keys of ordinary text hardly use, from the cached
+statistics C) and H = sum of K_p K_p^T over the keys of the earlier edits in the history,
 
     Delta W = R (A^-1 P K)^T,   A = P (K K^T + H) + l2 I.
 
@@ -34,10 +34,11 @@ from ..models import LoadedModel, cache_root
 from ..progress import Phases
 from ..request import EditRequest
 from ..tokens import check_prompt_length
-from .delta import EditDelta
-from .memit import MassEditSettings, key_statistics_at, spread_over_layers
-from .prompts import prompt_batch, request_texts
 from ..settings import bounded, one_of
+from ..stats import key_statistics_at
+from .delta import EditDelta
+from .mass_edit import MassEditSettings, spread_over_layers
+from .prompts import prompt_batch, request_texts
 
 NULL_SPACE_RULES = ("trace_share", "absolute")
 L2_RULES = ("key_energy", "absolute")
@@ -50,7 +51,7 @@ class AlphaEditSettings(MassEditSettings):
     # of its energy where the update acts. "absolute": eigenvalues below null_space_threshold (the
     # reference's 2e-2, which keeps 70% of SmolLM2's directions and 20-75% of Gemma 3's).
     null_space_rule: str = one_of("trace_share", NULL_SPACE_RULES)
-    null_space_threshold: float = bounded(0.1, above=0)  # one batch of 100 SmolLM2 edits: 0.05 writes ES 81, 0.1 ES 91 (docs/results.md 9.2)
+    null_space_threshold: float = bounded(0.1, above=0)  # one batch of 100 SmolLM2 edits: 0.05 writes ES 81, 0.1 ES 91 (docs/results.md#null-space-rule)
     # "key_energy": l2 x the mean energy of a key of the statistics (trace of C), so that the penalty on
     # the update's size means the same on every model; "absolute": l2 as it is (reference: 10, which
     # is 0.33 x the key energy at SmolLM2's layer 5).
@@ -59,7 +60,7 @@ class AlphaEditSettings(MassEditSettings):
     # Weight of H (the preserved keys of earlier edits and protected facts) in the solve; the reference
     # weighs it 1, like the batch's own keys. How much H protects depends on its size beside l2: a
     # preserved key with energy e in the null space keeps about l2 / (l2 + w e) of the change it would
-    # get otherwise (docs/results.md 9.2).
+    # get otherwise (docs/results.md#protected-facts).
     preserve_weight: float = bounded(1.0, at_least=0)
 
     @classmethod

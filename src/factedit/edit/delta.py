@@ -221,7 +221,7 @@ def _module(lm: LoadedModel, module_name: str) -> tuple[torch.nn.Module, bool]:
 # The largest change an edit may make to a weight matrix, relative to the matrix as it is (Frobenius
 # norms). Real edits stay far below it: the largest measured here is 2.3, a MEMIT batch of 100 edits
 # into Gemma 3's layer 1 after 200 earlier ones, when that layer was already collapsing
-# (docs/results.md 9.4). An edit file whose factors were scaled by 1e30 made every prediction uniform.
+# (docs/results.md#lifelong-gemma). An edit file whose factors were scaled by 1e30 made every prediction uniform.
 MAX_RELATIVE_CHANGE = 100.0
 PROBE_TEXT = "The capital of France is"
 

@@ -13,17 +13,17 @@ The change is trained beside the weight (finetune_delta); the result is a dense 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from ..hooks import Hook
 from ..models import LoadedModel
 from ..placement import read_weight
+from ..progress import Phases, start_phase
 from ..settings import JsonSettings, bounded
 from .delta import EditDelta
 from ..request import EditRequest, target_ids
-from .rome import edit_layer
+from .layers import edit_layer
 
 
 @dataclass
@@ -54,7 +54,7 @@ class FinetuneSettings(JsonSettings):
 # FT+L's bound relative to the edited matrix's RMS entry, by one rule: the smallest of 0.01, 0.02,
 # 0.05, 0.1 that writes at least 90% of the facts (ES >= 90) of CounterFact records 100-119 of
 # counterfact_dev.json (outside the evaluated first 100) on SmolLM2, as the paper's bound wrote 99%
-# on GPT-2 XL while keeping FT+L a minimal change (docs/results.md section 8, "FT+L and KN").
+# on GPT-2 XL while keeping FT+L a minimal change (docs/results.md#ft-l-bound).
 FT_L_RELATIVE_BOUND = 0.02
 # The paper's FT+L (absolute bound), by name.
 FT_L_PAPER_SETTINGS = {"linf_constraint": 5e-4, "linf_relative": False, "steps": 25, "lr": 5e-4}
@@ -76,11 +76,14 @@ def _batch(lm: LoadedModel, requests: list[EditRequest]):
     return ids, labels, mask
 
 
-def finetune_delta(lm: LoadedModel, requests: list[EditRequest], settings: FinetuneSettings, method: str,
-                   progress: Callable[[int], None] | None = None) -> tuple[EditDelta, list[dict]]:
+def finetune_delta(lm: LoadedModel, requests: list[EditRequest], settings: FinetuneSettings, method: str = "ft", *,
+                   cache_dir=None, progress: Phases | None = None, history=None) -> tuple[EditDelta, list[dict]]:
     """Train a float32 change of the matrix, added to its output by a hook: the model's weights are
     never written (a failed edit leaves them as they were, an offloaded weight needs no writing), and
-    in a half-precision model the small steps of the change are not rounded away."""
+    in a half-precision model the small steps of the change are not rounded away. `method`: the
+    name the delta carries (ft or ft-l); `progress`: the phases (factedit.progress), here one,
+    counted in steps. (`cache_dir` and `history` are not used.)"""
+    steps_done = start_phase(progress, "fine-tuning", settings.steps, "step")
     parts = lm.arch.blocks[settings.layer]
     module = parts.mlp_out
     weight = read_weight(module)
@@ -113,8 +116,7 @@ def finetune_delta(lm: LoadedModel, requests: list[EditRequest], settings: Finet
             if eps is not None:
                 with torch.no_grad():
                     change.clamp_(-eps, eps)
-            if progress:
-                progress(1)
+            steps_done(1)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)

@@ -21,7 +21,6 @@ reference rule (absolute, sign ignored).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -29,6 +28,7 @@ from ..errors import InputError
 from ..hooks import Hook
 from ..models import LoadedModel
 from ..placement import read_weight
+from ..progress import Phases, start_phase
 from ..settings import JsonSettings, bounded
 from .delta import EditDelta
 from ..request import EditRequest, target_ids
@@ -105,8 +105,12 @@ def neuron_weight(activation: float, settings: KnSettings) -> float:
     return weight
 
 
-def kn_delta(lm: LoadedModel, requests: list[EditRequest], settings: KnSettings,
-             progress: Callable[[int], None] | None = None) -> tuple[EditDelta, list[dict]]:
+def kn_delta(lm: LoadedModel, requests: list[EditRequest], settings: KnSettings, *, cache_dir=None,
+             progress: Phases | None = None, history=None) -> tuple[EditDelta, list[dict]]:
+    """Steps 1-3 of the module docstring for each request; the deltas composed. `progress`: the
+    phases (factedit.progress), here one, counted in requests. (`cache_dir` and `history` are not
+    used.)"""
+    done = start_phase(progress, "knowledge neurons", len(requests), "request")
     embed = read_weight(lm.arch.embed)
     layers = settings.layers if settings.layers is not None else list(range(lm.n_layers))
     total, diagnostics = None, []
@@ -131,6 +135,5 @@ def kn_delta(lm: LoadedModel, requests: list[EditRequest], settings: KnSettings,
         delta = EditDelta("kn", lm.fingerprint, changes, settings.to_dict(), [request.to_dict()])
         total = delta if total is None else total.compose(delta)
         diagnostics.append({"neurons": kept})
-        if progress:
-            progress(1)
+        done(1)
     return total, diagnostics

@@ -1,27 +1,29 @@
 """One registry of editing methods: the runner and the CLI look methods up here, never by name.
 
 Every method turns requests into an EditDelta without modifying the model, and has a typed
-settings dataclass with per-model defaults."""
+settings dataclass with per-model defaults. The registry maps each name to its method module's
+functions (settings, defaults, compute) and nothing else: what a method does lives in its module."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from ..errors import InputError
 from ..models import LoadedModel
-from ..progress import OPTIMISATION, Phases, start_phase
+from ..progress import Phases
 from ..settings import JsonSettings, SettingsError, check_settings_values
 from ..tokens import check_prompt_length
-from .delta import EditDelta, EditStack
+from .delta import EditDelta
 from . import alphaedit, kn, memit, rome
 from .alphaedit import AlphaEditSettings, alphaedit_delta
 from .finetune import FT_L_PAPER_SETTINGS, FinetuneSettings, finetune_delta
 from .kn import KnSettings, kn_delta
 from .memit import MemitSettings, memit_delta
 from ..request import EditRequest
-from .rome import RomeSettings, context_templates, key_statistics, rome_delta
+from .rome import RomeSettings, rome_edit
 from .value import EARLY_STOP_CRITERIA
 
 DEFAULT_PRESET = "default"
@@ -104,39 +106,10 @@ class Method:
         return [DEFAULT_PRESET, *self.presets]
 
 
-def _rome(key_mode: str):
-    def compute(lm, requests, settings, cache_dir=None, progress=None, history=None):
-        stats, path, _ = key_statistics(lm, settings, cache_dir=cache_dir, progress=progress)
-        C = stats.matrix.to(lm.device)
-        templates = context_templates(lm, settings, cache_dir, progress=progress)
-        stack, total, diagnostics = EditStack(lm), None, []
-        try:  # several requests: each is computed on the model with the previous ones applied
-            for request in requests:
-                steps = start_phase(progress, OPTIMISATION, settings.v_steps, "step")  # at most v_steps: it may converge first
-                delta, info = rome_delta(lm, request, settings, C, templates, progress=steps)
-                diagnostics.append(info)
-                if len(requests) > 1:
-                    stack.apply(delta)
-                total = delta if total is None else total.compose(delta)
-        finally:
-            stack.revert_all()
-        total.info.update({"diagnostics": diagnostics, "stats_keys": stats.count, "stats_file": path.name})
-        return total, diagnostics
-
-    def defaults(lm, layer=None, **overrides):
-        return RomeSettings.defaults_for(lm, layer, key_mode=key_mode, **overrides)
-
-    return defaults, compute
-
-
-def _finetune(name: str, constrained: bool):
-    def compute(lm, requests, settings, cache_dir=None, progress=None, history=None):
-        return finetune_delta(lm, requests, settings, name, start_phase(progress, "fine-tuning", settings.steps, "step"))
-
-    def defaults(lm, layer=None, **overrides):
-        return FinetuneSettings.defaults_for(lm, layer, constrained=constrained, **overrides)
-
-    return defaults, compute
+def _fixing(defaults: Callable[..., object], **fixed) -> Callable[..., object]:
+    """`defaults` (a settings type's defaults_for) with the fields that tell two methods of one module
+    apart fixed (rome's key_mode, ft-l's constraint)."""
+    return lambda lm, layer=None, **overrides: defaults(lm, layer, **fixed, **overrides)
 
 
 @dataclass
@@ -158,15 +131,19 @@ def register(method: Method) -> None:
 register(Method("none", "the unedited model (baseline)", NoSettings, lambda lm, layer=None, **kw: NoSettings(),
                 _none_compute))
 register(Method("rome", "ROME with consistent keys (the averaged key in every step)", RomeSettings,
-                *_rome("consistent"), presets={"paper": rome.PAPER_SETTINGS},
+                _fixing(RomeSettings.defaults_for, key_mode="consistent"), rome_edit,
+                presets={"paper": rome.PAPER_SETTINGS},
                 choices={"key_mode": ("consistent",), "early_stop_on": EARLY_STOP_CRITERIA}))
 register(Method("rome-original", "ROME as in the reference code (plain-prompt key in the solve)", RomeSettings,
-                *_rome("original"), presets={"paper": rome.PAPER_SETTINGS},
+                _fixing(RomeSettings.defaults_for, key_mode="original"), rome_edit,
+                presets={"paper": rome.PAPER_SETTINGS},
                 choices={"key_mode": ("original",), "early_stop_on": EARLY_STOP_CRITERIA}))
-register(Method("ft", "fine-tune one MLP output matrix", FinetuneSettings, *_finetune("ft", False),
+register(Method("ft", "fine-tune one MLP output matrix", FinetuneSettings,
+                _fixing(FinetuneSettings.defaults_for, constrained=False), partial(finetune_delta, method="ft"),
                 presets={"paper": {"steps": 25, "lr": 5e-4}}))
 register(Method("ft-l", "fine-tune one MLP output matrix under an L-infinity constraint (FT+L), relative to its scale",
-                FinetuneSettings, *_finetune("ft-l", True), presets={"paper": FT_L_PAPER_SETTINGS}))
+                FinetuneSettings, _fixing(FinetuneSettings.defaults_for, constrained=True),
+                partial(finetune_delta, method="ft-l"), presets={"paper": FT_L_PAPER_SETTINGS}))
 
 register(Method("memit", "MEMIT: all requests at once, spread over a range of layers", MemitSettings,
                 MemitSettings.defaults_for, memit_delta, presets={"paper": memit.PAPER_SETTINGS},
@@ -178,10 +155,7 @@ register(Method("alphaedit", "AlphaEdit: MEMIT projected onto the null space of 
                          "l2_rule": alphaedit.L2_RULES}))
 
 register(Method("kn", "knowledge neurons: integrated-gradients attribution, then rewrite their value vectors",
-                KnSettings, lambda lm, layer=None, **kw: KnSettings.defaults_for(lm, layer, **kw),
-                lambda lm, requests, settings, cache_dir=None, progress=None, history=None:
-                kn_delta(lm, requests, settings, start_phase(progress, "knowledge neurons", len(requests), "request")),
-                presets={"paper": kn.PAPER_SETTINGS}))
+                KnSettings, KnSettings.defaults_for, kn_delta, presets={"paper": kn.PAPER_SETTINGS}))
 
 
 def get_method(name: str) -> Method:

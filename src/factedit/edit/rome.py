@@ -1,13 +1,19 @@
 """ROME (Meng et al. 2022, section 3): a rank-one update of one MLP output matrix.
 
-The method in its natural steps, each usable alone:
+The method in its natural steps, each usable alone (`rome_delta` runs them for one request,
+`rome_edit` for several, one after another):
 
-1. `context_templates`: "{}" plus short texts sampled from the model, as prefixes ("<text>. {}").
+1. `context_templates` (prefixes.py, shared with MEMIT and AlphaEdit): "{}" plus short texts
+   sampled from the model, as prefixes ("<text>. {}").
 2. `compute_keys`: the MLP key (input of the output projection) and value (its output) at the
    subject's last token, for every prefixed prompt; their averages.
-3. `compute_value_delta`: optimise a vector added to the MLP output at the subject's last token so
-   that the model predicts the new target, keeping "{subject} is a" close to the original (KL).
-4. `solve_rank_one`: W' = W + (v* - W k)(C^-1 k)^T / ((C^-1 k)^T k) against the key statistics C.
+3. `compute_value_delta` (value.py): optimise a vector added to the MLP output at the subject's last
+   token so that the model predicts the new target, keeping "{subject} is a" close to the original
+   (KL); with `update_shares`, each prompt receives the share of the change the update will give it.
+4. `solve_rank_one`: W' = W + (v* - W k)(C^-1 k)^T / ((C^-1 k)^T k) against the key statistics C
+   (`key_statistics` in factedit.stats; the direction C^-1 k / ((C^-1 k)^T k) is `update_left`).
+
+The layer (when none is given) comes from the shared rule in layers.py.
 
 Two variants share all of it (see `RomeSettings.key_mode`):
 * "consistent" (method `rome`, default): the averaged key k and averaged value W k are used in every
@@ -18,25 +24,24 @@ Two variants share all of it (see `RomeSettings.key_mode`):
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..cache_files import read_cached, write_atomic
 from ..errors import InputError
-from ..models import LoadedModel, cache_root, check_seed
-from ..progress import PREFIXES, Phases, start_phase
-from ..stats import Corpus, StatisticsSettings, corpus_from, model_sampled_corpus, second_moment
-from .delta import EditDelta
-from .mlp_change import response_clamp
-from .prompts import io_at_subject
+from ..models import LoadedModel
+from ..progress import OPTIMISATION, Phases, start_phase
 from ..request import EditRequest
-from .value import ValueSettings, compute_value_delta
 from ..settings import bounded, one_of
+from ..stats import StatisticsSettings, key_statistics
+from .delta import EditDelta, EditStack
+from .layers import edit_layer
+from .mlp_change import response_clamp
+from .prefixes import context_templates
+from .prompts import io_at_subject
+from .value import ValueSettings, compute_value_delta
 
 
 KEY_MODES = ("consistent", "original")
@@ -71,17 +76,6 @@ class RomeSettings(ValueSettings, StatisticsSettings):
         return cls(layer=layer, layer_rule=rule, **overrides)
 
 
-def edit_layer(lm: LoadedModel, layer: int | None = None) -> tuple[int, str]:
-    """The layer single-layer editors use, and how it was chosen. Without a layer: n_layers // 6
-    (SmolLM2: 5), inside the early MLP site that causal tracing finds on the models here;
-    `factedit suggest-layer` measures it for a new model."""
-    if layer is None:
-        layer, rule = max(0, lm.n_layers // 6), "n_layers // 6 (structural default; see suggest-layer)"
-    else:
-        rule = "given"
-    return lm.check_layer(layer), rule
-
-
 CLAMP_RULE = "largest factor <= 4 at which the block passes on 0.9 of the change (mlp_change.response_clamp)"
 
 
@@ -92,7 +86,7 @@ def clamp_for_block(lm: LoadedModel, layer: int) -> float:
     which receive a small share of the change, do not, so the share of the edit that reaches them
     grows by 1 / response (here at most 1.11x). On Gemma 3 at layer 3, CounterFact neighbourhood
     success with the reference's 4: 40, with 1.12 (response 0.75): 56, with this rule's 0.62: 62
-    (unedited 69.5; docs/results.md 8.9)."""
+    (unedited 69.5; docs/results.md#rome-clamp-rule)."""
     return response_clamp(lm, layer, ceiling=4.0, keep=0.9)
 
 
@@ -101,39 +95,6 @@ PAPER_SETTINGS = {"v_lr": 0.5, "v_steps": 20, "v_weight_decay": 0.5, "clamp_norm
                   "early_stop_loss": 0.05, "early_stop_on": "total", "prefix_lengths": [[5, 10], [10, 10]],
                   "prefix_context": "", "value_through_update": False,
                   "clamp_rule": "the reference's 4"}
-
-
-# ------------------------------------------------------------------------------ 1. context templates
-
-def context_templates(lm: LoadedModel, settings: RomeSettings, cache_dir: Path | None = None, *,
-                      progress: Phases | None = None) -> list[str]:
-    """["{}"] + ["<sampled text>. {}", ...], sampled once per model and seed, cached on disk; the
-    sampling is phase progress.PREFIXES, counted in tokens."""
-    from ..generate import sample_texts, sampled_tokens
-
-    check_seed(settings.prefix_seed, "prefix_seed")
-    starts = ["The", "Therefore", "Because", "I", "You"]
-    spec = "-".join(f"{n}x{length}" for length, n in settings.prefix_lengths)
-    if settings.prefix_context:
-        spec += "_after-" + hashlib.sha256(settings.prefix_context.encode()).hexdigest()[:8]
-    path = cache_root(cache_dir) / "prefixes" / f"{lm.fingerprint}_seed{settings.prefix_seed}_{spec}.json"
-    cached = read_cached(path, lambda p: json.loads(p.read_text()))
-    # What this function writes: "{}" first, then one template per sampled text, each with one "{}".
-    expected = 1 + sum(max(1, count // len(starts)) * len(starts) for _, count in settings.prefix_lengths)
-    if isinstance(cached, list) and len(cached) == expected and cached[0] == "{}" \
-            and all(isinstance(t, str) and t.count("{}") == 1 for t in cached):
-        return cached
-    total = sum(sampled_tokens(lm, starts, max(1, count // len(starts)), length, settings.prefix_context)
-                for length, count in settings.prefix_lengths)
-    step = start_phase(progress, PREFIXES, total, "tok")
-    templates = ["{}"]
-    for length, count in settings.prefix_lengths:
-        texts = sample_texts(lm, starts, max(1, count // len(starts)), length, top_k=5,
-                             seed=settings.prefix_seed * 100 + length, context=settings.prefix_context, progress=step)
-        templates += [t.replace("{", " ").replace("}", " ").strip() + ". {}" for t in texts]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda partial: partial.write_text(json.dumps(templates, indent=1)))
-    return templates
 
 
 # ------------------------------------------------------------------------------------- 2. the keys
@@ -170,35 +131,19 @@ def update_left(C: torch.Tensor, k_direction: torch.Tensor, k_residual: torch.Te
 
 
 def solve_rank_one(C: torch.Tensor, k_direction: torch.Tensor, k_residual: torch.Tensor, v_current: torch.Tensor,
-                   v_target: torch.Tensor, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors of Delta W = right left^T with Delta W k_residual = v_target - v_current and the
-    update direction C^-1 k_direction (see update_left)."""
-    left = update_left(C, k_direction, k_residual, ridge)
+                   v_target: torch.Tensor, ridge: float = 0.0, *, left: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (left, right) of Delta W = right left^T with Delta W k_residual = v_target - v_current
+    and the update direction C^-1 k_direction (see update_left). `left`: update_left's result for
+    these arguments where it is already solved (rome_delta needs it before the value step), so that
+    it is not solved again."""
+    if left is None:
+        left = update_left(C, k_direction, k_residual, ridge)
     right = (v_target - v_current).double()
     return left.float(), right.float().to(left.device)
 
 
 # -------------------------------------------------------------------------------------- the editor
-
-def statistics_corpus(lm: LoadedModel, settings, progress: Phases | None = None) -> Corpus:
-    """The corpus for the key statistics: the settings' source, else $FACTEDIT_STATS_CORPUS, else
-    text sampled from the model itself (its name says so: model-sampled-seedN; `progress` hears of
-    the sampling)."""
-    import os
-
-    source = settings.stats_corpus or os.environ.get("FACTEDIT_STATS_CORPUS")
-    return corpus_from(source) if source else model_sampled_corpus(lm, seed=settings.prefix_seed, progress=progress)
-
-
-def key_statistics(lm: LoadedModel, settings: RomeSettings, *, cache_dir: Path | None = None,
-                   progress: Phases | None = None, sum_chunks=None):
-    """C at the settings' layer, from the disk cache or computed (phases progress.SAMPLING where the
-    model's own text is the corpus, then progress.STATISTICS). Returns (stats, path, cache hit).
-    `sum_chunks`: what sums k k^T when not cached (stats.collect_second_moments; e.g. sharded over workers)."""
-    corpus = statistics_corpus(lm, settings, progress)
-    return second_moment(lm, settings.layer, corpus, settings.stats_tokens, cache_dir=cache_dir, progress=progress,
-                         sum_chunks=sum_chunks)
-
 
 def update_shares(lm: LoadedModel, request: EditRequest, settings: RomeSettings, keys: Keys,
                   left: torch.Tensor) -> torch.Tensor:
@@ -206,7 +151,7 @@ def update_shares(lm: LoadedModel, request: EditRequest, settings: RomeSettings,
     update with direction `left` (update_left): left^T k at its key, one per template, then the
     essence prompt. Not 1 everywhere: on SmolLM2 a subject at the very start of the text (position 0,
     which the model uses as an attention sink) can have a key that receives as little as 7% of an
-    update made for the key averaged over contexts (docs/results.md 8.8)."""
+    update made for the key averaged over contexts (docs/results.md#value-through-update)."""
     essence = EditRequest.create(settings.essence_prompt, request.subject, request.target_new)
     k_essence = io_at_subject(lm, "mlp", settings.layer, essence, ["{}"])[0]
     return (torch.cat([keys.k_each, k_essence]).double().to(left.device) @ left).float()
@@ -227,10 +172,34 @@ def rome_delta(lm: LoadedModel, request: EditRequest, settings: RomeSettings, C:
     shares = update_shares(lm, request, settings, keys, left) if settings.value_through_update else None
     value = compute_value_delta(lm, layer, request, templates, settings, v_current, forward=forward,
                                 row_scales=shares, progress=progress)
-    right = (value.target_init + value.delta - v_current).double()  # what solve_rank_one computes
-    left, right = left.float(), right.float().to(left.device)
+    left, right = solve_rank_one(C, keys.k_avg, k_residual, v_current, value.target_init + value.delta,
+                                 settings.ridge, left=left)
     name = lm.arch.mlp_out_path(layer)
     method = "rome" if settings.key_mode == "consistent" else "rome-original"
     delta = EditDelta(method, lm.fingerprint, {name: {"up": right.unsqueeze(1).cpu(), "down": left.unsqueeze(0).cpu()}},
                       settings.to_dict(), [request.to_dict()])
     return delta, {**value.diagnostics(), "value_norm": float(value.target_init.norm())}
+
+
+def rome_edit(lm: LoadedModel, requests: list[EditRequest], settings: RomeSettings, *, cache_dir: Path | None = None,
+              progress: Phases | None = None, history=None) -> tuple[EditDelta, list[dict]]:
+    """ROME for `requests` (methods rome and rome-original): the key statistics and the prefixes once,
+    then rome_delta per request, each computed on the model with the previous ones applied; the
+    deltas composed. The model is left as it was. `progress`: the phases (factedit.progress), the
+    value optimisation once per request, counted in steps. (`history` is not read.)"""
+    stats, path, _ = key_statistics(lm, settings, cache_dir=cache_dir, progress=progress)
+    C = stats.matrix.to(lm.device)
+    templates = context_templates(lm, settings, cache_dir, progress=progress)
+    stack, total, diagnostics = EditStack(lm), None, []
+    try:  # several requests: each is computed on the model with the previous ones applied
+        for request in requests:
+            steps = start_phase(progress, OPTIMISATION, settings.v_steps, "step")  # at most v_steps: it may converge first
+            delta, info = rome_delta(lm, request, settings, C, templates, progress=steps)
+            diagnostics.append(info)
+            if len(requests) > 1:
+                stack.apply(delta)
+            total = delta if total is None else total.compose(delta)
+    finally:
+        stack.revert_all()
+    total.info.update({"diagnostics": diagnostics, "stats_keys": stats.count, "stats_file": path.name})
+    return total, diagnostics

@@ -1,0 +1,121 @@
+"""What the editors that write many edits at once over a range of MLP layers share (MEMIT, Meng et
+al. 2023, and AlphaEdit, which differs only in the per-layer solve):
+
+1. For each request, a target hidden state z at the last layer L of the range (targets.py).
+2. For each layer l of the range, lowest first, on the model updated so far:
+   K = keys at l (averaged over the context templates), R = (z - current block-L output) / (layers
+   left), and Delta W_l = R down, with `down` from the method's solve (MEMIT's: K^T (lambda C_l +
+   K K^T)^-1, a least-squares update that keeps the existing keys' outputs while mapping the new
+   keys to their residuals). R is a change of the block's output; where a norm follows the MLP
+   (Gemma) it is first turned into the change of the MLP projection's output that produces it
+   (mlp_change.py).
+As in the reference code, the residual uses the plain prompt's hidden state while the keys are
+averaged over templates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import InputError
+from ..models import LoadedModel
+from ..progress import OPTIMISATION, Phases, start_phase
+from ..request import EditRequest
+from ..settings import bounded
+from ..stats import StatisticsSettings
+from .delta import EditDelta, EditStack
+from .layers import edit_layer
+from .mlp_change import mlp_change
+from .prefixes import context_templates
+from .prompts import io_at_subject
+from .targets import TargetCache, compute_targets
+from .value import ValueSettings
+
+
+@dataclass(kw_only=True)
+class MassEditSettings(ValueSettings, StatisticsSettings):
+    """What every editor that spreads many edits over a range of layers shares (MEMIT, AlphaEdit):
+    the targets' value optimisation (ValueSettings, with MEMIT's clamp and prefixes), the statistics
+    (StatisticsSettings) and the layers."""
+
+    layers: list[int] = bounded(at_least=0)  # (their upper bound depends on the model: Method.check_settings)
+    # Redeclared fields replace the base's, range included: each states its range again.
+    clamp_norm_factor: float = bounded(0.75, above=0)
+    prefix_lengths: list[list[int]] = bounded(default_factory=lambda: [[10, 5]], at_least=1,
+                                              item_length=2)  # [tokens, count]
+    batch_requests: int = bounded(16, at_least=1)  # requests whose targets are optimised together (same result, faster)
+    layer_rule: str = ""
+    preset: str = "default"
+
+    @staticmethod
+    def default_layers(lm: LoadedModel, layer: int | None = None) -> tuple[list[int], str]:
+        """Five layers ending one above ROME's default layer (or ending at `layer`), and the rule."""
+        top = layer if layer is not None else min(lm.n_layers - 1, edit_layer(lm)[0] + 1)
+        if not 0 <= top < lm.n_layers:
+            raise InputError(f"layer {top} out of range: the model has {lm.n_layers} layers")
+        rule = "given top layer" if layer is not None else "5 layers ending one above ROME's default layer"
+        return list(range(max(0, top - 4), top + 1)), rule
+
+
+def _as_mlp_change(lm: LoadedModel, layer: int, requests: list[EditRequest], wanted: torch.Tensor, template: str,
+                   diagnostics: list[dict], chunk: int = 64) -> torch.Tensor:
+    """`wanted` (d, n) as changes of the MLP projection's output (see mlp_change); the share each
+    request reaches goes to its diagnostics."""
+    columns = []
+    for start in range(0, len(requests), chunk):
+        found = mlp_change(lm, layer, requests[start:start + chunk], wanted[:, start:start + chunk].T, template)
+        columns.append(found.change.T.double())
+        for d, reached in zip(diagnostics[start:start + chunk], found.reached.tolist()):
+            d.setdefault("mlp_reached", {})[layer] = round(reached, 4)
+    return torch.cat(columns, 1)
+
+
+# solve(layer, K, residual) -> down (n, d_mlp): the layer's update is Delta W = residual @ down.
+LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def spread_over_layers(lm: LoadedModel, requests: list[EditRequest], settings: MassEditSettings, solve: LayerSolve,
+                       method: str, *, cache_dir=None, progress: Phases | None = None, record_keys: bool = False
+                       ) -> tuple[EditDelta, list[dict]]:
+    """Steps 1 and 2 of the module docstring with the per-layer solve given (MEMIT's, AlphaEdit's).
+    `record_keys`: the delta also carries each layer's keys, read once every layer is updated (as
+    the reference's AlphaEdit does), for editors that preserve earlier edits. `progress`: the phases
+    (factedit.progress): statistics and prefixes before, then the value optimisation of the
+    requests' targets, counted in requests."""
+    layers = sorted(settings.layers)
+    top = layers[-1]
+    templates = context_templates(lm, settings, cache_dir, progress=progress)
+    # 1. target hidden states z at the top layer, optimised for several requests at once
+    targets_done = start_phase(progress, OPTIMISATION, len(requests), "request")
+    found = compute_targets(lm, requests, settings, top, templates, TargetCache(lm, settings, top, cache_dir),
+                            targets_done, settings.batch_requests)
+    z = torch.stack([f["z"] for f in found], 1).to(lm.device).double()  # (d, n)
+    diagnostics = [{key: value for key, value in f.items() if key != "z"} for f in found]
+
+    def keys_at(layer: int) -> torch.Tensor:  # (d_mlp, n), each averaged over the templates
+        return torch.stack([io_at_subject(lm, "mlp", layer, r, templates)[0].mean(0) for r in requests], 1).double()
+
+    # 2. spread the change over the layers, lowest first, each on the model updated so far
+    stack, total = EditStack(lm), None
+    try:
+        for i, layer in enumerate(layers):
+            K = keys_at(layer)
+            current = torch.stack([io_at_subject(lm, "hidden", top, r, templates[:1])[1][0] for r in requests], 1)
+            wanted = (z - current.double()) / (len(layers) - i)  # this layer's share of the block-output change
+            residual = _as_mlp_change(lm, layer, requests, wanted, templates[0], diagnostics)
+            down = solve(layer, K, residual)
+            delta = EditDelta(method, lm.fingerprint, {lm.arch.mlp_out_path(layer): {"up": residual.float().cpu(),
+                                                                       "down": down.float().cpu()}},
+                              settings.to_dict(), [r.to_dict() for r in requests])
+            stack.apply(delta)
+            total = delta if total is None else total.compose(delta)
+        if record_keys:
+            total.keys = {lm.arch.mlp_out_path(layer): keys_at(layer).float().cpu() for layer in layers}
+    finally:
+        stack.revert_all()
+    total.method = method
+    total.requests = [r.to_dict() for r in requests]
+    return total, diagnostics
