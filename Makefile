@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The benchmark data is read in place from ../shared/data (never copied into the project).
 export FACTEDIT_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup setup-test demo test bench gemma constraints clean
+.PHONY: setup setup-test demo test test-fast bench gemma constraints clean
 
 # Installs take the exact versions in constraints.txt (reproducible tests); the package itself
 # declares compatible ranges for users.
@@ -50,8 +50,14 @@ demo: setup
 	$(BIN)/factedit generate --model smollm2-135m --edits demo-out/eiffel-rome.safetensors \
 		--prompt "The Eiffel Tower is located in the city of" --prompt "The capital of France is"
 
+# Everything (what CI runs): the bundled models, Ray, the browser, the notebook.
 test: setup-test
 	$(BIN)/python -m pytest -q --durations=15
+
+# The edit-test loop (a few minutes): tiny models and checks that need no bundled model; no Ray, no
+# browser, no notebook. The rest is marked slow (tests/conftest.py says how).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/trace_bench.py

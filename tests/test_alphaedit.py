@@ -220,4 +220,5 @@ def test_statistics_merge_feeds_the_projector(lm, word_corpus):
     settings = settings_for(lm)
     direct = null_space_projector(stats.matrix, settings.null_space_rule, settings.null_space_threshold)
     cached = projectors(lm, settings)[1]
-    assert cached.kept == direct.kept
+    assert cached.kept == direct.kept and 0 < cached.kept < lm.arch.d_mlp
+    torch.testing.assert_close(cached.matrix, direct.matrix, atol=1e-9, rtol=0)  # the same projector, not only its rank

@@ -177,6 +177,7 @@ def invoke(args):
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
+@pytest.mark.slow  # the CLI's default model: the bundled SmolLM2
 def test_trace_command_estimates_refines_and_replaces(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("FACTEDIT_DATA_DIR", str(data_dir))
     out = tmp_path / "atp"

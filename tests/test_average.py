@@ -99,6 +99,7 @@ def test_average_of_replaced_subjects_and_estimates(tmp_path):
     assert "ESTIMATES (atp)" in result.markdown() and "subject tokens replaced" in result.markdown()
 
 
+@pytest.mark.slow  # about 8 s on 2 shared cores
 def test_runs_compare_from_their_folders(tmp_path):
     """trace-compare rebuilds each run's average from facts.jsonl (as far as a run got) and writes
     a table and a figure; mismatched labels and folders that are not runs are clear errors."""

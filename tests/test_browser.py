@@ -1,6 +1,9 @@
 """The real page in headless Chromium (Debian's package, driven by Playwright), on SmolLM2:
 trace (the estimate first, then the exact heatmaps; hover values, legend, SVG and PNG downloads),
-edit, see the new target win, undo, see the old one back. Saves a screenshot to docs/."""
+edit, see the new target win, undo, see the old one back.
+
+The screenshot after the edit goes to the test's tmp_path; the tracked docs/workbench.png is
+rewritten only when asked: FACTEDIT_UPDATE_SCREENSHOTS=1 make test (or pytest tests/test_browser.py)."""
 
 import os
 import time
@@ -9,22 +12,22 @@ from pathlib import Path
 import pytest
 from browser import CHROMIUM, CHROMIUM_ARGS, require_chromium, served
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # a browser and SmolLM2
 
 
 @pytest.fixture(scope="module")
-def server(smollm2, data_dir, tmp_path_factory):
+def server(smollm2, smollm2_cache, data_dir):
     from factedit.server.workbench import Workbench
 
     require_chromium()
-    os.environ["FACTEDIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["FACTEDIT_CACHE_DIR"] = str(smollm2_cache)  # the key statistics the other SmolLM2 tests computed
     bench = Workbench(smollm2, stats_corpus=str(data_dir / "wiki" / "enwiki_sample.jsonl"), stats_tokens=20_000)
     with served(bench) as url:
         yield url, bench
     os.environ.pop("FACTEDIT_CACHE_DIR", None)
 
 
-def test_trace_edit_undo_in_the_browser(server):
+def test_trace_edit_undo_in_the_browser(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     url, bench = server
@@ -90,8 +93,10 @@ def test_trace_edit_undo_in_the_browser(server):
         expect(page.locator("#generation-after")).to_contain_text("Rome")
         expect(page.locator("#optimisation")).to_contain_text("converged")
         expect(page.locator("#edits li")).to_have_count(1)
-        docs = Path(__file__).parents[1] / "docs"
-        page.screenshot(path=str(docs / "workbench.png"), full_page=True)
+        shot = page.screenshot(path=str(tmp_path / "workbench.png"), full_page=True)
+        assert shot[:8] == b"\x89PNG\r\n\x1a\n"
+        if os.environ.get("FACTEDIT_UPDATE_SCREENSHOTS") == "1":  # the README's picture, only when asked
+            (Path(__file__).parents[1] / "docs" / "workbench.png").write_bytes(shot)
 
         # Undo: the model is back to Paris.
         page.click("#edits .undo")

@@ -16,6 +16,8 @@ from bad_edits import write_edit_file
 from browser import CHROMIUM, CHROMIUM_ARGS, free_port, require_chromium, served
 from tiny import tiny_model, word_tokenizer
 
+pytestmark = pytest.mark.slow  # a browser (Debian's chromium): not in the fast tier
+
 UPLOAD = "/api/edits/upload"
 
 

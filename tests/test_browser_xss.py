@@ -10,6 +10,8 @@ from bad_edits import REQUEST, write_edit_file
 from browser import CHROMIUM, CHROMIUM_ARGS, require_chromium, served
 from tiny import tiny_model, word_tokenizer
 
+pytestmark = pytest.mark.slow  # a browser (Debian's chromium): not in the fast tier
+
 TITLE = "factedit workbench"
 
 

@@ -105,18 +105,33 @@ def test_cli_edit_generate_export_stats(tiny_folder, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "refusing to apply it" in result.output
 
 
-def test_cli_suggest_layer(tiny_folder, tmp_path):
+def test_cli_suggest_layer(tiny_folder, tmp_path, monkeypatch):
+    """The suggestion is the traced site's layer nearest the default rule's: with the rule moved to
+    a layer outside the site, the suggestion stays in the site (any layer < 3 would pass a range check)."""
+    import factedit.edit.layers
+
     prompt = "The Eiffel Tower is located in the city of"
     answer = prepare(load(str(tiny_folder)), prompt, "The Eiffel Tower", samples=1).answer.strip()
     facts = tmp_path / "facts.json"
     facts.write_text(json.dumps([{"known_id": 0, "subject": "The Eiffel Tower", "attribute": answer, "prompt": prompt}]))
-    result = CliRunner().invoke(main, ["suggest-layer", "--model", str(tiny_folder), "--facts", str(facts), "--n", "1",
-                                       "--samples", "2", "--window", "1"])
-    assert result.exit_code == 0, result.output
-    layer = int(result.output.split("suggested layer ")[1].split(":")[0])
-    assert 0 <= layer < 3 and "over 1 facts" in result.output
+
+    def suggest() -> tuple[list[int], int, int]:
+        """(site layers, default layer, suggested layer) from the command's output."""
+        result = CliRunner().invoke(main, ["suggest-layer", "--model", str(tiny_folder), "--facts", str(facts),
+                                           "--n", "1", "--samples", "2", "--window", "1"])
+        assert result.exit_code == 0 and "over 1 facts" in result.output, result.output
+        low, high = map(int, re.search(r"site: layers (\d+)-(\d+)", result.output).groups())
+        default = int(re.search(r"default layer (\d+)", result.output).group(1))
+        return list(range(low, high + 1)), default, int(re.search(r"suggested layer (\d+):", result.output).group(1))
+
+    site, default, layer = suggest()
+    assert default == 0 and layer == min(site, key=lambda candidate: abs(candidate - 0))  # the rule: 3 // 6
+    monkeypatch.setattr(factedit.edit.layers, "edit_layer", lambda lm: (2, "moved by the test"))
+    site, default, layer = suggest()
+    assert default == 2 not in site and layer == min(site, key=lambda candidate: abs(candidate - 2)) != 2
 
 
+@pytest.mark.slow  # about 11 s on 2 shared cores: two methods, each run in full
 def test_cli_sequential_editing_restores_the_model(tiny_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("FACTEDIT_CACHE_DIR", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.jsonl"

@@ -3,8 +3,11 @@
 A local Ray with 2 one-thread workers, started on 127.0.0.1 by a module fixture and stopped by it
 (no gcs_server or raylet of its session left). Run on SmolLM2: 6 CounterFact records with a short
 ROME (4 value steps: a real edit, cheap enough for a 2-core machine), key statistics over 4096
-tokens, causal traces of known facts (2 wanted of 4). Skipped when Ray (the extra factedit[cluster])
-is not installed.
+tokens, causal traces of known facts (2 wanted of 4).
+
+The tests that start Ray are slow, and skipped when Ray (the extra factedit[cluster]) is not
+installed, except in CI (CI set, as .ci/run does): there a missing Ray fails them. The others (bad
+options refused, no command imports Ray, the message naming the extra) need no Ray and always run.
 """
 
 import importlib.util
@@ -21,11 +24,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-pytestmark = [
+# Only the tests that start Ray: slow, and skipped without Ray outside CI (in CI they fail instead).
+needs_ray = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+    pytest.mark.skipif(importlib.util.find_spec("ray") is None and not os.environ.get("CI"),
                        reason="ray is not installed: pip install 'factedit[cluster]' (make setup-test installs it)"),
 ]
+
+
+def with_ray(test):
+    for mark in needs_ray:
+        test = mark(test)
+    return test
 
 TOLERANCE = 1e-5
 N_RECORDS = 6
@@ -125,6 +135,7 @@ def invoke(args: list[str]):
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
+@with_ray
 def test_eval_on_two_workers_equals_the_single_process_run(local_ray, single_run, rome_settings, data_dir, tmp_path):
     out = tmp_path / "cluster"
     result = invoke(["eval", "--threads", "1", "--method", "rome", "--dataset", "counterfact", "--n", str(N_RECORDS),
@@ -138,6 +149,7 @@ def test_eval_on_two_workers_equals_the_single_process_run(local_ray, single_run
     assert_close({k: expected[k] for k in ("pre", "post")}, {k: summary[k] for k in ("pre", "post")})
 
 
+@with_ray
 def test_a_killed_worker_has_its_batch_run_again(local_ray, smollm2, single_run, rome_settings, data_dir, tmp_path):
     """A run resumed after its first case: this process edits the second batch, a worker the third,
     and that worker is killed in the middle of it. The batch runs again on another worker, a fresh
@@ -180,6 +192,7 @@ def test_a_killed_worker_has_its_batch_run_again(local_ray, smollm2, single_run,
     assert_same_cases(single_run, tmp_path, 3)
 
 
+@with_ray
 def test_sharded_statistics_equal_the_single_process_ones_in_the_same_cache_file(local_ray, smollm2, data_dir,
                                                                                     tmp_path):
     from safetensors import safe_open
@@ -208,6 +221,7 @@ def test_sharded_statistics_equal_the_single_process_ones_in_the_same_cache_file
         path.unlink(missing_ok=True)
 
 
+@with_ray
 def test_trace_average_on_workers_writes_the_same_facts(local_ray, smollm2, data_dir, tmp_path):
     """4 facts, 2 wanted: the run stops at the second one SmolLM2 gets right (the third fact), also
     when the workers have started on the fourth; the same rows either way."""
@@ -235,6 +249,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@with_ray
 def test_an_unreachable_address_fails_within_seconds(local_ray, tmp_path):
     port = free_port()
     began = time.monotonic()
@@ -272,6 +287,7 @@ def test_without_ray_the_message_names_the_extra():
     assert out.startswith("2 ") and "pip install 'factedit[cluster]'" in out
 
 
+@pytest.mark.slow  # a subprocess computing statistics: about 8 s (needs no Ray: never skipped)
 def test_no_command_without_cluster_imports_ray(tiny_folder, word_corpus):
     code = ("import sys, torch; torch.set_num_threads(1)\n"
             "from click.testing import CliRunner; from factedit.cli import main\n"

@@ -105,6 +105,7 @@ def test_a_locked_folder_is_refused_by_the_command_line_before_any_work(folder, 
     assert len(read_manifest(folder).batches) == 3
 
 
+@pytest.mark.slow  # two editing subprocesses: about 10 s
 def test_two_history_edit_processes_on_one_folder_keep_both_batches_or_refuse_one(tmp_path):
     """Two `factedit history edit` processes started together on one folder: each either saves its
     batch (and the folder then holds it) or is refused with a message; never do both report saving

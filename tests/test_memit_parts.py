@@ -128,13 +128,12 @@ def test_targets_are_reused_from_disk_until_the_weights_change(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_memit_writes_facts_into_gemma3(data_dir, tmp_path):
+def test_memit_writes_facts_into_gemma3(gemma3, data_dir, tmp_path):
     """Gemma's post-feed-forward norm sits between the MLP and the residual stream; MEMIT still
     makes the new object win (it did not before residuals were moved behind the norm)."""
     from factedit.data import load_counterfact
-    from factedit.models import load
 
-    lm = load("gemma3-270m")
+    lm = gemma3
     records = load_counterfact(data_dir / "counterfact" / "counterfact_dev.json", 2)
     requests = [r.request for r in records]
     settings = get_method("memit").settings_with(lm, stats_corpus=str(data_dir / "wiki" / "enwiki_sample.jsonl"),

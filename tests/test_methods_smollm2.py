@@ -11,15 +11,14 @@ from factedit.evaluate.datasets import counterfact_probabilities
 pytestmark = pytest.mark.slow
 
 # What each method does on these records (measured, docs/results.md#counterfact-smollm2): FT and MEMIT make the
-# new object win; FT-L (a small L-infinity ball) only raises it; KN moves the model's output a lot
-# but not reliably towards the new object (its top neurons sit in the last layers with activations
-# up to +-190 at every token, and the rewrite scales with them).
-EXPECTED = {"ft": "wins", "memit": "wins", "ft-l": "rises", "kn": "moves"}
+# new object win; FT-L (a small L-infinity ball) only raises it; KN, whose rewrite is divided by each
+# neuron's activation at the prompt (docs/results.md#kn-rewrite), raises it too.
+EXPECTED = {"ft": "wins", "memit": "wins", "ft-l": "rises", "kn": "rises"}
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("factedit-cache")
+def cache_dir(smollm2_cache):
+    return smollm2_cache  # the key statistics at 20,000 tokens: shared with the other SmolLM2 tests (conftest)
 
 
 @pytest.mark.parametrize("method", sorted(EXPECTED))
@@ -43,7 +42,7 @@ def test_editor_changes_the_fact_and_reverts_exactly(smollm2, data_dir, cache_di
         assert all(torch.equal(weights[k], v) for k, v in smollm2.model.state_dict().items())
         new, true = after["p_new"]["rewrite"][0], after["p_true"]["rewrite"][0]
         ratio = new / before["p_new"]["rewrite"][0]
-        assert ratio > 1.05 or (EXPECTED[method] == "moves" and ratio < 1 / 1.05), (record.case_id, before, after)
+        assert ratio > 1.05, (record.case_id, before, after)  # the new object's probability rises, for every method
         if EXPECTED[method] == "wins":
             assert new > 0.5 and new > true, (record.case_id, new, true)
 

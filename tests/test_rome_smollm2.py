@@ -21,8 +21,8 @@ def settings_for(method, lm, data_dir):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("factedit-cache")
+def cache_dir(smollm2_cache):
+    return smollm2_cache  # the key statistics at 20,000 tokens: shared with the other SmolLM2 tests (conftest)
 
 
 @pytest.mark.parametrize("method", ["rome", "rome-original"])

@@ -91,10 +91,8 @@ def test_smollm2_heatmap_shows_the_papers_pattern(smollm2):
 
 
 @pytest.mark.slow
-def test_gemma3_embedding_scale_is_corrupted_and_batched_equals_naive():
-    from factedit import load
-
-    lm = load("gemma3-270m")
+def test_gemma3_embedding_scale_is_corrupted_and_batched_equals_naive(gemma3):
+    lm = gemma3
     run = prepare(lm, "The Eiffel Tower is located in the city of", "The Eiffel Tower", samples=4, seed=0)
     assert run.answer == " Paris" and run.p_clean > 0.5 and run.p_corrupt < 0.1
     # Gemma multiplies embeddings by sqrt(d) inside the embedding module: the noise follows that scale.

@@ -18,6 +18,7 @@ def _corruption_options(command):
     command = click.option("--metric", type=click.Choice(["prob", "logit-diff"]), default="prob", show_default=True,
                            help="what a restoration is scored by: p(answer), or logit(answer) - logit(contrast) "
                                 "(the replacement's answer, or the corrupted run's top other token)")(command)
+    # the choices are trace.corrupt.CORRUPTIONS, written out: importing factedit.trace would load plotting here
     return click.option("--corrupt", type=click.Choice(["gaussian", "replace"]), default="gaussian",
                         show_default=True,
                         help="Gaussian noise on the subject's embeddings, or its tokens replaced by another "
@@ -60,14 +61,14 @@ def _replacement_pool(facts) -> list[tuple[str, str]]:
 def trace(model, prompt, subject, occurrence, kind, sever, noise, samples, window, seed, answer, corrupt, metric,
           facts, approx, refine, out):
     """Causal tracing of one fact: heatmaps of where the model recalls it."""
+    from ..trace.corrupt import check_corruption
     from ..trace.heatmap import expand_kinds, heatmap
     from ..trace.plot import plot_heatmap
     from ..trace.runs import prepare
 
     if refine and not approx:
         raise CommandError("--refine confirms an estimate: use it with --approx atp")
-    if corrupt == "replace" and noise is not None:
-        raise CommandError("--noise sets Gaussian noise; --corrupt replace swaps tokens and takes no noise")
+    check_corruption(corrupt, noise, command_line=True)  # before the model loads
     kinds = expand_kinds(kind) + (["hidden_no_mlp", "hidden_no_attn"] if sever else [])
     if approx:
         from ..trace.atp import check_approx
@@ -130,10 +131,10 @@ def trace_avg(model, facts, n, kind, noise, samples, window, seed, corrupt, metr
     replacement subjects come from the same facts file."""
     from ..data.known import load_known_facts
     from ..trace.average import average_effects
+    from ..trace.corrupt import check_corruption
     from ..trace.plot import plot_average
 
-    if corrupt == "replace" and noise is not None:
-        raise CommandError("--noise sets Gaussian noise; --corrupt replace swaps tokens and takes no noise")
+    check_corruption(corrupt, noise, command_line=True)  # before the model loads
     if approx:
         from ..trace.atp import check_approx
         from ..trace.heatmap import expand_kinds

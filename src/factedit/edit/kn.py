@@ -91,9 +91,10 @@ def neuron_attributions(lm: LoadedModel, prompt: str, target_token: int, layer: 
     return (activation * grad.mean(0)).detach()
 
 
-# The reference rule (knowledge-neurons code as the ROME paper ran it), by name.
-PAPER_SETTINGS = {"scale": 2.0, "follow_activation_sign": False, "per_unit_activation": False, "ig_steps": 20,
-                  "threshold": 0.2}
+# Named settings beside the per-model defaults (preset name -> field values; the registry's presets).
+# "paper": the reference rule (knowledge-neurons code as the ROME paper ran it).
+PRESETS = {"paper": {"scale": 2.0, "follow_activation_sign": False, "per_unit_activation": False, "ig_steps": 20,
+                     "threshold": 0.2}}
 
 
 def neuron_weight(activation: float, settings: KnSettings) -> float:

@@ -47,11 +47,12 @@ class MemitSettings(MassEditSettings):
         return cls(**{"layers": layers, "layer_rule": rule if "layers" not in overrides else "given", **overrides})
 
 
-# The reference implementation's settings for GPT-J (hparams/MEMIT/EleutherAI_gpt-j-6B.json), by name;
-# its lambda is not scaled with the MLP width.
-PAPER_SETTINGS = {"v_lr": 0.5, "v_steps": 25, "v_weight_decay": 0.5, "clamp_norm_factor": 0.75, "kl_factor": 0.0625,
-                  "early_stop_loss": 0.05, "early_stop_on": "total", "prefix_lengths": [[10, 5]], "prefix_context": "",
-                  "mom2_update_weight": 15000.0}
+# Named settings beside the per-model defaults (preset name -> field values; the registry's presets).
+# "paper": the reference implementation's for GPT-J (hparams/MEMIT/EleutherAI_gpt-j-6B.json); its
+# lambda is not scaled with the MLP width.
+PRESETS = {"paper": {"v_lr": 0.5, "v_steps": 25, "v_weight_decay": 0.5, "clamp_norm_factor": 0.75, "kl_factor": 0.0625,
+                     "early_stop_loss": 0.05, "early_stop_on": "total", "prefix_lengths": [[10, 5]],
+                     "prefix_context": "", "mom2_update_weight": 15000.0}}
 
 
 def memit_delta(lm: LoadedModel, requests: list[EditRequest], settings: MemitSettings, *, cache_dir=None,

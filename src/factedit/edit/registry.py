@@ -17,14 +17,13 @@ from ..progress import Phases
 from ..settings import JsonSettings, SettingsError, check_settings_values
 from ..tokens import check_prompt_length
 from .delta import EditDelta
-from . import alphaedit, kn, memit, rome
+from . import alphaedit, finetune, kn, memit, rome
 from .alphaedit import AlphaEditSettings, alphaedit_delta
-from .finetune import FT_L_PAPER_SETTINGS, FinetuneSettings, finetune_delta
+from .finetune import FinetuneSettings, finetune_delta
 from .kn import KnSettings, kn_delta
 from .memit import MemitSettings, memit_delta
 from ..request import EditRequest
 from .rome import RomeSettings, rome_edit
-from .value import EARLY_STOP_CRITERIA
 
 DEFAULT_PRESET = "default"
 
@@ -34,14 +33,21 @@ class Method:
     name: str
     description: str
     settings_type: type
-    defaults: Callable[..., object]  # (lm, layer=None, **overrides) -> settings
+    defaults_for: Callable[..., object]  # the settings type's per-model defaults: (lm, layer=None, **overrides)
     # (lm, requests, settings, cache_dir=, progress=: Phases, history=: EditHistory or None)
     compute: Callable[..., tuple[EditDelta, list[dict]]]
-    # Named settings beside the defaults: field values applied on top of the per-model defaults.
-    # "paper" is the reference implementation's protocol (e.g. ROME's 20 value steps for GPT-2 XL).
+    # Named settings beside the defaults, from the method's module (its PRESETS): preset name -> field
+    # values applied on top of the per-model defaults. "paper" is the reference implementation's
+    # protocol (e.g. ROME's 20 value steps for GPT-2 XL).
     presets: dict[str, dict] = field(default_factory=dict)
-    # Settings fields that take one of a few values, and those values (e.g. ROME's key_mode).
-    choices: dict[str, tuple] = field(default_factory=dict)
+    # Settings fields whose value is this method's, where two methods share a settings type (rome and
+    # rome-original: key_mode): set in its defaults, and checked by check_fields. (The values a field
+    # may take at all are declared with the field: settings.one_of, bounded.)
+    fixed: dict[str, object] = field(default_factory=dict)
+
+    def defaults(self, lm: LoadedModel, layer: int | None = None, **overrides):
+        """Per-model defaults (the settings type's defaults_for) with this method's fixed fields."""
+        return self.defaults_for(lm, layer, **self.fixed, **overrides)
 
     def settings_with(self, lm: LoadedModel, layer: int | None = None, preset: str = DEFAULT_PRESET, **options):
         """Per-model defaults (or the named `preset`) with those `options` that this method's settings
@@ -79,17 +85,17 @@ class Method:
         return settings
 
     def check_fields(self, settings, source: str | Path | None = None) -> None:
-        """A SettingsError if a field of `settings` is outside its range or choices, or those of this
-        method (e.g. rome's key_mode), or a list of layers is empty: all but the model's layer count."""
+        """A SettingsError if a field of `settings` is outside its declared range or choices, differs
+        from this method's fixed value (e.g. rome's key_mode), or a list of layers is empty: all but
+        the model's layer count."""
         where = f"{source}: " if source is not None else ""
         check_settings_values(settings, source)  # again: a field may have changed since the settings were made
         if getattr(settings, "layers", None) is not None and not settings.layers:
             raise SettingsError(f"{where}layers is empty; give at least one layer (or null where allowed)")
-        for name, allowed in self.choices.items():
-            value = getattr(settings, name)
-            if value not in allowed:
-                raise SettingsError(f"{where}{name} must be {' or '.join(map(repr, allowed))} for method "
-                                    f"{self.name}, not {value!r}")
+        for name, value in self.fixed.items():
+            if getattr(settings, name) != value:
+                raise SettingsError(f"{where}{name} must be {value!r} for method {self.name}, "
+                                    f"not {getattr(settings, name)!r}")
 
     def check_settings(self, lm: LoadedModel, settings, source: str | Path | None = None) -> None:
         """A SettingsError if `settings` do not fit this method on `lm`: check_fields, and a layer the
@@ -104,12 +110,6 @@ class Method:
 
     def preset_names(self) -> list[str]:
         return [DEFAULT_PRESET, *self.presets]
-
-
-def _fixing(defaults: Callable[..., object], **fixed) -> Callable[..., object]:
-    """`defaults` (a settings type's defaults_for) with the fields that tell two methods of one module
-    apart fixed (rome's key_mode, ft-l's constraint)."""
-    return lambda lm, layer=None, **overrides: defaults(lm, layer, **fixed, **overrides)
 
 
 @dataclass
@@ -131,31 +131,23 @@ def register(method: Method) -> None:
 register(Method("none", "the unedited model (baseline)", NoSettings, lambda lm, layer=None, **kw: NoSettings(),
                 _none_compute))
 register(Method("rome", "ROME with consistent keys (the averaged key in every step)", RomeSettings,
-                _fixing(RomeSettings.defaults_for, key_mode="consistent"), rome_edit,
-                presets={"paper": rome.PAPER_SETTINGS},
-                choices={"key_mode": ("consistent",), "early_stop_on": EARLY_STOP_CRITERIA}))
+                RomeSettings.defaults_for, rome_edit, presets=rome.PRESETS, fixed={"key_mode": "consistent"}))
 register(Method("rome-original", "ROME as in the reference code (plain-prompt key in the solve)", RomeSettings,
-                _fixing(RomeSettings.defaults_for, key_mode="original"), rome_edit,
-                presets={"paper": rome.PAPER_SETTINGS},
-                choices={"key_mode": ("original",), "early_stop_on": EARLY_STOP_CRITERIA}))
+                RomeSettings.defaults_for, rome_edit, presets=rome.PRESETS, fixed={"key_mode": "original"}))
 register(Method("ft", "fine-tune one MLP output matrix", FinetuneSettings,
-                _fixing(FinetuneSettings.defaults_for, constrained=False), partial(finetune_delta, method="ft"),
-                presets={"paper": {"steps": 25, "lr": 5e-4}}))
+                partial(FinetuneSettings.defaults_for, constrained=False), partial(finetune_delta, method="ft"),
+                presets=finetune.FT_PRESETS))
 register(Method("ft-l", "fine-tune one MLP output matrix under an L-infinity constraint (FT+L), relative to its scale",
-                FinetuneSettings, _fixing(FinetuneSettings.defaults_for, constrained=True),
-                partial(finetune_delta, method="ft-l"), presets={"paper": FT_L_PAPER_SETTINGS}))
+                FinetuneSettings, partial(FinetuneSettings.defaults_for, constrained=True),
+                partial(finetune_delta, method="ft-l"), presets=finetune.FT_L_PRESETS))
 
 register(Method("memit", "MEMIT: all requests at once, spread over a range of layers", MemitSettings,
-                MemitSettings.defaults_for, memit_delta, presets={"paper": memit.PAPER_SETTINGS},
-                choices={"early_stop_on": EARLY_STOP_CRITERIA}))
+                MemitSettings.defaults_for, memit_delta, presets=memit.PRESETS))
 register(Method("alphaedit", "AlphaEdit: MEMIT projected onto the null space of the preserved keys and earlier edits",
-                AlphaEditSettings, AlphaEditSettings.defaults_for, alphaedit_delta,
-                presets={"paper": alphaedit.PAPER_SETTINGS},
-                choices={"early_stop_on": EARLY_STOP_CRITERIA, "null_space_rule": alphaedit.NULL_SPACE_RULES,
-                         "l2_rule": alphaedit.L2_RULES}))
+                AlphaEditSettings, AlphaEditSettings.defaults_for, alphaedit_delta, presets=alphaedit.PRESETS))
 
 register(Method("kn", "knowledge neurons: integrated-gradients attribution, then rewrite their value vectors",
-                KnSettings, KnSettings.defaults_for, kn_delta, presets={"paper": kn.PAPER_SETTINGS}))
+                KnSettings, KnSettings.defaults_for, kn_delta, presets=kn.PRESETS))
 
 
 def get_method(name: str) -> Method:

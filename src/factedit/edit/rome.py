@@ -30,7 +30,6 @@ from typing import Callable
 
 import torch
 
-from ..errors import InputError
 from ..models import LoadedModel
 from ..progress import OPTIMISATION, Phases, start_phase
 from ..request import EditRequest
@@ -90,11 +89,12 @@ def clamp_for_block(lm: LoadedModel, layer: int) -> float:
     return response_clamp(lm, layer, ceiling=4.0, keep=0.9)
 
 
-# The reference implementation's settings for GPT-2 XL (hparams/ROME/gpt2-xl.json), by name.
-PAPER_SETTINGS = {"v_lr": 0.5, "v_steps": 20, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
-                  "early_stop_loss": 0.05, "early_stop_on": "total", "prefix_lengths": [[5, 10], [10, 10]],
-                  "prefix_context": "", "value_through_update": False,
-                  "clamp_rule": "the reference's 4"}
+# Named settings beside the per-model defaults (preset name -> field values; the registry's presets,
+# for rome and rome-original). "paper": the reference implementation's for GPT-2 XL (hparams/ROME/gpt2-xl.json).
+PRESETS = {"paper": {"v_lr": 0.5, "v_steps": 20, "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "kl_factor": 0.0625,
+                     "early_stop_loss": 0.05, "early_stop_on": "total", "prefix_lengths": [[5, 10], [10, 10]],
+                     "prefix_context": "", "value_through_update": False,
+                     "clamp_rule": "the reference's 4"}}
 
 
 # ------------------------------------------------------------------------------------- 2. the keys
@@ -163,8 +163,6 @@ def rome_delta(lm: LoadedModel, request: EditRequest, settings: RomeSettings, C:
     """The rank-one edit for one request (the model is not modified)."""
     layer = settings.layer
     keys = compute_keys(lm, layer, request, templates)
-    if settings.key_mode not in ("consistent", "original"):
-        raise InputError(f"unknown key_mode {settings.key_mode!r}; expected consistent or original")
     # The value the update is written for, and its key: averaged (consistent) or the plain prompt's.
     v_current = keys.v_avg if settings.key_mode == "consistent" else keys.v_plain
     k_residual = keys.k_avg if settings.key_mode == "consistent" else keys.k_plain

@@ -20,7 +20,6 @@ from typing import Callable
 
 import torch
 
-from ..errors import InputError
 from ..hooks import Hook, Hooks
 from ..kv_cache import forward_kwargs, output_cache
 from ..models import SEED_MAX, LoadedModel
@@ -270,9 +269,6 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
     (fast) or "full" (the reference). `row_scales`: per request, one factor per prompt (its templates,
     then its essence prompt) that delta is multiplied by there (ROME's `value_through_update`);
     default 1 everywhere, as in the reference."""
-    if settings.early_stop_on not in EARLY_STOP_CRITERIA:
-        raise InputError(f"early_stop_on must be one of {', '.join(EARLY_STOP_CRITERIA)}, "
-                         f"not {settings.early_stop_on!r}")
     rows = value_rows(lm, requests, templates, settings.essence_prompt)
     runner = {"cached": CachedForward, "full": FullForward}[forward](lm, rows, layer, kind)
     n = len(requests)

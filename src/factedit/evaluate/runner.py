@@ -43,6 +43,63 @@ ADDED_LATER = MappingProxyType({"start": 0, "measure_every": 1, "data_digest": U
 MAY_DIFFER = frozenset({"n", "data"})
 
 
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """What one evaluation run does, besides the model, its settings and where it runs (see
+    run_evaluation, whose arguments these are)."""
+
+    method: str
+    dataset: str
+    data: str | None = None
+    n: int | None = None
+    start: int = 0
+    edits_per_batch: int = 1
+    generation: bool = False
+    generation_tokens: int = 100
+    sequential: bool = False
+    measure_every: int = 1
+
+    def check(self, ds: Dataset, distributed: bool) -> None:
+        """An InputError for options no run can have (`distributed`: batches are dispatched to workers)."""
+        if self.start < 0:
+            raise InputError(f"start must be 0 or more, not {self.start}")
+        if self.n is not None and self.n < 1:
+            raise InputError(f"n must be at least 1 (or None: every record), not {self.n}")
+        if self.edits_per_batch < 1:
+            raise InputError(f"edits_per_batch must be at least 1, not {self.edits_per_batch}")
+        if self.measure_every < 1:
+            raise InputError(f"measure_every must be at least 1 (batches), not {self.measure_every}")
+        if self.sequential and distributed:
+            raise InputError("sequential runs cannot be spread over workers: each batch is edited on top of the "
+                             "ones before it (drop --cluster or --sequential)")
+        if self.generation and ds.generation_prompts is None:
+            raise InputError(f"dataset {self.dataset} has no generation prompts")
+
+    def records(self, ds: Dataset) -> list:
+        """The records to evaluate: n of them (default: all) from the start-th of the data."""
+        loaded = ds.load(self.data, self.start + self.n if self.n is not None else None)
+        records = loaded[self.start:]
+        if not records:
+            raise InputError(f"no {self.dataset} records to evaluate: start {self.start} skips all "
+                             f"{len(loaded)} records read")
+        return records
+
+    def run_info(self, lm: LoadedModel, settings, records: list, held_out: Corpus | None,
+                 known: list[KnownFact] | None) -> dict:
+        """The run's settings.json (what a resumed run must match; see ADDED_LATER and MAY_DIFFER)."""
+        data = self.data
+        info = {"method": self.method, "dataset": self.dataset, "data": str(data) if data else "default",
+                "data_digest": file_digest(Path(data)) if data and Path(data).is_file() else None, "n": len(records),
+                "start": self.start,
+                "edits_per_batch": self.edits_per_batch, "model": lm.name, "fingerprint": lm.fingerprint,
+                "settings": settings.to_dict(), "generation": self.generation, "sequential": self.sequential,
+                "generation_tokens": self.generation_tokens if self.generation else None}
+        if self.sequential:  # what the measurements after each batch read
+            info.update({"held_out": held_out.identity if held_out else None,
+                         "known_facts": len(known) if known is not None else None, "measure_every": self.measure_every})
+        return info
+
+
 def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Path, *, data: str | None = None,
                    n: int | None = None, start: int = 0, edits_per_batch: int = 1, settings=None,
                    generation: bool = False,
@@ -64,47 +121,37 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
     fluency (GE) and consistency (RS*: TF-IDF cosine against the unedited model's generations for
     prompts about other subjects that truly have the new object, a stand-in for the paper's
     Wikipedia reference texts, which are not available offline)."""
+    options = EvaluationOptions(method, dataset, data=data, n=n, start=start, edits_per_batch=edits_per_batch,
+                                generation=generation, generation_tokens=generation_tokens, sequential=sequential,
+                                measure_every=measure_every)
     spec, ds = get_method(method), get_dataset(dataset)
     settings = settings or spec.defaults(lm)
-    if start < 0:
-        raise InputError(f"start must be 0 or more, not {start}")
-    if n is not None and n < 1:
-        raise InputError(f"n must be at least 1 (or None: every record), not {n}")
-    if edits_per_batch < 1:
-        raise InputError(f"edits_per_batch must be at least 1, not {edits_per_batch}")
-    if measure_every < 1:
-        raise InputError(f"measure_every must be at least 1 (batches), not {measure_every}")
-    if sequential and dispatch is not None:
-        raise InputError("sequential runs cannot be spread over workers: each batch is edited on top of the "
-                         "ones before it (drop --cluster or --sequential)")
-    if generation and ds.generation_prompts is None:
-        raise InputError(f"dataset {dataset} has no generation prompts")
-    loaded = ds.load(data, start + n if n is not None else None)
-    records = loaded[start:]
-    if not records:
-        raise InputError(f"no {dataset} records to evaluate: start {start} skips all {len(loaded)} records read")
+    options.check(ds, distributed=dispatch is not None)
+    records = options.records(ds)
     check_record_prompts(lm, ds, records)
     spec.check_settings(lm, settings)  # before the first case, not after the unedited scores
     out = Path(out_dir)
     (out / "cases").mkdir(parents=True, exist_ok=True)
-    run_info = {"method": method, "dataset": dataset, "data": str(data) if data else "default",
-                "data_digest": file_digest(Path(data)) if data and Path(data).is_file() else None, "n": len(records),
-                "start": start,
-                "edits_per_batch": edits_per_batch, "model": lm.name, "fingerprint": lm.fingerprint,
-                "settings": settings.to_dict(), "generation": generation, "sequential": sequential,
-                "generation_tokens": generation_tokens if generation else None}
-    if sequential:  # what the measurements after each batch read
-        run_info.update({"held_out": held_out.identity if held_out else None,
-                         "known_facts": len(known) if known is not None else None, "measure_every": measure_every})
-    RunFolder(out, added_later=ADDED_LATER, may_differ=MAY_DIFFER).start(run_info)
+    RunFolder(out, added_later=ADDED_LATER, may_differ=MAY_DIFFER).start(
+        options.run_info(lm, settings, records, held_out, known))
 
     if sequential:
         run_sequential(lm, method, ds, records, out, edits_per_batch=edits_per_batch, settings=settings,
                        generation=generation, tokens=generation_tokens, held_out=held_out, known=known,
                        measure_every=measure_every, phases=phases, progress=progress)
-        return summarize(out)
-    jobs = [BatchJob(method, dataset, batch, settings, generation, generation_tokens)
-            for batch in chunks(records, edits_per_batch)]
+    else:
+        jobs = [BatchJob(method, dataset, batch, settings, generation, generation_tokens)
+                for batch in chunks(records, edits_per_batch)]
+        run_batches(lm, jobs, out, progress=progress, phases=phases, dispatch=dispatch)
+    return summarize(out)
+
+
+def run_batches(lm: LoadedModel, jobs: list[BatchJob], out: Path, *, progress: Callable[[int], None] | None = None,
+                phases: Phases | None = None,
+                dispatch: Callable[[list[BatchJob]], Iterable[tuple[BatchJob, list[dict]]]] | None = None) -> None:
+    """Evaluate the `jobs` whose cases are not all written yet (each batch edited, scored and reverted
+    on its own), here or, all but the first, on workers through `dispatch`; `progress` hears of every
+    job's records, those already done included."""
     pending = []
     for job in jobs:
         if all(case_path(out, r).exists() for r in job.records):
@@ -125,7 +172,6 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
                 write_json(case_path(out, record), case)
             if progress:
                 progress(len(job.records))
-    return summarize(out)
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,16 @@ class PromptIn(BaseModel):
 
 def create_app(bench: Workbench, access: Access | None = None) -> FastAPI:
     """The workbench's app; `access` says who may use it (default: loopback and same-origin, no token)."""
-    access = access or Access()
     app = FastAPI(title="factedit workbench", description="Trace, edit and compare a model's facts.")
-    page_html = resources.files("factedit.server").joinpath("static/index.html").read_text()
+    _add_guards(app, access or Access())
+    _add_model_routes(app, bench)
+    _add_job_routes(app, bench)
+    _add_applied_edit_routes(app, bench)
+    return app
+
+
+def _add_guards(app: FastAPI, access: Access) -> None:
+    """What every request passes first (who may ask, how large a body may be) and how errors answer."""
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -84,6 +91,11 @@ def create_app(bench: Workbench, access: Access | None = None) -> FastAPI:
     async def busy(request: Request, err: Busy):
         return JSONResponse({"detail": str(err)}, status_code=503, headers={"Retry-After": str(err.retry_after)})
 
+
+def _add_model_routes(app: FastAPI, bench: Workbench) -> None:
+    """The page, what the model is, and its predictions and generations (answered at once)."""
+    page_html = resources.files("factedit.server").joinpath("static/index.html").read_text()
+
     # The cheap reads are `async def`: they run on the event loop, never wait for the model lock and
     # need no worker thread, so they answer at once however many requests wait for the model.
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -101,6 +113,10 @@ def create_app(bench: Workbench, access: Access | None = None) -> FastAPI:
     @app.post("/api/generate")
     def generate(body: PromptIn):
         return {"prompt": body.prompt, "continuation": bench.generate(body.prompt, body.max_new)}
+
+
+def _add_job_routes(app: FastAPI, bench: Workbench) -> None:
+    """Traces and edits, which run as jobs (202 and a job to poll); their input is checked first."""
 
     @app.post("/api/trace", status_code=202)
     def trace(body: TraceIn):
@@ -143,6 +159,10 @@ def create_app(bench: Workbench, access: Access | None = None) -> FastAPI:
         if job.kind != "trace":
             raise HTTPException(409, f"only trace jobs can be cancelled, not {job.kind} jobs")
         return bench.cancel(job).view()
+
+
+def _add_applied_edit_routes(app: FastAPI, bench: Workbench) -> None:
+    """The edits applied to the model: list, revert, download as a file, apply an uploaded file."""
 
     @app.get("/api/edits")
     async def edits():
@@ -191,8 +211,6 @@ def create_app(bench: Workbench, access: Access | None = None) -> FastAPI:
             return {"applied": bench.upload(delta, Path(file.filename or "upload").name), "edits": bench.list_edits()}
         except EditFileError as err:
             raise HTTPException(400, str(err)) from None
-
-    return app
 
 
 __all__ = ["Access", "create_app", "PromptError"]

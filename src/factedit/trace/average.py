@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from ..data.known import KnownFact
-from ..errors import InputError
 from ..models import LoadedModel, check_seed
 from ..run_folder import RunFolder, with_added_later
 from ..stats_running import RunningMean
@@ -223,35 +222,51 @@ def average_effects(lm: LoadedModel, facts: list[KnownFact], kinds: str | list[s
     """
     kinds = expand_kinds(kinds)
     check_seed(seed)  # here, not at the first fact traced: settings.json is written before
-    check_corruption(corrupt)
+    check_corruption(corrupt, noise)
     check_metric(metric)
     if approx:
         check_approx(approx, kinds)
-    pool = None
-    if corrupt == "replace":
-        pool = [(f.subject, f.attribute) for f in facts]
-        if noise is not None:
-            raise InputError("noise sets Gaussian noise; corrupt='replace' swaps tokens and takes no noise")
-        noise_std, rule = 0.0, f"by subjects of the same token length from the {len(facts)} facts"
-    elif noise is None:
-        noise_std, rule = 3 * embedding_std(lm, [f.subject for f in facts]), "3 x std of subject-token embeddings"
-    else:
-        noise_std, rule = float(noise), "given"
+    pool, noise_std, rule = _corruption(lm, facts, corrupt, noise)
     settings = AverageSettings(kinds=kinds, samples=samples, window=window, seed=seed, noise_std=noise_std,
                                noise_rule=rule, model=lm.name, fingerprint=lm.fingerprint, corruption=corrupt,
                                metric=metric, approx=approx)
-    result = AverageResult(settings)
-    done: dict[int, dict] = {}
-    folder: RunFolder | None = None  # facts.jsonl appended to as facts finish
-    if out_dir is not None:
-        folder = AverageSettings.folder(out_dir)
-        folder.start(asdict(settings))
-        # A line cut off by a kill is skipped (and reported): that fact is traced again.
-        done = {r["known_id"]: r for r in folder.records(FACTS_FILE) if isinstance(r, dict) and "known_id" in r}
-        (folder.path / FACTS_FILE).touch()  # the folder reads as a run (trace-compare) before its first fact
+    folder, done = _resume(out_dir, settings)
     todo = (fact for fact in facts if fact.known_id not in done)
     computed = iter(records(todo, kinds, settings, pool) if records is not None
                     else (fact_record(lm, fact, kinds, settings, progress, pool) for fact in todo))
+    return _average(facts, n, done, computed, AverageResult(settings), folder, on_fact)
+
+
+def _corruption(lm: LoadedModel, facts: list[KnownFact], corrupt: str, noise: float | None
+                ) -> tuple[list[tuple[str, str]] | None, float, str]:
+    """The replacement pool (corrupt="replace": the facts' (subject, answer) pairs), the noise std and
+    how it was chosen (AverageSettings.noise_rule)."""
+    if corrupt == "replace":
+        return [(f.subject, f.attribute) for f in facts], 0.0, \
+            f"by subjects of the same token length from the {len(facts)} facts"
+    if noise is None:
+        return None, 3 * embedding_std(lm, [f.subject for f in facts]), "3 x std of subject-token embeddings"
+    return None, float(noise), "given"
+
+
+def _resume(out_dir: str | Path | None, settings: AverageSettings) -> tuple[RunFolder | None, dict[int, dict]]:
+    """The run folder (None: no `out_dir`), started with `settings`, and the records of the facts it
+    holds already, by known_id."""
+    if out_dir is None:
+        return None, {}
+    folder = AverageSettings.folder(out_dir)
+    folder.start(asdict(settings))
+    # A line cut off by a kill is skipped (and reported): that fact is traced again.
+    done = {r["known_id"]: r for r in folder.records(FACTS_FILE) if isinstance(r, dict) and "known_id" in r}
+    (folder.path / FACTS_FILE).touch()  # the folder reads as a run (trace-compare) before its first fact
+    return folder, done
+
+
+def _average(facts: list[KnownFact], n: int | None, done: dict[int, dict], computed: Iterator[dict],
+             result: AverageResult, folder: RunFolder | None, on_fact: Callable[[dict], None] | None) -> AverageResult:
+    """Add the facts' records to `result` in the facts' order, until `n` were answered correctly:
+    those `done` before, else the next of `computed` (appended to the folder's facts.jsonl). The
+    records not needed are never computed: `computed` is closed at the end."""
     try:
         for fact in facts:
             if n is not None and result.n_correct >= n:

@@ -23,9 +23,15 @@ from ..tokens import PromptError, TokenizedPrompt, subject_token_range
 CORRUPTIONS = ("gaussian", "replace")
 
 
-def check_corruption(name: str) -> str:
+def check_corruption(name: str, noise: float | None = None, *, command_line: bool = False) -> str:
+    """The one check of a trace's corruption: `name` one of CORRUPTIONS, and no `noise` (a Gaussian
+    noise std) with token replacement, which adds none. `command_line`: name them as the options
+    (--corrupt, --noise), for the commands, which check before the model loads."""
     if name not in CORRUPTIONS:
         raise InputError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
+    if name == "replace" and noise is not None:
+        noise_name, replace = ("--noise", "--corrupt replace") if command_line else ("noise", "corrupt='replace'")
+        raise InputError(f"{noise_name} sets Gaussian noise; {replace} swaps the subject's tokens and takes no noise")
     return name
 
 

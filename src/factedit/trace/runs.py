@@ -133,69 +133,105 @@ def prepare(lm: LoadedModel, prompt: str, subject: str, *, samples: int = 10, no
     if samples < 1:
         raise InputError(f"samples must be at least 1, not {samples}")
     check_seed(seed)
-    check_corruption(corrupt)
+    check_corruption(corrupt, noise)
     check_metric(metric)
-    if corrupt == "replace" and noise is not None:
-        raise InputError("noise sets Gaussian noise; corrupt='replace' swaps the subject's tokens and takes no noise")
     limit = prompt_token_limit(lm.model)
     tokenized = tokenize_prompt(lm.tokenizer, prompt, subject, occurrence=occurrence,
                                 max_tokens=min(limit, max_tokens or limit), device=lm.device)
     ids = tokenized.input_ids
-    with torch.no_grad():
-        hooks = _recording_hooks(lm)
-        with Hooks(hooks):
-            clean_logits, _ = last_token_logits(lm, ids, use_cache=False)
-        clean = {key: as_batch_seq(h.output, 1)[0] for key, h in hooks.items()}
-    if answer is not None:
-        answer_ids = lm.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        if not answer_ids:
-            raise PromptError("the answer is empty")
-        answer_id = answer_ids[0]
-    else:
-        answer_id = int(clean_logits[0].argmax())
-
-    start, end = tokenized.subject_range
-    chosen = []
+    clean_logits, clean = _clean_run(lm, ids)
+    answer_id = _answer_id(lm, answer, clean_logits)
     if corrupt == "replace":
-        if not replacements:
-            raise InputError("--corrupt replace needs a pool of other subjects (the known facts) to draw from")
-        chosen = choose_replacements(lm.tokenizer, prompt, subject, tokenized, answer_id, replacements, samples, seed)
-        noise_std = 0.0
-        with torch.no_grad():
-            values = lm.arch.embed(torch.tensor([r.token_ids for r in chosen], device=lm.device))
-        values = values.to(lm.device)
+        chosen = _replacements(lm, prompt, subject, tokenized, answer_id, replacements, samples, seed)
+        noise_std, values = 0.0, _replacement_embeddings(lm, chosen)
     else:
+        chosen = []
         noise_std = float(noise) if noise is not None else noise_multiplier * embedding_std(lm)
-        if not noise_std >= 0:
-            raise InputError(f"the noise standard deviation must be 0 or more, not {noise_std}")
-        generator = torch.Generator().manual_seed(seed)
-        values = (torch.randn(samples, end - start, lm.arch.d_model, generator=generator) * noise_std).to(lm.device)
+        values = _gaussian_noise(lm, tokenized, samples, noise_std, seed)
     n_samples = values.shape[0]
-
-    with torch.no_grad():
-        hooks = _recording_hooks(lm)
-        raw_outputs = []  # only to learn whether blocks return tuples
-        hook = corruption_hook(lm.arch.embed, values, tokenized.subject_range, replace=corrupt == "replace")
-        with Hooks(hooks), hook:
-            handle = lm.arch.blocks[0].block.register_forward_hook(lambda m, a, out: raw_outputs.append(out))
-            try:
-                corrupt_logits, cache = last_token_logits(lm, ids.expand(n_samples, -1), use_cache=True)
-            finally:
-                handle.remove()
-        corrupt_states = {key: as_batch_seq(h.output, n_samples) for key, h in hooks.items()}
-
-    if metric == "prob":
-        measure = Metric("prob", answer_id)
-    elif chosen:
-        measure = Metric("logit-diff", answer_id, tuple(r.answer_id for r in chosen))
-    else:
-        measure = Metric("logit-diff", answer_id, contrast_from_corrupted(corrupt_logits, answer_id))
+    corrupt_logits, cache, corrupt_states, block_returns_tuple = _corrupted_run(
+        lm, ids, values, tokenized.subject_range, replace=corrupt == "replace")
+    measure = _metric(metric, answer_id, chosen, corrupt_logits)
     p_clean = float(measure.values(clean_logits.expand(n_samples, -1), n_samples).mean())
     p_corrupt = float(measure.values(corrupt_logits, n_samples).mean())
     return TraceRun(
         lm=lm, prompt=prompt, subject=subject, tokenized=tokenized, answer_id=answer_id,
         answer=token_label(lm.tokenizer, answer_id), p_clean=p_clean, p_corrupt=p_corrupt,
         noise_std=noise_std, noise=values, seed=seed, clean=clean, corrupt=corrupt_states, corrupt_cache=cache,
-        block_returns_tuple=isinstance(raw_outputs[0], tuple), metric=measure, corruption=corrupt,
+        block_returns_tuple=block_returns_tuple, metric=measure, corruption=corrupt,
         replacements=[r.subject for r in chosen],
     )
+
+
+def _clean_run(lm: LoadedModel, ids: torch.Tensor) -> tuple[torch.Tensor, dict[tuple[str, int], torch.Tensor]]:
+    """The clean run's last-position logits and every recorded output ((kind, layer) -> (T, d))."""
+    with torch.no_grad():
+        hooks = _recording_hooks(lm)
+        with Hooks(hooks):
+            clean_logits, _ = last_token_logits(lm, ids, use_cache=False)
+        return clean_logits, {key: as_batch_seq(h.output, 1)[0] for key, h in hooks.items()}
+
+
+def _answer_id(lm: LoadedModel, answer: str | None, clean_logits: torch.Tensor) -> int:
+    """The token traced: the first of `answer`, or the clean run's top token."""
+    if answer is None:
+        return int(clean_logits[0].argmax())
+    answer_ids = lm.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if not answer_ids:
+        raise PromptError("the answer is empty")
+    return answer_ids[0]
+
+
+def _replacements(lm: LoadedModel, prompt: str, subject: str, tokenized: TokenizedPrompt, answer_id: int,
+                  pool: Sequence[tuple[str, str]] | None, samples: int, seed: int) -> list:
+    """Up to `samples` subjects of `pool` that can take the subject's place (corrupt.choose_replacements)."""
+    if not pool:
+        raise InputError("--corrupt replace needs a pool of other subjects (the known facts) to draw from")
+    return choose_replacements(lm.tokenizer, prompt, subject, tokenized, answer_id, pool, samples, seed)
+
+
+def _replacement_embeddings(lm: LoadedModel, chosen: list) -> torch.Tensor:
+    """(samples, n_subject_tokens, d_model): the replacement subjects' token embeddings."""
+    with torch.no_grad():
+        values = lm.arch.embed(torch.tensor([r.token_ids for r in chosen], device=lm.device))
+    return values.to(lm.device)
+
+
+def _gaussian_noise(lm: LoadedModel, tokenized: TokenizedPrompt, samples: int, noise_std: float,
+                    seed: int) -> torch.Tensor:
+    """(samples, n_subject_tokens, d_model): the noise added to the subject's embeddings, drawn on the
+    CPU from `seed` (the same on every device)."""
+    if not noise_std >= 0:
+        raise InputError(f"the noise standard deviation must be 0 or more, not {noise_std}")
+    start, end = tokenized.subject_range
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(samples, end - start, lm.arch.d_model, generator=generator) * noise_std).to(lm.device)
+
+
+def _corrupted_run(lm: LoadedModel, ids: torch.Tensor, values: torch.Tensor, subject_range: tuple[int, int], *,
+                   replace: bool) -> tuple[torch.Tensor, object, dict[tuple[str, int], torch.Tensor], bool]:
+    """The corrupted runs, one batch row per sample: their last-position logits, key/value cache and
+    recorded outputs ((kind, layer) -> (samples, T, d)), and whether the blocks return tuples."""
+    n_samples = values.shape[0]
+    with torch.no_grad():
+        hooks = _recording_hooks(lm)
+        raw_outputs = []  # only to learn whether blocks return tuples
+        hook = corruption_hook(lm.arch.embed, values, subject_range, replace=replace)
+        with Hooks(hooks), hook:
+            handle = lm.arch.blocks[0].block.register_forward_hook(lambda m, a, out: raw_outputs.append(out))
+            try:
+                corrupt_logits, cache = last_token_logits(lm, ids.expand(n_samples, -1), use_cache=True)
+            finally:
+                handle.remove()
+        states = {key: as_batch_seq(h.output, n_samples) for key, h in hooks.items()}
+    return corrupt_logits, cache, states, isinstance(raw_outputs[0], tuple)
+
+
+def _metric(metric: str, answer_id: int, chosen: list, corrupt_logits: torch.Tensor) -> Metric:
+    """The trace's metric: p(answer), or the logit difference to the replacements' answers (or, with
+    noise, to the corrupted run's top other token)."""
+    if metric == "prob":
+        return Metric("prob", answer_id)
+    if chosen:
+        return Metric("logit-diff", answer_id, tuple(r.answer_id for r in chosen))
+    return Metric("logit-diff", answer_id, contrast_from_corrupted(corrupt_logits, answer_id))
