@@ -18,6 +18,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from common import data_dir
 
 from factedit import load
 from factedit.data.known import load_known_facts
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--corpus", required=True)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--known", default=None, help="known facts (default: $FACTEDIT_DATA_DIR/known_1000.json)")
+    parser.add_argument("--known", default=None, help=f"known facts (default: {data_dir()}/known_1000.json)")
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--edits-per-batch", type=int, default=100)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"some of {', '.join(CONFIGS)}")

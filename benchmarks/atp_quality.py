@@ -23,11 +23,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import Stopwatch
 from scipy.stats import spearmanr
 
 from factedit import load
@@ -76,11 +76,11 @@ def main() -> None:
     seconds, worst = [], {kind: (2.0, None) for kind in kinds}
     for i, record in enumerate(records):
         fact = facts[record["known_id"]]
-        began = time.perf_counter()
-        run = prepare(lm, fact.prompt, fact.subject, samples=settings.samples, noise=settings.noise_std,
-                      seed=settings.seed)
-        results = estimated_heatmaps(run, kinds, window=settings.window)
-        seconds.append(time.perf_counter() - began)
+        with Stopwatch() as clock:
+            run = prepare(lm, fact.prompt, fact.subject, samples=settings.samples, noise=settings.noise_std,
+                          seed=settings.seed)
+            results = estimated_heatmaps(run, kinds, window=settings.window)
+        seconds.append(clock.seconds)
         if abs(run.p_corrupt - record["p_corrupt"]) > 1e-4:
             sys.exit(f"fact {fact.known_id}: p_corrupt {run.p_corrupt} differs from the exact run's "
                      f"{record['p_corrupt']}: not the same corrupted runs")

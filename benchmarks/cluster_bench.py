@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
-from pathlib import Path
 
 import torch
+from common import Stopwatch, data_file, timed
 
 from factedit import load
 from factedit.cluster import ClusterRun, ClusterSpec, WorkerModel, evaluation_dispatch, sharded_moments, start_local
@@ -36,15 +34,6 @@ def fingerprint(lm, _item) -> str:
     return lm.fingerprint
 
 
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
-
-
 def evaluate(lm, settings, args, dispatch=None) -> None:
     with tempfile.TemporaryDirectory() as out:
         run_evaluation(lm, "rome", "counterfact", out, data=args.data, n=args.records, settings=settings,
@@ -52,11 +41,10 @@ def evaluate(lm, settings, args, dispatch=None) -> None:
 
 
 def main() -> None:
-    data_dir = Path(os.environ.get("FACTEDIT_DATA_DIR", "../shared/data"))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default=str(data_dir / "counterfact" / "counterfact_dev.json"))
-    parser.add_argument("--corpus", default=str(data_dir / "wiki" / "enwiki_sample.jsonl"))
+    parser.add_argument("--data", default=data_file("counterfact", "counterfact_dev.json"))
+    parser.add_argument("--corpus", default=data_file("wiki", "enwiki_sample.jsonl"))
     parser.add_argument("--records", type=int, default=4, help="CounterFact records per evaluation run")
     parser.add_argument("--v-steps", type=int, default=4, help="ROME's value steps (its default is 100)")
     parser.add_argument("--stats-tokens", type=int, default=4096, help="statistics tokens ROME's edits read")
@@ -71,22 +59,21 @@ def main() -> None:
                                                 v_steps=args.v_steps)
     corpus = corpus_from(args.corpus)
     evaluate(lm, settings, argparse.Namespace(**{**vars(args), "records": 1}))  # fill the caches first
-    rows = [("single process", median_seconds(lambda: evaluate(lm, settings, args), args.repeats),
-             median_seconds(lambda: collect_second_moments(lm, [args.layer], corpus, args.tokens), args.repeats))]
+    rows = [("single process", timed(lambda: evaluate(lm, settings, args), args.repeats)[0],
+             timed(lambda: collect_second_moments(lm, [args.layer], corpus, args.tokens), args.repeats)[0])]
     for workers in args.workers:
-        began = time.perf_counter()
+        clock = Stopwatch()
         connection = start_local(ClusterSpec("auto", workers=workers), threads=1)
         try:
             with ClusterRun(ClusterSpec("auto", workers=workers), WorkerModel(args.model, threads=1)) as run:
                 pool = run.pool(lm.fingerprint)
                 list(pool.run(fingerprint, range(workers)))  # every worker up, its model loaded
-                started = time.perf_counter() - began
+                started = clock.seconds
                 sum_chunks = sharded_moments(pool)
                 rows.append((f"{workers} Ray worker(s)",
-                             median_seconds(lambda: evaluate(lm, settings, args, evaluation_dispatch(pool)),
-                                            args.repeats),
-                             median_seconds(lambda: collect_second_moments(lm, [args.layer], corpus, args.tokens,
-                                                                    sum_chunks=sum_chunks), args.repeats)))
+                             timed(lambda: evaluate(lm, settings, args, evaluation_dispatch(pool)), args.repeats)[0],
+                             timed(lambda: collect_second_moments(lm, [args.layer], corpus, args.tokens,
+                                                                  sum_chunks=sum_chunks), args.repeats)[0]))
                 print(f"{workers} worker(s): Ray and workers started in {started:.1f} s", file=sys.stderr)
         finally:
             connection.close()

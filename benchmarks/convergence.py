@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 import torch
+from common import data_dir
 
 from factedit import load
 from factedit.edit import RomeSettings
@@ -47,7 +48,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dataset", default="counterfact")
-    parser.add_argument("--data", default=None)
+    parser.add_argument("--data", default=None, help=f"the dataset's file (default: from {data_dir()})")
     parser.add_argument("--n", type=int, default=50)
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--max-steps", type=int, default=200)

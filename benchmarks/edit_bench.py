@@ -16,33 +16,27 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-from timing import timed
-
 import numpy as np
+import torch
+from common import data_file, mlp_keys, timed
 
 from factedit import load
 from factedit.edit import EditRequest, RomeSettings, get_method
 from factedit.edit.prefixes import context_templates
 from factedit.edit.rome import rome_delta
 from factedit.evaluate.datasets import get_dataset
-from factedit.hooks import Hook
 from factedit.stats import corpus_from, key_statistics, token_chunks
 
 
 def stats_throughput(lm, layer, corpus, n_tokens=16_384, chunk=256, batch=8):
     """Tokens per second collecting keys: stopping after the edit layer vs running the whole model."""
     chunks = list(token_chunks(lm, corpus, n_tokens, chunk))
-    module = lm.arch.blocks[layer].mlp_out
 
     def run(stop):
-        with torch.no_grad():
-            for i in range(0, len(chunks), batch):
-                ids = torch.tensor([c for c in chunks[i:i + batch] if len(c) == chunk])
-                if len(ids) == 0:
-                    continue
-                with Hook(module, keep_input=True, stop=stop):
-                    lm.model(input_ids=ids, use_cache=False)
+        for i in range(0, len(chunks), batch):
+            ids = torch.tensor([c for c in chunks[i:i + batch] if len(c) == chunk])
+            if len(ids):
+                mlp_keys(lm, ids, [layer], stop=stop)
     total = sum(len(c) for c in chunks)
     t_stop, _ = timed(lambda: run(True), 1)
     t_full, _ = timed(lambda: run(False), 1)
@@ -75,7 +69,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--corpus", default=os.environ.get("FACTEDIT_STATS_CORPUS",
-                                                           "../shared/data/wiki/enwiki_sample.jsonl"))
+                                                           data_file("wiki", "enwiki_sample.jsonl")))
     parser.add_argument("--stats-tokens", type=int, default=100_000)
     parser.add_argument("--records", type=int, default=0, help="also time edits of the first N dataset records")
     args = parser.parse_args()

@@ -11,12 +11,10 @@ edits from counterfact_lite.json.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
-import time
 
 import torch
-from timing import timed
+from common import data_file, timed
 
 from factedit import load
 from factedit.data import load_counterfact
@@ -39,10 +37,8 @@ def one_by_one(lm, record):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default=os.path.join(os.environ.get("FACTEDIT_DATA_DIR", "../shared/data"),
-                                                       "counterfact", "counterfact_dev.json"))
-    parser.add_argument("--lite", default=os.path.join(os.environ.get("FACTEDIT_DATA_DIR", "../shared/data"),
-                                                       "counterfact", "counterfact_lite.json"))
+    parser.add_argument("--data", default=data_file("counterfact", "counterfact_dev.json"))
+    parser.add_argument("--lite", default=data_file("counterfact", "counterfact_lite.json"))
     parser.add_argument("--n", type=int, default=10, help="records for the runner throughput")
     parser.add_argument("--memit-edits", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -50,24 +46,22 @@ def main():
     torch.set_num_threads(args.threads)
     lm = load(args.model)
     records = load_counterfact(args.data, args.n)
-    t_batch, batched = timed(lambda: [counterfact_probabilities(lm, r) for r in records[:5]], 3)
-    t_single, single = timed(lambda: [one_by_one(lm, r) for r in records[:5]], 1)
+    scored = records[:5]
+    t_batch, batched = timed(lambda: [counterfact_probabilities(lm, r) for r in scored], 3)
+    t_single, single = timed(lambda: [one_by_one(lm, r) for r in scored], 1)
     diff = max(abs(a - b) for x, y in zip(batched, single) for k in ("p_new", "p_true") for g in x[k]
                for a, b in zip(x[k][g], y[k][g]))
-    print(f"score one record (22 prompt/target pairs): batched {t_batch / 5:.3f} s, one by one {t_single / 5:.3f} s, "
+    print(f"score one record (22 prompt/target pairs): batched {t_batch / len(scored):.3f} s, one by one {t_single / len(scored):.3f} s, "
           f"speed-up {t_single / t_batch:.1f}x, max |difference| {diff:.1e}")
     for method in ("none", "rome"):
         with tempfile.TemporaryDirectory() as out:
-            start = time.perf_counter()
-            run_evaluation(lm, method, "counterfact", out, data=args.data, n=args.n)
-            seconds = time.perf_counter() - start
+            seconds, _ = timed(lambda: run_evaluation(lm, method, "counterfact", out, data=args.data, n=args.n), 1)
         print(f"runner, {method}: {args.n} records in {seconds:.1f} s = {args.n / seconds:.2f} records/s")
     if args.memit_edits:
         requests = [r.request for r in load_counterfact(args.lite, args.memit_edits)]
         settings = get_method("memit").defaults(lm)
-        start = time.perf_counter()
-        edit(lm, requests, "memit", settings)
-        print(f"MEMIT: {len(requests)} edits in {time.perf_counter() - start:.1f} s")
+        seconds, _ = timed(lambda: edit(lm, requests, "memit", settings), 1)
+        print(f"MEMIT: {len(requests)} edits in {seconds:.1f} s")
 
 
 if __name__ == "__main__":

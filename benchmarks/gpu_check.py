@@ -15,10 +15,10 @@ import argparse
 import json
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import Stopwatch
 
 from factedit import load
 from factedit.edit import EditRequest, EditStack, edit, get_method
@@ -37,31 +37,30 @@ def synchronized(device: torch.device):
 
 def check_dtype(args, dtype: str, runs: Path) -> dict:
     device = torch.device(args.device)
-    began = time.perf_counter()
-    lm = load(args.model, device=args.device, dtype=dtype)
-    row = {"load_seconds": round(time.perf_counter() - began, 2)}
-    began = time.perf_counter()
-    heatmaps = trace(lm, PROMPT, SUBJECT, "all", samples=10)
-    synchronized(device)
-    row["trace_seconds"] = round(time.perf_counter() - began, 2)
+    with Stopwatch() as clock:
+        lm = load(args.model, device=args.device, dtype=dtype)
+    row = {"load_seconds": round(clock.seconds, 2)}
+    with Stopwatch() as clock:
+        heatmaps = trace(lm, PROMPT, SUBJECT, "all", samples=10)
+        synchronized(device)
+    row["trace_seconds"] = round(clock.seconds, 2)
     row["trace_peaks"] = {kind: list(result.peak()[:2]) for kind, result in heatmaps.items()}
     row["p_clean"] = heatmaps["hidden"].p_clean
     for method in args.methods.split(","):
         settings = get_method(method).settings_with(lm, stats_corpus=args.corpus)
-        began = time.perf_counter()
-        delta, _ = edit(lm, [REQUEST], method, settings)  # includes the statistics, the first time
-        synchronized(device)
-        first = time.perf_counter() - began
+        with Stopwatch() as first:
+            delta, _ = edit(lm, [REQUEST], method, settings)  # includes the statistics, the first time
+            synchronized(device)
         stack = EditStack(lm)
         stack.apply(delta)
         p_rome = target_probs(lm, [PROMPT], [" Rome"])[0]
         stack.revert_all()
-        began = time.perf_counter()
-        summary = run_evaluation(lm, method, "counterfact", runs / f"{dtype}-{method}", data=args.data, n=args.n,
-                                 settings=settings)
-        synchronized(device)
-        row[method] = {"eiffel_p_rome": p_rome, "first_edit_seconds": round(first, 2),
-                       "eval_seconds": round(time.perf_counter() - began, 2),
+        with Stopwatch() as clock:
+            summary = run_evaluation(lm, method, "counterfact", runs / f"{dtype}-{method}", data=args.data, n=args.n,
+                                     settings=settings)
+            synchronized(device)
+        row[method] = {"eiffel_p_rome": p_rome, "first_edit_seconds": round(first.seconds, 2),
+                       "eval_seconds": round(clock.seconds, 2),
                        **{m: summary["post"][m]["mean"] for m in ("ES", "PS", "NS")},
                        "not_converged": summary.get("not_converged")}
     return row

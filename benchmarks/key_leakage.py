@@ -22,23 +22,20 @@ import os
 
 import numpy as np
 import torch
+from common import data_dir, mlp_keys
 
 from factedit import load
 from factedit.data import load_counterfact
 from factedit.edit import RomeSettings
 from factedit.edit.prefixes import context_templates
 from factedit.edit.rome import compute_keys, update_left
-from factedit.hooks import Hook
 from factedit.stats import key_statistics
 
 
-@torch.no_grad()
 def token_keys(lm, layer: int, prompt: str) -> torch.Tensor:
     """The MLP keys of every token of a prompt at a layer, (tokens, d_mlp)."""
     ids = lm.tokenizer(prompt, return_tensors="pt").input_ids.to(lm.device)
-    with Hook(lm.arch.blocks[layer].mlp_out, keep_input=True, stop=True) as hook:
-        lm.model(input_ids=ids, use_cache=False)
-    return hook.input.reshape(ids.shape[1], -1).float()
+    return mlp_keys(lm, ids, [layer])[layer].float()
 
 
 def largest_share(lm, layer, left, prompts) -> float:
@@ -51,7 +48,7 @@ def main():
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--layers", type=int, nargs="+", required=True)
     parser.add_argument("--n", type=int, default=30)
-    parser.add_argument("--data", default=None)
+    parser.add_argument("--data", default=None, help=f"CounterFact file (default: {data_dir()}/counterfact/...)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--corpus", default=os.environ.get("FACTEDIT_STATS_CORPUS"))
     args = parser.parse_args()

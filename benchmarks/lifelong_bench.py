@@ -15,12 +15,11 @@ reference's absolute 2e-2), and the bytes of P (kept as its basis) and of H for 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import data_file, timed
 
 from factedit import load
 from factedit.data.counterfact import load_counterfact
@@ -29,17 +28,10 @@ from factedit.edit.alphaedit import null_space_projector
 from factedit.stats import key_statistics_at
 
 
-def timed(function) -> float:
-    began = time.perf_counter()
-    function()
-    return time.perf_counter() - began
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default=str(Path(__file__).parents[1] / ".." / "shared" / "data" / "counterfact"
-                                              / "counterfact_lite.json"))
+    parser.add_argument("--data", default=data_file("counterfact", "counterfact_lite.json"))
     parser.add_argument("--n", type=int, default=100, help="edits in the batch")
     parser.add_argument("--target-sample", type=int, default=16, help="requests whose targets are timed cold")
     parser.add_argument("--history", type=int, default=1000, help="edits in the history H is sized for")
@@ -61,18 +53,17 @@ def main() -> None:
 def time_methods(lm, requests, settings, args) -> None:
     with tempfile.TemporaryDirectory() as cold:  # targets from scratch, nothing cached
         target_seconds = timed(lambda: edit(lm, requests[:args.target_sample], "memit", settings["memit"],
-                                            cache_dir=Path(cold))) / args.target_sample
+                                            cache_dir=Path(cold)), 1)[0] / args.target_sample
     edit(lm, requests, "memit", settings["memit"])  # targets of the whole batch into the cache (if not there)
     rows = []
     for method in ("memit", "alphaedit"):
         edit(lm, requests, method, settings[method])  # statistics and projectors cached
-        seconds = statistics.median(timed(lambda: edit(lm, requests, method, settings[method]))
-                                    for _ in range(args.repeats))
+        seconds, _ = timed(lambda: edit(lm, requests, method, settings[method]), args.repeats)
         rows.append((method, seconds, target_seconds + seconds / len(requests)))
     print(f"{args.model}, a batch of {len(requests)} CounterFact edits, {args.threads} threads")
     print(f"target optimisation (same for both): {target_seconds:.2f} s per request "
           f"(cold, {args.target_sample} requests)")
-    print("| method | batch with targets cached (median of 3) | seconds per edit | ratio to memit |")
+    print(f"| method | batch with targets cached (median of {args.repeats}) | seconds per edit | ratio to memit |")
     print("|---|---|---|---|")
     for method, seconds, per_edit in rows:
         print(f"| {method} | {seconds:.1f} s | {per_edit:.2f} | {per_edit / rows[0][2]:.3f} |")

@@ -7,6 +7,7 @@
 #
 # Each lane runs its commands one after another on THREADS threads (default 1); start each lane at most once
 # (`pgrep -af factedit` shows what runs). A lane rerun after a kill goes on where the runs stopped.
+# DRY_RUN=1 lists a lane's commands (with their run folders) instead of running them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -18,6 +19,7 @@ R=docs/results
 
 run() {  # run FOLDER COMMAND...: the command's output goes to FOLDER/run.log
   local folder=$1; shift
+  if [ -n "${DRY_RUN:-}" ]; then echo "$folder: $*"; return 0; fi
   mkdir -p "$folder"
   echo "== $(date -u +%FT%TZ) $*" >> "$folder/run.log"
   "$@" >> "$folder/run.log" 2>&1

@@ -14,15 +14,14 @@ beside the ratio.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
+from common import data_file, timed
 
 from factedit import load
 from factedit.data.counterfact import load_counterfact
 from factedit.edit.mlp_change import BlockOfMlp, _jacobians
 from factedit.hooks import Hook, Hooks
-from timing import timed
 
 
 def padded_batch_jacobians(f: BlockOfMlp, m: torch.Tensor) -> torch.Tensor:
@@ -50,8 +49,7 @@ def padded_batch_jacobians(f: BlockOfMlp, m: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gemma3-270m")
-    parser.add_argument("--data", default=str(Path(__file__).parents[1] / ".." / "shared" / "data" / "counterfact"
-                                              / "counterfact_lite.json"))
+    parser.add_argument("--data", default=data_file("counterfact", "counterfact_lite.json"))
     parser.add_argument("--n", type=int, default=64, help="requests (mlp_change's chunk is 64)")
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 3])
     parser.add_argument("--threads", type=int, default=1)

@@ -29,6 +29,7 @@ import json
 from pathlib import Path
 
 import torch
+from common import mlp_keys
 
 from factedit import load
 from factedit.data.counterfact import load_counterfact
@@ -36,7 +37,6 @@ from factedit.data.known import load_known_facts
 from factedit.edit import EditRequest, get_method
 from factedit.edit.alphaedit import null_space_projector, projectors
 from factedit.edit.prompts import io_at_subject
-from factedit.hooks import Hook, Hooks
 from factedit.stats import held_out_corpus, key_statistics_at, token_chunks
 
 
@@ -45,15 +45,11 @@ def null_share(keys: torch.Tensor, basis: torch.Tensor) -> float:
     return float(((keys @ basis).pow(2).sum(1) / keys.pow(2).sum(1)).mean())
 
 
-@torch.no_grad()
 def text_keys(lm, layers: list[int], corpus, n_tokens: int) -> dict[int, torch.Tensor]:
     found = {layer: [] for layer in layers}
     for chunk in token_chunks(lm, corpus, n_tokens, 256):
-        hooks = {layer: Hook(lm.arch.blocks[layer].mlp_out, keep_input=True) for layer in layers}
-        with Hooks(hooks):
-            lm.model(input_ids=torch.tensor([chunk], device=lm.device), use_cache=False)
-        for layer in layers:
-            found[layer].append(hooks[layer].input.reshape(-1, hooks[layer].input.shape[-1]).float().cpu())
+        for layer, keys in mlp_keys(lm, torch.tensor([chunk], device=lm.device), layers).items():
+            found[layer].append(keys.float().cpu())
     return {layer: torch.cat(keys) for layer, keys in found.items()}
 
 

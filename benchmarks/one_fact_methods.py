@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
+from common import data_file, timed
 
 from factedit import load
 from factedit.edit import METHODS, EditRequest, EditStack, edit, get_method
@@ -24,8 +24,7 @@ CHECKS = [("The Eiffel Tower is located in the city of", " Rome"),
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--corpus", default=os.path.join(os.environ.get("FACTEDIT_DATA_DIR", "../shared/data"),
-                                                         "wiki", "enwiki_sample.jsonl"))
+    parser.add_argument("--corpus", default=data_file("wiki", "enwiki_sample.jsonl"))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -36,9 +35,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for name in METHODS:
         settings = get_method(name).defaults(lm)
-        start = time.perf_counter()
-        delta, _ = edit(lm, request, name, settings)
-        seconds = time.perf_counter() - start
+        seconds, (delta, _) = timed(lambda: edit(lm, request, name, settings), 1)
         stack = EditStack(lm)
         stack.apply(delta)
         probs = target_probs(lm, [p for p, _ in CHECKS], [t for _, t in CHECKS])

@@ -25,11 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections import Counter
 from pathlib import Path
 
 import torch
+from common import Stopwatch, timed
 
 from factedit import load
 from factedit.data.zsre import load_zsre
@@ -110,7 +110,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    began = time.perf_counter()
+    clock = Stopwatch()
     run = Path(args.run)
     info = json.loads((run / "settings.json").read_text())
     if info["dataset"] != "zsre" or info["method"] not in ("rome", "rome-original"):
@@ -179,9 +179,8 @@ def main():
         for record, case in list(zip(records, cases))[:args.inject]:
             if record.case_id not in shares:
                 continue
-            start = time.perf_counter()
-            delta, _ = rome_delta(lm, record.request, settings, C, templates)
-            edit_seconds.append(time.perf_counter() - start)
+            seconds, (delta, _) = timed(lambda: rome_delta(lm, record.request, settings, C, templates), 1)
+            edit_seconds.append(seconds)
             (change,) = delta.changes.values()
             right = change["up"][:, 0]  # the value change at share 1
             stack.apply(delta)
@@ -204,7 +203,7 @@ def main():
         columns = list(zip(*rows))
         print("| token accuracy | " + " | ".join(f"{100 * statistics.mean(col):.1f}" for col in columns) + " |")
         print("| full passes | " + " | ".join(f"{sum(v == 1 for v in col)} of {len(col)}" for col in columns) + " |")
-    print(f"\n{time.perf_counter() - began:.0f} s in all")
+    print(f"\n{clock.seconds:.0f} s in all")
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import timed
 
 from factedit import load
 from factedit.edit import get_method
@@ -39,9 +39,8 @@ DTYPES = ("float32", "bfloat16")
 def trace_part(models: dict, samples: int) -> dict:
     results, seconds = {}, {}
     for dtype, lm in models.items():
-        began = time.perf_counter()
-        results[dtype] = trace(lm, PROMPT, SUBJECT, "all", samples=samples)
-        seconds[dtype] = round(time.perf_counter() - began, 2)
+        took, results[dtype] = timed(lambda: trace(lm, PROMPT, SUBJECT, "all", samples=samples), 1)
+        seconds[dtype] = round(took, 2)
     out = {"seconds": seconds}
     for kind in results["float32"]:
         a = torch.tensor(results["float32"][kind].scores)
@@ -56,9 +55,9 @@ def stats_part(models: dict, corpus: str, tokens: int, layer: int) -> dict:
     matrices, seconds = {}, {}
     for dtype, lm in models.items():
         with tempfile.TemporaryDirectory() as fresh:
-            began = time.perf_counter()
-            matrices[dtype] = second_moment(lm, layer, corpus_from(corpus), tokens, cache_dir=Path(fresh))[0].matrix
-            seconds[dtype] = round(time.perf_counter() - began, 2)
+            took, matrices[dtype] = timed(lambda: second_moment(lm, layer, corpus_from(corpus), tokens,
+                                                                cache_dir=Path(fresh))[0].matrix, 1)
+            seconds[dtype] = round(took, 2)
     a, b = matrices["float32"], matrices["bfloat16"]
     return {"layer": layer, "tokens": tokens, "seconds": seconds,
             "relative_difference": float((a - b).norm() / a.norm())}

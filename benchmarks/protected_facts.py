@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 import torch
+from common import data_dir
 
 from factedit import load
 from factedit.data.counterfact import load_counterfact
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("--data", help="CounterFact file")
     parser.add_argument("--print", dest="print_saved", type=Path, default=None,
                         help="print the table of a saved --out file and stop")
-    parser.add_argument("--known", default=None, help="known facts (default: $FACTEDIT_DATA_DIR/known_1000.json)")
+    parser.add_argument("--known", default=None, help=f"known facts (default: {data_dir()}/known_1000.json)")
     parser.add_argument("--n", type=int, default=100, help="edits in the batch")
     parser.add_argument("--weights", default="1,100", help="weights of H to try with the protected facts")
     parser.add_argument("--tokens", default="subject,prompt",

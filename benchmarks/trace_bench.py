@@ -18,7 +18,7 @@ import argparse
 import json
 
 import torch
-from timing import timed
+from common import timed
 
 from factedit import load
 from factedit.trace.atp import estimated_heatmaps

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
@@ -58,3 +60,10 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def saved_folder(family: str, folder: Path) -> Path:
+    """The tiny model of `family` and the word tokenizer saved as a model folder (for `--model PATH`)."""
+    tiny_model(family).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
