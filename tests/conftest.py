@@ -93,12 +93,9 @@ def tiny_llama():
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> Path:
     """The tiny Llama saved as a model folder, for the command line."""
-    from tiny import tiny_model, word_tokenizer
+    from tiny import saved_folder
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
+    return saved_folder("llama", tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture()
