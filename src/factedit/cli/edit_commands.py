@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ..cache_files import check_output_file, check_output_folder
 from . import (COUNT, INDEX, SEED, SETTINGS_HELP, CommandError, _cluster_options, _cluster_run, _load_edits,
-               _model_options, _settings, _stats_options, main, warnings_as_lines)
+               _model_options, _settings, _stats_options, main)
 from .trace_commands import OCCURRENCE_HELP
 
 
@@ -56,8 +56,7 @@ def edit_command(model, prompt, subject, occurrence, target, target_true, method
     if save:
         check_output_file(Path(save), "save the edit to")  # before loading the model and computing the edit
     spec = get_method(method)
-    with warnings_as_lines():
-        request = EditRequest.create(prompt, subject, target, target_true, occurrence)
+    request = EditRequest.create(prompt, subject, target, target_true, occurrence)  # FriendlyGroup shows warnings
     chosen = _settings(spec, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens, prefix_seed=seed)
     lm = model.load()
     check_prompt_length(lm, request.text)

@@ -10,7 +10,7 @@ import click
 from tqdm import tqdm
 
 from ..cache_files import check_output_file, check_output_folder
-from . import COUNT, SEED, CommandError, _cluster_options, _cluster_run, _model_options, main, warnings_as_lines
+from . import COUNT, SEED, CommandError, _cluster_options, _cluster_run, _model_options, main
 
 
 def _corruption_options(command):
@@ -76,10 +76,9 @@ def trace(model, prompt, subject, occurrence, kind, sever, noise, samples, windo
         check_approx(approx, kinds)  # before the model loads
     check_output_folder(Path(out), "write the heatmaps to")
     lm = model.load()
-    with warnings_as_lines():
-        run = prepare(lm, prompt, subject, occurrence=occurrence, samples=samples, noise=noise, seed=seed,
-                      answer=answer, corrupt=corrupt,
-                      replacements=_replacement_pool(facts) if corrupt == "replace" else None, metric=metric)
+    run = prepare(lm, prompt, subject, occurrence=occurrence, samples=samples, noise=noise, seed=seed,
+                  answer=answer, corrupt=corrupt,
+                  replacements=_replacement_pool(facts) if corrupt == "replace" else None, metric=metric)
     corruption = (f"noise std {run.noise_std:.4f}" if corrupt == "gaussian"
                   else f"subject replaced by {', '.join(repr(r) for r in run.replacements)}")
     scores = (f"p_clean {run.p_clean:.4f}  p_corrupt {run.p_corrupt:.4f}" if metric == "prob"
@@ -160,10 +159,9 @@ def trace_avg(model, facts, n, kind, noise, samples, window, seed, corrupt, metr
                 on_fact.seen += 1
                 on_fact.wrong += not record["correct"]
             on_fact.seen = on_fact.wrong = 0
-            with warnings_as_lines():
-                result = average_effects(lm, records, kind, n=n, samples=samples, window=window, seed=seed,
-                                         noise=noise, corrupt=corrupt, metric=metric, approx=approx or "",
-                                         out_dir=out, on_fact=on_fact, records=traced_by)
+            result = average_effects(lm, records, kind, n=n, samples=samples, window=window, seed=seed,
+                                     noise=noise, corrupt=corrupt, metric=metric, approx=approx or "",
+                                     out_dir=out, on_fact=on_fact, records=traced_by)
     out_dir = Path(out)
     (out_dir / "average.json").write_text(json.dumps(result.to_dict(), indent=1))
     if result.n_correct == 0:
