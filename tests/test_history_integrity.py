@@ -14,7 +14,7 @@ import pytest
 import torch
 from bad_edits import MODULE, factors
 from click.testing import CliRunner
-from tiny import tiny_model, word_tokenizer
+from tiny import saved_folder, tiny_model, word_tokenizer
 
 from factedit.cli import main
 from factedit.edit import EditDelta, EditHistory, HistoryError
@@ -92,9 +92,7 @@ def copy_of(lm):
 def test_a_locked_folder_is_refused_by_the_command_line_before_any_work(folder, tmp_path):
     requests = tmp_path / "requests.json"
     requests.write_text(json.dumps([REQUEST]))
-    model = tmp_path / "model"
-    tiny_model("llama").save_pretrained(model)
-    word_tokenizer().save_pretrained(model)
+    model = saved_folder("llama", tmp_path / "model")
     with FolderLock(folder, "history.lock", "history folder"):
         edited = run("history", "edit", folder, "--model", model, "-r", requests, "--method", "ft", "--layer", 1)
         reverted = run("history", "revert", folder)
@@ -110,9 +108,7 @@ def test_two_history_edit_processes_on_one_folder_keep_both_batches_or_refuse_on
     """Two `factedit history edit` processes started together on one folder: each either saves its
     batch (and the folder then holds it) or is refused with a message; never do both report saving
     while one batch is lost (what happened before the lock: both saved batch_00000)."""
-    model = tmp_path / "model"
-    tiny_model("llama").save_pretrained(model)
-    word_tokenizer().save_pretrained(model)
+    model = saved_folder("llama", tmp_path / "model")
     settings = tmp_path / "ft.json"  # enough steps that the edits overlap in time
     settings.write_text(json.dumps({"layer": 1, "steps": 400}))
     folder = tmp_path / "history"

@@ -45,15 +45,20 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def file_digest(path: Path) -> str:
-    """The file's SHA-256 (16 hex digits): an input file (a corpus, a dataset) is the same when its
-    bytes are, whatever its path or modification time, so that a data folder copied or mounted again
-    keeps its caches and resumable runs."""
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, all 64 hex digits, read in blocks."""
     digest = hashlib.sha256()
     with Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """The file's SHA-256 (16 hex digits): an input file (a corpus, a dataset) is the same when its
+    bytes are, whatever its path or modification time, so that a data folder copied or mounted again
+    keeps its caches and resumable runs."""
+    return file_sha256(path)[:16]
 
 
 # ------------------------------------------------------------------------------ append-only JSON lines

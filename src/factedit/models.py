@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .arch import ArchMap, map_architecture
+from .cache_files import file_sha256
 from .errors import FacteditError, InputError
 
 
@@ -121,14 +122,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return table[dtype]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_fingerprint(model: nn.Module) -> str:
     """A short hash of every parameter's name, shape, dtype, exact sum and a strided sample.
 
@@ -157,7 +150,7 @@ def _load_hf(source: str, dtype: torch.dtype, gguf_file: str | None = None, **kw
 
 def _load_gguf_cached(gguf: Path, dtype: torch.dtype, cache_dir: Path, **hf_kwargs):
     """Dequantise a GGUF file once, cache it as safetensors keyed by the file's hash, reload fast."""
-    cached = cache_dir / "dequantized" / _sha256(gguf)[:20]
+    cached = cache_dir / "dequantized" / file_sha256(gguf)[:20]
     if not (cached / "config.json").exists():
         model, tokenizer = _load_hf(str(gguf.parent), torch.float32, gguf_file=gguf.name)
         # save_pretrained refuses GGUF-loaded models while they still claim to be quantised.

@@ -12,13 +12,12 @@ gain hashes when next written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache_files import write_atomic
+from ..cache_files import file_sha256, write_atomic
 from ..errors import FacteditError, FacteditWarning, json_type
 from .delta import EditDelta
 
@@ -56,17 +55,9 @@ def batch_file_name(index: int) -> str:
     return f"batch_{index:05d}.safetensors"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def batch_entry(path: Path, index: int) -> BatchEntry:
     """The manifest entry of the batch file just written at `path`."""
-    return BatchEntry(Path(path).name, index, sha256_of(path))
+    return BatchEntry(Path(path).name, index, file_sha256(path))
 
 
 def read_manifest(folder: str | Path, *, missing_ok: bool = False) -> Manifest | None:
@@ -153,7 +144,7 @@ def load_batch(folder: Path, entry: BatchEntry) -> EditDelta:
     path = Path(folder) / entry.file
     if path.is_symlink() or not path.is_file():
         raise HistoryError(f"{folder}: {entry.file} is missing or not a regular file")
-    if entry.sha256 is not None and sha256_of(path) != entry.sha256:
+    if entry.sha256 is not None and file_sha256(path) != entry.sha256:
         raise HistoryError(f"{folder}: {entry.file} is not the file the manifest recorded (its SHA-256 differs: "
                            "altered, swapped or replaced); refusing to replay the history")
     delta = EditDelta.load(path)
