@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from tiny import tiny_model, word_tokenizer
 
-from factedit.cli import CommandError, main
+from factedit.cli import main
+from factedit.cli.options import CommandError
 from factedit.data import DatasetError, load_counterfact, load_known_facts, load_zsre
 from factedit.edit import EditRequest, RomeSettings, edit, get_method
 from factedit.edit.kn import KnSettings

@@ -107,7 +107,7 @@ def test_every_seed_option_refuses_what_a_generator_would_refuse(command, seed, 
 
 def test_the_tracing_api_refuses_a_bad_seed_before_any_pass(tiny_llama, monkeypatch):
     from factedit.trace import runs
-    from factedit.trace.heatmap import trace
+    from factedit.trace.tracing import trace
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("no forward pass with a seed that cannot be used")

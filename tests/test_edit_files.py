@@ -168,8 +168,9 @@ EDIT_ARGS = ["--prompt", "{} is located in the city of", "--subject", "The Eiffe
 
 @pytest.fixture()
 def count_edits(monkeypatch):
-    """Counts the edits computed by the CLI."""
+    """Counts the edits computed by the CLI (through factedit.workflows, or factedit.edit directly)."""
     import factedit.edit
+    import factedit.workflows
 
     calls, original = [], factedit.edit.edit
 
@@ -178,6 +179,7 @@ def count_edits(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(factedit.edit, "edit", counting)
+    monkeypatch.setattr(factedit.workflows, "edit", counting)
     return calls
 
 

@@ -15,7 +15,8 @@ import typing
 import pytest
 from click.testing import CliRunner
 
-from factedit.cli import ModelChoice, main
+from factedit.cli import main
+from factedit.cli.options import ModelChoice
 from factedit.edit import METHODS, EditRequest, EditDelta, edit, get_method
 from factedit.settings import Range, SettingsError
 

@@ -1,6 +1,6 @@
 """The package's structure: no import cycles (between modules, function-level imports included), no
-editing method's module imports another's, and importing the tracing engine loads neither the editors
-nor a plotting backend."""
+editing method's module imports another's, the command-line modules import one way only, and
+importing the tracing engine loads neither the editors nor a plotting backend."""
 
 import ast
 import subprocess
@@ -17,19 +17,28 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def package_of(path: Path) -> str:
+    """The package a module's relative imports start from: itself for an __init__.py."""
+    name = module_name(path)
+    return name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+
+
+def import_source(node: ast.ImportFrom, package: str) -> str:
+    """The module a `from ... import` statement imports from, relative imports resolved."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")
+    base = ".".join(base[:len(base) - node.level + 1])
+    return f"{base}.{node.module}" if node.module else base
+
+
 def imports_of(path: Path) -> set[str]:
     """The factedit modules a module imports anywhere in its body (relative imports resolved)."""
-    name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    name, package = module_name(path), package_of(path)
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = ".".join(base[:len(base) - node.level + 1])
-                target = f"{base}.{node.module}" if node.module else base
-            else:
-                target = node.module or ""
+            target = import_source(node, package)
             candidates = [target] + [f"{target}.{alias.name}" for alias in node.names]
         elif isinstance(node, ast.Import):
             candidates = [alias.name for alias in node.names]
@@ -118,6 +127,70 @@ def test_no_editor_imports_another_editor():
     for editor in sorted(EDITORS):
         found = reachable(graph, editor) & (EDITORS | {"factedit.edit", "factedit.edit.registry"})
         assert not found, f"{editor} imports {sorted(found)}"
+
+
+CLI = PACKAGE / "cli"
+# What the command modules share; everything else in factedit/cli is the package (the group) or a command module.
+SHARED_CLI_MODULES = {"factedit.cli.options", "factedit.cli.progress_bars"}
+
+
+def modules_taken_from(text: str, package: str) -> set[str]:
+    """The modules a module's code takes names from, anywhere in its body: `from .options import COUNT`
+    and `from . import options` take from factedit.cli.options, `from . import main` from the package
+    factedit.cli itself (its __init__)."""
+    found = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom):
+            source = import_source(node, package)
+            for alias in node.names:
+                submodule = f"{source}.{alias.name}"
+                found.add(submodule if (PACKAGE.parent / Path(*submodule.split("."))).with_suffix(".py").exists()
+                          else source)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_the_command_modules_import_only_the_shared_cli_modules():
+    """Imports in factedit.cli go one way: the package's __init__ (the `factedit` group) imports the
+    command modules and registers their commands; a command module takes what it shares with the
+    others (options, settings, progress bars) from options and progress_bars only, never from the
+    package or another command module, so that none depends on the order the others are imported in."""
+    assert modules_taken_from("from . import main, options\nfrom .edit_commands import x\nimport factedit.cli",
+                              "factedit.cli") == {"factedit.cli", "factedit.cli.options",
+                                                  "factedit.cli.edit_commands"}  # the check sees each kind
+    cli_modules = {module_name(path) for path in CLI.glob("*.py")}
+    assert SHARED_CLI_MODULES < cli_modules
+    for path in sorted(CLI.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        name = module_name(path)
+        taken = modules_taken_from(path.read_text(), package_of(path)) & cli_modules
+        wrong = taken - (SHARED_CLI_MODULES - {name})
+        assert not wrong, f"{name} imports {sorted(wrong)}; share it through {sorted(SHARED_CLI_MODULES)}"
+
+
+def test_every_command_is_registered():
+    """Each command a module of factedit.cli defines is reachable from `factedit` (registered in
+    factedit.cli's __init__, or in a group that is), so a new command cannot be left out."""
+    import importlib
+
+    import click
+
+    from factedit.cli import main
+
+    def reachable_commands(group):
+        for command in group.commands.values():
+            yield command
+            if isinstance(command, click.Group):
+                yield from reachable_commands(command)
+
+    reachable = set(reachable_commands(main))
+    defined = [value for path in sorted(CLI.glob("*.py"))
+               for value in vars(importlib.import_module(module_name(path))).values()
+               if isinstance(value, click.Command) and value is not main]
+    assert len(defined) > 10
+    assert [command.name for command in defined if command not in reachable] == []
 
 
 def test_tracing_loads_neither_the_editors_nor_a_plotting_backend():

@@ -5,7 +5,7 @@ from tiny import FAMILIES, tiny_model, word_tokenizer
 
 from factedit.models import from_model
 from factedit.tokens import PromptError
-from factedit.trace.heatmap import trace
+from factedit.trace.tracing import trace
 from factedit.trace.restore import HEATMAP_KINDS, heatmap_cells, restored_probs, restored_probs_naive
 from factedit.trace.runs import prepare
 

@@ -31,6 +31,12 @@ def start_phase(phases: Phases | None, name: str, total: int, unit: str) -> Step
     return phases(name, total, unit) if phases is not None else _ignore
 
 
+def steps_only(step: Step | None) -> Phases | None:
+    """A reporter that sends every phase's steps to the one callback `step` (a caller that counts
+    steps, not phases), or none without it."""
+    return None if step is None else (lambda name, total, unit: step)
+
+
 def on_first_step(phases: Phases | None, name: str, total: int, unit: str) -> Step:
     """Like `start_phase`, but the phase is announced at its first step: for a phase set up before work it
     waits for (the statistics count tokens only once their text exists, which may first have to be

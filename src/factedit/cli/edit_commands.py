@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from ..cache_files import check_output_file, check_output_folder
-from . import (COUNT, INDEX, SEED, SETTINGS_HELP, CommandError, _cluster_options, _cluster_run, _load_edits,
-               _model_options, _settings, _stats_options, main)
-from .trace_commands import OCCURRENCE_HELP
+from .options import (COUNT, INDEX, OCCURRENCE_HELP, SEED, SETTINGS_HELP, CommandError, choose_settings,
+                      cluster_options, cluster_run, load_edits, model_options, stats_options)
+from .progress_bars import PhaseBars, stderr_bar
 
 
 HISTORY_HELP = "a history folder (factedit history edit) whose batches are applied first"
 
 
-@main.command()
+@click.command()
 def methods():
     """List the editing methods."""
     from ..edit import METHODS
@@ -29,8 +26,8 @@ def methods():
         click.echo(f"{name:14} {spec.description}")
 
 
-@main.command("edit")
-@_model_options
+@click.command("edit")
+@model_options
 @click.option("--prompt", "-p", required=True, help='template with {} for the subject, or a full prompt')
 @click.option("--subject", "-s", required=True)
 @click.option("--occurrence", type=click.IntRange(min=0), default=None, metavar="N",
@@ -41,85 +38,38 @@ def methods():
 @click.option("--layer", type=INDEX, default=None, help="layer to edit (default: per-model structural default)")
 @click.option("--settings", "settings_file", default=None, help=SETTINGS_HELP)
 @click.option("--paraphrase", multiple=True, help="extra prompts to check (repeatable)")
-@_stats_options
+@stats_options
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the sampled context prefixes")
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="write the edit to this .safetensors file")
 def edit_command(model, prompt, subject, occurrence, target, target_true, method, layer, settings_file,
                  paraphrase, corpus, stats_tokens, seed, save):
     """Rewrite one fact (with ROME unless --method says otherwise) and show the model before and after;
     for batches on top of earlier edits, see factedit history."""
-    from ..edit import EditRequest, EditStack, edit, get_method
-    from ..generate import with_current_target
-    from ..report import checks_for, report_around
+    from ..edit import EditRequest, get_method
     from ..tokens import check_prompt_length
+    from ..workflows import edit_with_report
 
     if save:
         check_output_file(Path(save), "save the edit to")  # before loading the model and computing the edit
     spec = get_method(method)
     request = EditRequest.create(prompt, subject, target, target_true, occurrence)  # FriendlyGroup shows warnings
-    chosen = _settings(spec, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens, prefix_seed=seed)
+    chosen = choose_settings(spec, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens,
+                             prefix_seed=seed)
     lm = model.load()
     check_prompt_length(lm, request.text)
     for i, text in enumerate(paraphrase):
         check_prompt_length(lm, text, f"--paraphrase {i + 1}")
-    request = with_current_target(lm, request)
-    if request.occurrence != occurrence:  # with_current_target re-creates the request from its template
-        request = dataclasses.replace(request, occurrence=occurrence)
     settings = chosen.for_model(lm)
-    where = getattr(settings, "layer", None) if hasattr(settings, "layer") else getattr(settings, "layers", None)
-    click.echo(f"editing layer(s) {where} ({getattr(settings, 'layer_rule', '')}) with {method}: "
-               f"{request.text!r}: {request.target_true!r} -> {request.target_new!r}")
-
-    def make_edit():
-        with PhaseBars() as bars:
-            delta, diagnostics = edit(lm, request, method, settings, progress=bars)
-        EditStack(lm).apply(delta)
-        return delta, diagnostics
-
-    checks = checks_for(lm, request, list(paraphrase), seed=seed)
-    report, (delta, diagnostics) = report_around(lm, request, checks, make_edit)
-    for line in report_lines(report):
+    click.echo(f"editing {spec.where(settings)} with {method}: {request.text!r} -> {request.target_new!r}")
+    with PhaseBars() as bars:
+        made = edit_with_report(lm, request, method, settings, paraphrases=list(paraphrase), seed=seed,
+                                progress=bars)
+    for line in report_lines(made.report) + made.lines:
         click.echo(line)
-    if "stats_file" in delta.info:
-        click.echo(f"key statistics: {delta.info['stats_keys']} keys ({delta.info['stats_file']}; 'model-sampled' "
-                   f"in the name means text sampled from the model, as no corpus was given)")
-    if "null_space_dims" in delta.info:
-        click.echo(f"null space kept per layer: {delta.info['null_space_dims']}; projectors "
-                   f"{delta.info['projector_bytes'] / 2**20:.1f} MiB and history H {delta.info['history_bytes'] / 2**20:.1f} "
-                   "MiB, on the CPU (moved to the device one layer at a time)")
-    summary = optimisation_report(diagnostics[0], settings) if diagnostics else ""
-    if summary:  # methods without an optimisation (KN) have nothing to say here
-        click.echo(summary)
+    delta = made.delta
     if save:
         save_edit(delta, Path(save))
         click.echo(f"saved the edit to {save}")
-
-
-class PhaseBars:
-    """A progress reporter (factedit.progress.Phases) that draws one bar with its total per phase on
-    stderr, closing the previous phase's bar when the next one starts."""
-
-    def __init__(self, only: tuple[str, ...] | None = None):
-        self.bar, self.only = None, only  # only: the phases drawn (eval: the one-time ones); None: all
-
-    def __call__(self, name: str, total: int, unit: str):
-        self.close()
-        if self.only is not None and name not in self.only:
-            return lambda n: None
-        self.bar = tqdm(total=total, desc=name, unit=unit, file=sys.stderr)
-        return self.bar.update
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            sys.stderr.flush()  # the bar's closing line break, before anything else is printed
-            self.bar = None
-
-    def __enter__(self) -> "PhaseBars":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def report_lines(report) -> list[str]:
@@ -153,21 +103,8 @@ def save_edit(delta, path: Path) -> None:
     raise CommandError(f"could not save the edit to {path} ({reason}); saved it to {fallback} instead")
 
 
-def optimisation_report(info: dict, settings) -> str:
-    """One line on how the edit's optimisation ended; says so loudly when it did not converge."""
-    if "converged" not in info:
-        return f"optimisation: {info['steps']} steps, final loss {info['losses'][-1]:.4f}" if info.get("losses") else ""
-    line = (f"optimisation: {info['steps']} steps, final loss {info['final_loss']:.4f} "
-            f"(target NLL {info['final_nll']:.4f})")
-    criterion = "target NLL" if settings.early_stop_on == "nll" else "loss"
-    if info["converged"]:
-        return line + f", converged: {criterion} below {settings.early_stop_loss}"
-    return (line + f" -- NOT CONVERGED: {criterion} still above {settings.early_stop_loss} after the maximum of "
-            f"{settings.v_steps} steps; the edit may not hold (raise v_steps with a settings file)")
-
-
-@main.command()
-@_model_options
+@click.command()
+@model_options
 @click.option("--edits", "-e", multiple=True, type=click.Path(dir_okay=False), help="edit files to apply")
 @click.option("--history", type=click.Path(file_okay=False), default=None, help=HISTORY_HELP)
 @click.option("--prompt", "-p", required=True, multiple=True)
@@ -177,13 +114,13 @@ def generate(model, edits, history, prompt, max_new):
     from ..generate import greedy_continuation
 
     lm = model.load()
-    _load_edits(lm, edits, history)
+    load_edits(lm, edits, history)
     for text in prompt:
         click.echo(f"{text}{greedy_continuation(lm, text, max_new)}")
 
 
-@main.command()
-@_model_options
+@click.command()
+@model_options
 @click.option("--edits", "-e", multiple=True, type=click.Path(dir_okay=False), help="edit files to apply")
 @click.option("--history", type=click.Path(file_okay=False), default=None, help=HISTORY_HELP)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False))
@@ -193,23 +130,23 @@ def export(model, edits, history, out):
         raise CommandError("nothing to export: give edit files (--edits) or a history folder (--history)")
     check_output_folder(Path(out), "write the edited model to")  # before the model loads, not after
     lm = model.load()
-    _load_edits(lm, edits, history)
+    load_edits(lm, edits, history)
     lm.model.save_pretrained(out)
     lm.tokenizer.save_pretrained(out)
     click.echo(f"wrote the edited model to {out}")
 
 
-@main.command()
-@_model_options
+@click.command()
+@model_options
 @click.option("--layer", type=INDEX, required=True)
-@_stats_options
-@_cluster_options
+@stats_options
+@cluster_options
 def stats(model, layer, corpus, stats_tokens, cluster):
     """Compute (or load from the cache) the MLP key second moment at a layer. With --cluster, the
     corpus's chunks are shared out over Ray workers and their sums merged: the same cache file."""
     from ..stats import StatisticsSettings, key_statistics
 
-    with _cluster_run(cluster, model) as run:  # connected (or refused) before the model loads
+    with cluster_run(cluster, model) as run:  # connected (or refused) before the model loads
         lm = model.load()
         lm.check_layer(layer)
         settings = StatisticsSettings(stats_corpus=corpus, stats_tokens=stats_tokens)
@@ -226,8 +163,8 @@ def stats(model, layer, corpus, stats_tokens, cluster):
                f"d_mlp {result.sum_outer.shape[0]}, {path}")
 
 
-@main.command("suggest-layer")
-@_model_options
+@click.command("suggest-layer")
+@model_options
 @click.option("--facts", type=click.Path(dir_okay=False), default=None)
 @click.option("--n", type=COUNT, default=20, show_default=True, help="correctly predicted facts to trace")
 @click.option("--samples", type=COUNT, default=10, show_default=True)
@@ -241,7 +178,7 @@ def suggest_layer(model, facts, n, samples, window):
     from ..trace.average import average_effects
 
     lm = model.load()
-    with tqdm(total=n, desc="facts traced", unit="fact", file=sys.stderr) as bar:
+    with stderr_bar(n, "facts traced", "fact") as bar:
         result = average_effects(lm, load_known_facts(facts), "mlp", n=n, samples=samples, window=window,
                                  on_fact=lambda r: bar.update(1 if r["correct"] else 0))
     if result.n_correct == 0:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
-from . import (COUNT, INDEX, SETTINGS_HELP, CommandError, _cluster_options, _cluster_run, _model_options, _settings,
-               _stats_options, main)
 from ..cache_files import check_output_file, check_output_folder
-from .edit_commands import PhaseBars
+from .options import (COUNT, INDEX, SETTINGS_HELP, CommandError, choose_settings, cluster_options, cluster_run,
+                      model_options, stats_options)
+from .progress_bars import PhaseBars, stderr_bar
 
 
 def _lifelong_inputs(held_out: str | None, corpus: str | None, known: str | None):
@@ -40,8 +38,8 @@ def _lifelong_options(command):
     return command
 
 
-@main.command()
-@_model_options
+@click.command()
+@model_options
 @click.option("--dataset", default="counterfact", show_default=True, help="counterfact or zsre")
 @click.option("--data", type=click.Path(dir_okay=False, exists=True), default=None,
               help="dataset file (default: from $FACTEDIT_DATA_DIR)")
@@ -50,7 +48,7 @@ def _lifelong_options(command):
 @click.option("--method", "methods", multiple=True, default=["rome", "rome-original"], show_default=True,
               help="editing method (repeat the option to compare several)")
 @click.option("--layer", type=INDEX, default=None)
-@_stats_options
+@stats_options
 @_lifelong_options
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="sequential-out", show_default=True)
 def sequential(model, dataset, data, n, edits_per_batch, methods, layer, corpus, stats_tokens,
@@ -73,8 +71,7 @@ def sequential(model, dataset, data, n, edits_per_batch, methods, layer, corpus,
     results = {}
     for method in methods:
         settings = specs[method].settings_with(lm, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
-        with PhaseBars(only=SETUP_PHASES) as phases, tqdm(total=n, desc=f"{method} edits", unit="edit",
-                                                             file=sys.stderr) as bar:
+        with PhaseBars(only=SETUP_PHASES) as phases, stderr_bar(n, f"{method} edits", "edit") as bar:
             run_evaluation(lm, method, dataset, out_dir / method, data=data, n=n, edits_per_batch=edits_per_batch,
                            settings=settings, sequential=True, held_out=text, known=facts,
                            measure_every=measure_every, progress=bar.update, phases=phases)
@@ -86,8 +83,8 @@ def sequential(model, dataset, data, n, edits_per_batch, methods, layer, corpus,
     click.echo(lifelong_table(results))
 
 
-@main.command("eval")
-@_model_options
+@click.command("eval")
+@model_options
 @click.option("--method", required=True, help="an editing method (see factedit methods)")
 @click.option("--dataset", required=True, help="counterfact or zsre")
 @click.option("--data", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -98,14 +95,14 @@ def sequential(model, dataset, data, n, edits_per_batch, methods, layer, corpus,
 @click.option("--edits-per-batch", type=COUNT, default=1, show_default=True)
 @click.option("--layer", type=INDEX, default=None)
 @click.option("--settings", "settings_file", default=None, help=SETTINGS_HELP)
-@_stats_options
+@stats_options
 @click.option("--generation", is_flag=True, help="also score fluency (GE) and consistency (RS*) of generations")
 @click.option("--sequential", is_flag=True, help="keep every edit: each batch is edited on top of the earlier ones, "
               "and the model is measured after each (lifelong.jsonl, lifelong.png)")
 @_lifelong_options
 @click.option("--generation-tokens", type=COUNT, default=100, show_default=True)
 @click.option("--out", "-o", type=click.Path(file_okay=False), required=True)
-@_cluster_options
+@cluster_options
 def eval_command(model, method, dataset, data, n, start, edits_per_batch, layer, settings_file,
                  corpus, stats_tokens, generation, generation_tokens, sequential, held_out, known, measure_every,
                  out, cluster):
@@ -122,8 +119,8 @@ def eval_command(model, method, dataset, data, n, start, edits_per_batch, layer,
         raise CommandError("--cluster cannot run --sequential: each batch is edited on top of the ones before it, "
                            "so batches cannot run apart; drop one of the two")
     check_output_folder(Path(out), "write the run to")
-    chosen = _settings(spec, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
-    with _cluster_run(cluster, model) as run:  # connected (or refused) before the model loads
+    chosen = choose_settings(spec, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens)
+    with cluster_run(cluster, model) as run:  # connected (or refused) before the model loads
         lm = model.load()
         settings = chosen.for_model(lm)
         text, facts = _lifelong_inputs(held_out, corpus, known) if sequential else (None, None)
@@ -136,8 +133,7 @@ def eval_command(model, method, dataset, data, n, start, edits_per_batch, layer,
             click.echo(f"cluster: {run.describe()}", err=True)
             dispatch = evaluation_dispatch(pool)
         # The statistics and prefixes (minutes when not cached) get bars of their own; per-edit phases do not.
-        with PhaseBars(only=SETUP_PHASES) as phases, \
-                tqdm(total=n, desc=f"{method} on {dataset}", unit="case", file=sys.stderr) as bar:
+        with PhaseBars(only=SETUP_PHASES) as phases, stderr_bar(n, f"{method} on {dataset}", "case") as bar:
             summary = run_evaluation(lm, method, dataset, out, data=data, n=n, start=start,
                                      edits_per_batch=edits_per_batch, settings=settings, generation=generation,
                                      generation_tokens=generation_tokens, sequential=sequential, held_out=text,
@@ -150,7 +146,7 @@ def eval_command(model, method, dataset, data, n, start, edits_per_batch, layer,
     click.echo(f"wrote cases/, summary.json and summary.md to {out}")
 
 
-@main.command()
+@click.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--plot", "bars_stem", default=None, help="also plot ES/PS/NS per run as bars to PLOT.png/.svg")
 @click.option("--plot-by-edits", "edits_stem", default=None,

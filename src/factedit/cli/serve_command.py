@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from . import _model_options, _stats_options, main
+from .options import model_options, stats_options
 
 
-@main.command()
-@_model_options
+@click.command()
+@model_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to bind: loopback (this machine only) by default; any other needs a token (see --token)")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
@@ -19,7 +19,7 @@ from . import _model_options, _stats_options, main
               help="require a token, printed in the URL (default: only when not bound to loopback); its value is "
                    "random unless $FACTEDIT_TOKEN sets it. --no-token lets anyone who can reach the port change "
                    "the model")
-@_stats_options
+@stats_options
 def serve(model, host, port, allowed_hosts, token, corpus, stats_tokens):
     """Start the web workbench: trace, edit and compare the model's facts in the browser."""
     import os

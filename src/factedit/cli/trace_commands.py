@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from ..cache_files import check_output_file, check_output_folder
-from . import COUNT, SEED, CommandError, _cluster_options, _cluster_run, _model_options, main
+from .options import COUNT, OCCURRENCE_HELP, SEED, CommandError, cluster_options, cluster_run, model_options
+from .progress_bars import PhaseBars, stderr_bar
 
 
 def _corruption_options(command):
@@ -25,18 +24,14 @@ def _corruption_options(command):
                              "known subject of the same token length (seeded)")(command)
 
 
-OCCURRENCE_HELP = ("which occurrence of the subject in the prompt is the subject, counted from 0 (default: the first "
-                   "that is a whole word, with a warning when the subject occurs more than once or only inside a word)")
-
-
 def _replacement_pool(facts) -> list[tuple[str, str]]:
     from ..data.known import load_known_facts
 
     return [(f.subject, f.attribute) for f in load_known_facts(facts)]
 
 
-@main.command()
-@_model_options
+@click.command()
+@model_options
 @click.option("--prompt", "-p", required=True, help='e.g. "The Eiffel Tower is located in the city of"')
 @click.option("--subject", "-s", required=True, help="the subject as it occurs in the prompt")
 @click.option("--occurrence", type=click.IntRange(min=0), default=None, metavar="N", help=OCCURRENCE_HELP)
@@ -61,19 +56,18 @@ def _replacement_pool(facts) -> list[tuple[str, str]]:
 def trace(model, prompt, subject, occurrence, kind, sever, noise, samples, window, seed, answer, corrupt, metric,
           facts, approx, refine, out):
     """Causal tracing of one fact: heatmaps of where the model recalls it."""
+    from ..trace.atp import refine_summary
     from ..trace.corrupt import check_corruption
-    from ..trace.heatmap import expand_kinds, heatmap
+    from ..trace.heatmap import expand_kinds
     from ..trace.plot import plot_heatmap
     from ..trace.runs import prepare
+    from ..trace.tracing import check_trace_options, heatmaps
 
-    if refine and not approx:
+    if refine and not approx:  # said in the command's own words; the library says it in its own
         raise CommandError("--refine confirms an estimate: use it with --approx atp")
     check_corruption(corrupt, noise, command_line=True)  # before the model loads
     kinds = expand_kinds(kind) + (["hidden_no_mlp", "hidden_no_attn"] if sever else [])
-    if approx:
-        from ..trace.atp import check_approx
-
-        check_approx(approx, kinds)  # before the model loads
+    check_trace_options(kinds, approx, refine)
     check_output_folder(Path(out), "write the heatmaps to")
     lm = model.load()
     run = prepare(lm, prompt, subject, occurrence=occurrence, samples=samples, noise=noise, seed=seed,
@@ -88,16 +82,9 @@ def trace(model, prompt, subject, occurrence, kind, sever, noise, samples, windo
     click.echo(f"subject tokens {start}..{end - 1}: {run.tokenized.tokens[start:end]}")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if approx:
-        from ..trace.atp import estimated_heatmaps, refine as refine_cells, refine_summary
-
-        results = estimated_heatmaps(run, kinds, window=window, approx=approx)
-        summaries = {k: refine_summary(r, refine_cells(run, r, refine)) for k, r in results.items()} if refine else {}
-    else:
-        cells = len(kinds) * run.n_tokens * lm.n_layers
-        with tqdm(total=cells, desc="tracing", unit="cell", file=sys.stderr) as bar:
-            results = {k: heatmap(run, k, window=window, progress=bar.update) for k in kinds}
-        summaries = {}
+    with PhaseBars() as bars:
+        results = heatmaps(run, kinds, window=window, approx=approx, refine=refine, progress=bars)
+    summaries = {k: refine_summary(r, r.extra["refined"]) for k, r in results.items() if "refined" in r.extra}
     for k, result in results.items():
         result.save(out_dir / f"trace_{k}.json")
         plot_heatmap(result, out_dir / f"trace_{k}")
@@ -108,8 +95,8 @@ def trace(model, prompt, subject, occurrence, kind, sever, noise, samples, windo
                + (" (estimates: attribution patching)" if approx else ""))
 
 
-@main.command("trace-avg")
-@_model_options
+@click.command("trace-avg")
+@model_options
 @click.option("--facts", type=click.Path(dir_okay=False), default=None,
               help="known-facts JSON (default: $FACTEDIT_DATA_DIR/known_1000.json or the published file)")
 @click.option("--n", type=COUNT, default=100, show_default=True, help="number of correctly predicted facts to trace")
@@ -123,7 +110,7 @@ def trace(model, prompt, subject, occurrence, kind, sever, noise, samples, windo
 @click.option("--approx", type=click.Choice(["atp"]), default=None,
               help="average attribution-patching estimates instead of exact restorations")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default="trace-avg-out", show_default=True)
-@_cluster_options
+@cluster_options
 def trace_avg(model, facts, n, kind, noise, samples, window, seed, corrupt, metric, approx, out, cluster):
     """Average indirect effects over many known facts (resumable: reruns skip traced facts). With
     --cluster, facts are traced on Ray workers; facts.jsonl is the same. With --corrupt replace the
@@ -140,7 +127,7 @@ def trace_avg(model, facts, n, kind, noise, samples, window, seed, corrupt, metr
 
         check_approx(approx, expand_kinds(kind))
     check_output_folder(Path(out), "write the averages to")
-    with _cluster_run(cluster, model) as run:  # connected (or refused) before the model loads
+    with cluster_run(cluster, model) as run:  # connected (or refused) before the model loads
         lm = model.load()
         records = load_known_facts(facts)
         traced_by = None
@@ -151,7 +138,7 @@ def trace_avg(model, facts, n, kind, noise, samples, window, seed, corrupt, metr
             pool.start()  # the workers load the model while this process measures the noise
             click.echo(f"cluster: {run.describe()}", err=True)
             traced_by = fact_records(pool)
-        with tqdm(total=n, desc="facts traced", unit="fact", file=sys.stderr) as bar:
+        with stderr_bar(n, "facts traced", "fact") as bar:
             def on_fact(record):
                 if record["correct"]:
                     bar.update(1)
@@ -182,7 +169,7 @@ def trace_avg(model, facts, n, kind, noise, samples, window, seed, corrupt, metr
     click.echo(f"wrote average.json, average.md, average.png/.svg and facts.jsonl to {out_dir}")
 
 
-@main.command("trace-compare")
+@click.command("trace-compare")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--label", "labels", multiple=True, help="a name per run, in order (default: the folder names)")
 @click.option("--n", type=COUNT, default=None, help="the first N traced facts of each run (default: all)")

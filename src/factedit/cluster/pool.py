@@ -24,7 +24,7 @@ class WorkerModel:
 
     @classmethod
     def of(cls, choice) -> "WorkerModel":
-        """From a cli.ModelChoice; workers default to one torch thread each (the CPUs Ray gives them)."""
+        """From a cli.options.ModelChoice; workers default to one torch thread each (the CPUs Ray gives them)."""
         return cls(choice.name, choice.device, choice.dtype, choice.threads or 1, choice.device_map)
 
     def on_gpu(self) -> "WorkerModel":

@@ -39,6 +39,7 @@ from ..stats import key_statistics_at
 from .delta import EditDelta
 from .mass_edit import MassEditSettings, spread_over_layers
 from .prompts import prompt_batch, request_texts
+from .value import optimisation_lines
 
 NULL_SPACE_RULES = ("trace_share", "absolute")
 L2_RULES = ("key_energy", "absolute")
@@ -219,3 +220,17 @@ def alphaedit_delta(lm: LoadedModel, requests: list[EditRequest], settings: Alph
         "history_bytes": sum(h.numel() * h.element_size() for h in H.values()),
         "preserved_keys": n_preserved})
     return delta, diagnostics
+
+
+def report_lines(delta: EditDelta, diagnostics: list[dict], settings: AlphaEditSettings) -> list[str]:
+    """What to tell a person about an AlphaEdit edit beyond its effect: the null space it kept, the
+    earlier batches it could not preserve, how the target optimisations ended."""
+    info, lines = delta.info, []
+    if "null_space_dims" in info:
+        lines.append(f"null space kept per layer: {info['null_space_dims']}; projectors "
+                     f"{info['projector_bytes'] / 2**20:.1f} MiB and history H {info['history_bytes'] / 2**20:.1f} "
+                     "MiB, on the CPU (moved to the device one layer at a time)")
+    if info.get("unpreserved_batches"):
+        lines.append(f"note: {info['unpreserved_batches']} earlier batch(es) of other methods changed these layers "
+                     "without recording keys; AlphaEdit could not preserve what they wrote")
+    return lines + optimisation_lines(diagnostics, settings)

@@ -129,3 +129,12 @@ def finetune_delta(lm: LoadedModel, requests: list[EditRequest], settings: Finet
     delta = EditDelta(method, lm.fingerprint, {name: {"dense": change.cpu()}}, settings.to_dict(),
                       [r.to_dict() for r in requests])
     return delta, [{"losses": losses, "steps": len(losses), **({"linf_bound": eps} if eps is not None else {})}]
+
+
+def report_lines(delta: EditDelta, diagnostics: list[dict], settings: FinetuneSettings) -> list[str]:
+    """What to tell a person about a fine-tuning edit beyond its effect: how its optimisation ended."""
+    info = diagnostics[0] if diagnostics else {}
+    if not info.get("losses"):
+        return []
+    bound = f", each weight changed by at most {info['linf_bound']:.3g} (FT+L)" if "linf_bound" in info else ""
+    return [f"optimisation: {info['steps']} steps, final loss {info['losses'][-1]:.4f}{bound}"]

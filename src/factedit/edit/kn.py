@@ -138,3 +138,10 @@ def kn_delta(lm: LoadedModel, requests: list[EditRequest], settings: KnSettings,
         diagnostics.append({"neurons": kept})
         done(1)
     return total, diagnostics
+
+
+def report_lines(delta: EditDelta, diagnostics: list[dict], settings: KnSettings) -> list[str]:
+    """What to tell a person about a knowledge-neuron edit beyond its effect: the neurons rewritten."""
+    return [f"knowledge neurons rewritten: {', '.join(f'layer {layer} #{neuron}' for layer, neuron in d['neurons'])}"
+            + ("" if len(diagnostics) == 1 else f" ({number + 1}. request)")
+            for number, d in enumerate(diagnostics) if d.get("neurons")]

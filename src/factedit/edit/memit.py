@@ -25,6 +25,7 @@ from ..settings import bounded
 from ..stats import key_statistics_at
 from .delta import EditDelta
 from .mass_edit import MassEditSettings, spread_over_layers
+from .value import optimisation_lines
 
 
 GPTJ_D_MLP = 16384  # the MLP width of GPT-J, where MEMIT's lambda = 15,000 was tuned
@@ -66,3 +67,8 @@ def memit_delta(lm: LoadedModel, requests: list[EditRequest], settings: MemitSet
         return torch.linalg.solve(A, K).T
 
     return spread_over_layers(lm, requests, settings, solve, "memit", cache_dir=cache_dir, progress=progress)
+
+
+def report_lines(delta: EditDelta, diagnostics: list[dict], settings: MemitSettings) -> list[str]:
+    """What to tell a person about a MEMIT edit beyond its effect: how the target optimisations ended."""
+    return optimisation_lines(diagnostics, settings)

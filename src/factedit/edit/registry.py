@@ -44,6 +44,28 @@ class Method:
     # rome-original: key_mode): set in its defaults, and checked by check_fields. (The values a field
     # may take at all are declared with the field: settings.one_of, bounded.)
     fixed: dict[str, object] = field(default_factory=dict)
+    # What to tell a person about an edit beyond its effect (key statistics used, how an optimisation
+    # ended, the null space kept): (delta, diagnostics, settings) -> lines; from the method's module.
+    report_lines: Callable[[EditDelta, list[dict], object], list[str]] = lambda delta, diagnostics, settings: []
+
+    def edited_layers(self, settings) -> list[int] | None:
+        """The layers the settings (a settings object, or the dict an edit file saves) edit: a
+        single-layer method's `layer`, a multi-layer one's `layers`; None: every layer (KN without
+        a layer chosen)."""
+        import dataclasses
+
+        values = settings if isinstance(settings, dict) else dataclasses.asdict(settings)
+        if values.get("layer") is not None:
+            return [values["layer"]]
+        return values.get("layers")
+
+    def where(self, settings) -> str:
+        """The edited layers in words, with the rule that chose them where the settings record one:
+        "layers [3, 4, 5] (...)", "every layer"."""
+        layers = self.edited_layers(settings)
+        rule = settings.get("layer_rule") if isinstance(settings, dict) else getattr(settings, "layer_rule", "")
+        named = "every layer" if layers is None else f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers}"
+        return named + (f" ({rule})" if rule else "")
 
     def defaults(self, lm: LoadedModel, layer: int | None = None, **overrides):
         """Per-model defaults (the settings type's defaults_for) with this method's fixed fields."""
@@ -131,23 +153,27 @@ def register(method: Method) -> None:
 register(Method("none", "the unedited model (baseline)", NoSettings, lambda lm, layer=None, **kw: NoSettings(),
                 _none_compute))
 register(Method("rome", "ROME with consistent keys (the averaged key in every step)", RomeSettings,
-                RomeSettings.defaults_for, rome_edit, presets=rome.PRESETS, fixed={"key_mode": "consistent"}))
+                RomeSettings.defaults_for, rome_edit, presets=rome.PRESETS, fixed={"key_mode": "consistent"},
+                report_lines=rome.report_lines))
 register(Method("rome-original", "ROME as in the reference code (plain-prompt key in the solve)", RomeSettings,
-                RomeSettings.defaults_for, rome_edit, presets=rome.PRESETS, fixed={"key_mode": "original"}))
+                RomeSettings.defaults_for, rome_edit, presets=rome.PRESETS, fixed={"key_mode": "original"},
+                report_lines=rome.report_lines))
 register(Method("ft", "fine-tune one MLP output matrix", FinetuneSettings,
                 partial(FinetuneSettings.defaults_for, constrained=False), partial(finetune_delta, method="ft"),
-                presets=finetune.FT_PRESETS))
+                presets=finetune.FT_PRESETS, report_lines=finetune.report_lines))
 register(Method("ft-l", "fine-tune one MLP output matrix under an L-infinity constraint (FT+L), relative to its scale",
                 FinetuneSettings, partial(FinetuneSettings.defaults_for, constrained=True),
-                partial(finetune_delta, method="ft-l"), presets=finetune.FT_L_PRESETS))
+                partial(finetune_delta, method="ft-l"), presets=finetune.FT_L_PRESETS,
+                report_lines=finetune.report_lines))
 
 register(Method("memit", "MEMIT: all requests at once, spread over a range of layers", MemitSettings,
-                MemitSettings.defaults_for, memit_delta, presets=memit.PRESETS))
+                MemitSettings.defaults_for, memit_delta, presets=memit.PRESETS, report_lines=memit.report_lines))
 register(Method("alphaedit", "AlphaEdit: MEMIT projected onto the null space of the preserved keys and earlier edits",
-                AlphaEditSettings, AlphaEditSettings.defaults_for, alphaedit_delta, presets=alphaedit.PRESETS))
+                AlphaEditSettings, AlphaEditSettings.defaults_for, alphaedit_delta, presets=alphaedit.PRESETS,
+                report_lines=alphaedit.report_lines))
 
 register(Method("kn", "knowledge neurons: integrated-gradients attribution, then rewrite their value vectors",
-                KnSettings, KnSettings.defaults_for, kn_delta, presets=kn.PRESETS))
+                KnSettings, KnSettings.defaults_for, kn_delta, presets=kn.PRESETS, report_lines=kn.report_lines))
 
 
 def get_method(name: str) -> Method:

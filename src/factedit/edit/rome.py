@@ -40,7 +40,7 @@ from .layers import edit_layer
 from .mlp_change import response_clamp
 from .prefixes import context_templates
 from .prompts import io_at_subject
-from .value import ValueSettings, compute_value_delta
+from .value import ValueSettings, compute_value_delta, optimisation_lines
 
 
 KEY_MODES = ("consistent", "original")
@@ -201,3 +201,13 @@ def rome_edit(lm: LoadedModel, requests: list[EditRequest], settings: RomeSettin
         stack.revert_all()
     total.info.update({"diagnostics": diagnostics, "stats_keys": stats.count, "stats_file": path.name})
     return total, diagnostics
+
+
+def report_lines(delta: EditDelta, diagnostics: list[dict], settings: RomeSettings) -> list[str]:
+    """What to tell a person about a ROME edit beyond its effect: the key statistics it used and how
+    the value optimisation ended."""
+    lines = []
+    if "stats_file" in delta.info:
+        lines.append(f"key statistics: {delta.info['stats_keys']} keys ({delta.info['stats_file']}; 'model-sampled' "
+                     "in the name means text sampled from the model, as no corpus was given)")
+    return lines + optimisation_lines(diagnostics, settings)

@@ -338,3 +338,35 @@ def compute_value_delta(lm: LoadedModel, layer: int, request: EditRequest, templ
     return compute_value_deltas(lm, layer, [request], templates, settings, target_init.unsqueeze(0), forward=forward,
                                 kind=kind, row_scales=None if row_scales is None else [row_scales],
                                 progress=progress)[0]
+
+
+def optimisation_summary(diagnostics: list[dict]) -> dict | None:
+    """The first request's optimisation (steps, final target NLL, converged), or None where the
+    method optimised no value (KN, fine-tuning): what the workbench shows beside a report."""
+    if not diagnostics or "converged" not in diagnostics[0]:
+        return None
+    return {key: diagnostics[0][key] for key in ("steps", "final_nll", "converged")}
+
+
+def optimisation_lines(diagnostics: list[dict], settings: ValueSettings) -> list[str]:
+    """How the value optimisations ended, for people: one request in detail (saying loudly when it did
+    not converge), a batch as a count with a warning for those that did not."""
+    optimised = [d for d in diagnostics if "converged" in d]
+    if not optimised:
+        return []
+    advice = "the edit may not hold (raise v_steps with a settings file)"
+    criterion = "target NLL" if settings.early_stop_on == "nll" else "loss"
+    if len(optimised) > 1:
+        failed = sum(1 for d in optimised if not d["converged"])
+        line = f"optimisation: {len(optimised) - failed} of {len(optimised)} values converged ({criterion} below " \
+               f"{settings.early_stop_loss})"
+        return [line] + ([f"warning: {failed} of {len(optimised)} value optimisations did not converge; those "
+                          "edits may not hold (raise v_steps with a settings file)"] if failed else [])
+    info = optimised[0]
+    line = (f"optimisation: {info['steps']} steps, final loss {info['final_loss']:.4f} "
+            f"(target NLL {info['final_nll']:.4f})")
+    if info["converged"]:
+        return [line + f", converged: {criterion} below {settings.early_stop_loss}"]
+    return [line + f" -- NOT CONVERGED: {criterion} still above {settings.early_stop_loss} after the maximum of "
+            f"{settings.v_steps} steps; {advice}"]
+

@@ -13,8 +13,8 @@ from ..edit import METHODS, EditDelta, EditRequest
 from ..edit.delta import EditFileError
 from ..errors import FacteditError
 from ..tokens import PromptError, check_prompt_length, prompt_token_limit, tokenize_prompt
-from ..trace.atp import check_approx
 from ..trace.heatmap import expand_kinds
+from ..trace.tracing import check_trace_options
 from .access import Access
 from .workbench import Busy, Workbench
 
@@ -121,8 +121,7 @@ def _add_job_routes(app: FastAPI, bench: Workbench) -> None:
     @app.post("/api/trace", status_code=202)
     def trace(body: TraceIn):
         kinds = expand_kinds(body.kinds)
-        if body.approx is not None:
-            check_approx(body.approx, kinds)
+        check_trace_options(kinds, body.approx)
         tokenize_prompt(bench.lm.tokenizer, body.prompt, body.subject,  # bad input: 400 now, not a failed job
                         max_tokens=prompt_token_limit(bench.lm.model))
         return bench.trace_job(body.prompt, body.subject, kinds, body.samples, body.window, body.seed,

@@ -27,16 +27,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..edit import EditDelta, EditRequest, EditStack, edit, get_method
+from ..edit import EditDelta, EditRequest, EditStack, get_method
+from ..edit.value import optimisation_summary
 from ..errors import FacteditError
-from ..generate import greedy_continuation, with_current_target
+from ..generate import greedy_continuation
 from ..models import LoadedModel
 from ..progress import Step
-from ..report import checks_for, report_around
 from ..tokens import check_prompt_length, token_label
-from ..trace.atp import estimated_heatmaps
-from ..trace.heatmap import heatmap
 from ..trace.runs import last_token_probs, prepare
+from ..trace.tracing import heatmaps
+from ..workflows import edit_with_report
 
 
 class JobCancelled(Exception):
@@ -192,27 +192,26 @@ class Workbench:
         def work(job: Job) -> dict:
             run = prepare(self.lm, prompt, subject, samples=samples, seed=seed)
             job.check_cancelled()
-            if approx:
-                job.phase, job.total = f"estimating ({approx})", 1
-                results = estimated_heatmaps(run, kinds, window=window, approx=approx)
-                job.done = 1
-            else:
-                job.phase, job.total = "tracing", len(kinds) * run.n_tokens * self.lm.n_layers
 
-                def step(n):
+            def phases(name: str, total: int, unit: str) -> Step:
+                step = job.start_phase(name, total, unit)
+
+                def checked(n: int) -> None:
                     job.check_cancelled()  # between restoration batches
-                    job.done += n
+                    step(n)
 
-                results = {kind: heatmap(run, kind, window=window, progress=step) for kind in kinds}
-            heatmaps = {}
+                return checked
+
+            results = heatmaps(run, kinds, window=window, approx=approx, progress=phases)
+            maps = {}
             for kind, result in results.items():
                 if not np.isfinite(result.scores).all():  # JSON has no NaN: say so instead of failing the view
                     raise RuntimeError(f"the {kind} heatmap has non-finite values")
-                heatmaps[kind] = {"scores": result.scores.tolist(), "window": result.window,
-                                  "approx": result.approx or None}
+                maps[kind] = {"scores": result.scores.tolist(), "window": result.window,
+                              "approx": result.approx or None}
             return {"answer": run.answer, "p_clean": run.p_clean, "p_corrupt": run.p_corrupt,
                     "tokens": run.tokenized.tokens, "subject_range": list(run.tokenized.subject_range),
-                    "approx": approx or None, "heatmaps": heatmaps, "predictions": self._top_unlocked(prompt)}
+                    "approx": approx or None, "heatmaps": maps, "predictions": self._top_unlocked(prompt)}
 
         return self.submit("trace", work)
 
@@ -228,19 +227,17 @@ class Workbench:
         spec = get_method(method)
 
         def work(job: Job) -> dict:
-            edited = with_current_target(self.lm, request)
             settings = spec.settings_with(self.lm, layer, stats_corpus=self.stats_corpus, stats_tokens=self.stats_tokens)
-            label = f"{edited.subject}: {edited.target_true.strip()} -> {edited.target_new.strip()} ({method})"
 
-            def make_edit():
-                delta, info = edit(self.lm, edited, method, settings, progress=job.start_phase)
-                return self._apply(delta, label, "edited here"), info
+            def apply(delta: EditDelta) -> AppliedEdit:
+                edited = delta.requests[0]  # with its current target filled in
+                label = f"{edited['subject']}: {edited['target_true'].strip()} -> {edited['target_new'].strip()} ({method})"
+                return self._apply(delta, label, "edited here")
 
-            report, (applied, info) = report_around(self.lm, edited, checks_for(self.lm, edited, paraphrases),
-                                                    make_edit)
-            optimisation = {k: info[0][k] for k in ("steps", "final_nll", "converged") if k in info[0]}
-            return {"edit": self._view(applied), **report.to_dict(),
-                    "optimisation": optimisation if "converged" in optimisation else None}
+            made = edit_with_report(self.lm, request, method, settings, paraphrases=paraphrases,
+                                    progress=job.start_phase, apply=apply)
+            return {"edit": self._view(made.applied), **made.report.to_dict(),
+                    "optimisation": optimisation_summary(made.diagnostics)}
 
         return self.submit("edit", work)
 

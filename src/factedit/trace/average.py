@@ -15,14 +15,16 @@ import torch
 
 from ..data.known import KnownFact
 from ..models import LoadedModel, check_seed
+from ..progress import steps_only
 from ..run_folder import RunFolder, with_added_later
 from ..stats_running import RunningMean
 from ..tokens import answer_matches, check_prompt_length
-from .atp import check_approx, estimated_heatmaps
+from .atp import check_approx
 from .corrupt import NoReplacement, check_corruption
 from .metric import check_metric
-from .heatmap import expand_kinds, heatmap
+from .heatmap import expand_kinds
 from .runs import embedding_std, last_token_logits, prepare
+from .tracing import heatmaps
 
 FACTS_FILE = "facts.jsonl"
 TOKEN_CLASSES = ("first_subject", "middle_subject", "last_subject", "first_after", "further", "last")
@@ -186,10 +188,8 @@ def fact_record(lm: LoadedModel, fact: KnownFact, kinds: list[str], settings: Av
                    "subject_range": list(run.tokenized.subject_range), "tokens": run.tokenized.tokens})
     if run.replacements:
         record["replacements"] = run.replacements
-    if settings.approx:
-        results = estimated_heatmaps(run, kinds, window=settings.window, approx=settings.approx)
-    else:
-        results = {kind: heatmap(run, kind, window=settings.window, progress=progress) for kind in kinds}
+    results = heatmaps(run, kinds, window=settings.window, approx=settings.approx or None,
+                       progress=steps_only(progress))
     for kind, result in results.items():
         record["scores"][kind] = np.round(result.scores, 6).tolist()
     return record

@@ -1,4 +1,5 @@
-"""Causal-tracing heatmaps for one prompt: the library entry point `trace()`."""
+"""Causal-tracing heatmaps for one prompt, each cell restored exactly (the library entry point
+`trace()` is in tracing.py, which also offers estimates)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
-from ..models import LoadedModel
 from .restore import HEATMAP_KINDS, heatmap_cells, restored_probs
-from .runs import TraceRun, prepare
+from .runs import TraceRun
 
 
 @dataclass
@@ -111,22 +111,6 @@ def result_of(run: TraceRun, kind: str, window: int, scores: np.ndarray, approx:
         seed=run.seed, model=run.lm.name, corruption=run.corruption, metric=run.metric.name, approx=approx,
         extra={"replacements": run.replacements} if run.replacements else {},
     )
-
-
-def trace(lm: LoadedModel, prompt: str, subject: str, kinds: str | list[str] = "hidden", *, window: int = 10,
-          samples: int = 10, noise: float | None = None, seed: int = 0, answer: str | None = None,
-          corrupt: str = "gaussian", replacements=None, metric: str = "prob", occurrence: int | None = None,
-          progress: Callable[[int], None] | None = None) -> dict[str, TraceResult]:
-    """Causal tracing of `subject` in `prompt` for each kind in `kinds` ("all" = hidden, mlp, attn).
-
-    Returns {kind: TraceResult}. The clean and corrupted runs (and their noise) are shared by all kinds.
-    corrupt, replacements, metric, occurrence (of the subject, from 0): see runs.prepare. Estimates
-    instead of exact restorations: atp.estimated_heatmaps(prepare(...), kinds).
-    """
-    kinds = expand_kinds(kinds)
-    run = prepare(lm, prompt, subject, samples=samples, noise=noise, seed=seed, answer=answer, corrupt=corrupt,
-                  replacements=replacements, metric=metric, occurrence=occurrence)
-    return {kind: heatmap(run, kind, window=window, progress=progress) for kind in kinds}
 
 
 def expand_kinds(kinds: str | list[str]) -> list[str]:
