@@ -50,9 +50,13 @@ demo: setup
 	$(BIN)/factedit generate --model smollm2-135m --edits demo-out/eiffel-rome.safetensors \
 		--prompt "The Eiffel Tower is located in the city of" --prompt "The capital of France is"
 
-# Everything (what CI runs): the bundled models, Ray, the browser, the notebook.
+# Everything (what CI runs): the bundled models, Ray, the browser, the notebook. In parallel processes
+# (pytest-xdist), one per core by default; TEST_WORKERS=0 runs them all in one process. Each file runs
+# whole in one process (its module fixtures, e.g. a local Ray, set up once); tests/conftest.py hands
+# out the files with the most slow tests first.
+TEST_WORKERS ?= auto
 test: setup-test
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 # The edit-test loop (a few minutes): tiny models and checks that need no bundled model; no Ray, no
 # browser, no notebook. The rest is marked slow (tests/conftest.py says how).

@@ -19,8 +19,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-# Two processes with two threads each on two cores run ~10x slower: pin the count.
-torch.set_num_threads(int(os.environ.get("FACTEDIT_TEST_THREADS", "2")))
+# `make test` runs the tests in parallel processes (pytest-xdist, -n); each takes its share of the
+# cores. More threads than cores run ~10x slower (OpenMP threads spin while waiting for a core), so
+# the count is pinned, for this process and, through OMP_NUM_THREADS, for the commands it starts.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = int(os.environ.get("FACTEDIT_TEST_THREADS", max(1, (os.cpu_count() or 2) // WORKERS)))
+torch.set_num_threads(THREADS)
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 # Fixtures that load a bundled pretrained model: every test using one (directly or through another
 # fixture) is marked slow.
@@ -29,8 +35,17 @@ BUNDLED_MODEL_FIXTURES = {"smollm2", "gemma3"}
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if BUNDLED_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if BUNDLED_MODEL_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
+    if WORKERS > 1:
+        # `make test` hands out whole files (--dist loadfile: a module's fixtures, e.g. its local Ray,
+        # are set up once). The files with the most slow tests first, so that the processes finish
+        # together; the fast files fill the gaps at the end.
+        slow = {}
+        for item in items:
+            slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+        items.sort(key=lambda item: -slow[item.path])
 
 
 @pytest.fixture(autouse=True)
@@ -74,11 +89,32 @@ def gemma3():
     return load("gemma3-270m")
 
 
+def run_folder(tmp_path_factory) -> Path:
+    """A folder shared by every process of this test run (pytest-xdist's workers each have a base
+    folder of their own, inside the run's)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
-def smollm2_cache(tmp_path_factory) -> Path:
+def smollm2_cache(tmp_path_factory, smollm2, data_dir) -> Path:
     """One cache folder for the SmolLM2 tests' key statistics (enwiki_sample, 20,000 tokens, the same
-    in every module): computed once per run, not once per module."""
-    return tmp_path_factory.mktemp("smollm2-cache")
+    in every module), computed once per run for every layer the editors' defaults use, in one pass:
+    by the first process that gets here, while the others wait for it (a file lock), then read."""
+    import fcntl
+
+    from factedit.edit import get_method
+    from factedit.stats import corpus_from, second_moments
+
+    path = run_folder(tmp_path_factory) / "smollm2-cache"
+    path.mkdir(exist_ok=True)
+    layers = {get_method("rome").defaults(smollm2).layer, 5, *get_method("memit").defaults(smollm2).layers,
+              *get_method("alphaedit").defaults(smollm2).layers}
+    with open(path / "computing.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        second_moments(smollm2, sorted(layers), corpus_from(str(data_dir / "wiki" / "enwiki_sample.jsonl")), 20_000,
+                       cache_dir=path)
+    return path
 
 
 @pytest.fixture()

@@ -78,6 +78,14 @@ def test_average_skips_wrong_facts_matches_heatmaps_and_resumes(tmp_path, monkey
     with pytest.raises(ValueError, match="other settings"):
         average_effects(lm, facts, "hidden", samples=2, noise=1.0, metric="logit-diff", out_dir=tmp_path)
 
+    from factedit.folder_lock import FolderBusyError, FolderLock
+    from factedit.run_folder import LOCK_FILE
+
+    with FolderLock(tmp_path, LOCK_FILE, "run folder"):  # another run in the folder: refused
+        with pytest.raises(FolderBusyError, match="in use by another process"):
+            average_effects(lm, facts, "hidden", samples=2, noise=1.0, out_dir=tmp_path)
+    assert len(json.loads((tmp_path / "settings.json").read_text())["sessions"]) == 3
+
 
 def test_average_of_replaced_subjects_and_estimates(tmp_path):
     """corrupt="replace" draws other subjects of the same facts; a fact whose subject nothing can

@@ -23,9 +23,9 @@ def test_method_contract(setup, name):
     method = get_method(name)
     # Random tiny weights are hard to move: more, larger optimisation steps than on real models.
     overrides = ({"stats_tokens": 2000, "v_steps": 60, "v_lr": 2.0, "clamp_norm_factor": 10}
-                 if name.startswith("rome") or name in ("memit", "alphaedit") else {"lr": 1e-2} if name.startswith("ft")
+                 if name.startswith("rome") or name in ("memit", "alphaedit", "encore") else {"lr": 1e-2} if name.startswith("ft")
                  else {})
-    if name == "memit":
+    if name in ("memit", "encore"):
         overrides["mom2_update_weight"] = 1.0  # the tiny model's keys are few and large
 
     settings = method.defaults(lm, 1, **overrides) if name != "none" else method.defaults(lm)

@@ -123,9 +123,10 @@ def test_rome_in_bfloat16_rewrites_the_fact_with_float32_factors(smollm2, data_d
     assert settings_for("rome", lm, data_dir).clamp_norm_factor == settings_for("rome", smollm2, data_dir).clamp_norm_factor
     # Forward passes in bfloat16 are slow on a CPU without bf16 arithmetic: fewer statistics tokens and
     # context prefixes than the float32 tests (the statistics, prefixes and value are its own: the
-    # caches are keyed by the dtype), enough for the fact to move.
+    # caches are keyed by the dtype), enough for the fact to move; and the optimisation stops once the
+    # target's mean NLL is below 0.3 (p ~ 0.74), enough for what is asserted (p(Rome) > 0.5).
     settings = dataclasses.replace(settings_for("rome", lm, data_dir), stats_tokens=5_000,
-                                   prefix_lengths=[[5, 3], [10, 3]])
+                                   prefix_lengths=[[5, 3], [10, 3]], early_stop_loss=0.3)
     request = EditRequest.create("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
     weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
     unrelated_before = target_probs(lm, [p for p, _ in UNRELATED], [t for _, t in UNRELATED])

@@ -185,3 +185,30 @@ def test_whole_files_are_written_atomically(tmp_path, monkeypatch):
             folder.write_json("cases/1.json", {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1} and sorted(p.name for p in path.parent.iterdir()) == ["1.json"]
     assert folder.write_text("summary.md", "| a |\n").read_text() == "| a |\n"
+
+
+def test_one_run_at_a_time_in_a_folder(tmp_path):
+    from factedit.folder_lock import FolderBusyError
+
+    first, second = RunFolder(tmp_path / "run"), RunFolder(tmp_path / "run")
+    first.start(SETTINGS, A_SESSION)
+    with pytest.raises(FolderBusyError, match="the run folder .*run is in use by another process"):
+        second.start(SETTINGS, A_SESSION)
+    assert len(first.sessions()) == 1  # the refused run wrote nothing
+    first.release()
+    with pytest.raises(InputError, match="other settings"):
+        second.start({**SETTINGS, "method": "memit"}, A_SESSION)
+    with RunFolder(tmp_path / "run") as third:  # a refused start let the folder go
+        third.start(SETTINGS, A_SESSION)
+    second.start(SETTINGS, A_SESSION)  # and so did the end of the `with` block
+    assert len(second.sessions()) == 3
+
+
+def test_a_field_added_later_to_a_nested_object_resumes_runs_saved_without_it(tmp_path):
+    folder = RunFolder(tmp_path / "run", added_later={"settings.early_stop_steps": 2})
+    folder.start(SETTINGS, A_SESSION)  # saved without the field
+    folder.start(SETTINGS, A_SESSION)  # a method without the field (fine-tuning) resumes as before
+    assert "early_stop_steps" not in folder.settings()["settings"]  # read alone: as saved
+    with pytest.raises(InputError, match=r"settings.early_stop_steps: 2 -> 3"):
+        folder.start({**SETTINGS, "settings": {**SETTINGS["settings"], "early_stop_steps": 3}}, A_SESSION)
+    folder.start({**SETTINGS, "settings": {**SETTINGS["settings"], "early_stop_steps": 2}}, A_SESSION)

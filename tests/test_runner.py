@@ -388,3 +388,22 @@ def test_a_sequential_run_on_a_folder_another_run_writes_is_refused_before_editi
                            settings=get_method("ft").defaults(lm, 1, lr=1e-2), sequential=True)
     assert not list((out / "history").glob("batch_*")) and not list((out / "cases").glob("*.json"))
     assert all(torch.equal(weights[k], v) for k, v in lm.model.state_dict().items())
+
+
+def test_an_evaluation_run_in_a_folder_another_run_holds_is_refused_before_any_case(env, tmp_path):
+    """Two `eval` runs resuming one --out would both score its missing cases: the second is refused,
+    and the folder is the first one's again once it is done."""
+    from factedit.folder_lock import FolderBusyError, FolderLock
+    from factedit.run_folder import LOCK_FILE
+
+    lm, data = env
+    out = tmp_path / "run"
+    settings = get_method("ft").defaults(lm, 1, lr=1e-2)
+    with FolderLock(out, LOCK_FILE, "run folder"):
+        with pytest.raises(FolderBusyError, match="run folder .* is in use by another process"):
+            run_evaluation(lm, "ft", "counterfact", out, data=str(data), n=1, settings=settings)
+    assert not (out / "settings.json").exists() and not list((out / "cases").glob("*.json"))
+    run_evaluation(lm, "ft", "counterfact", out, data=str(data), n=1, settings=settings)
+    assert len(list((out / "cases").glob("*.json"))) == 1
+    with FolderLock(out, LOCK_FILE, "run folder"):  # the finished run let the folder go
+        pass

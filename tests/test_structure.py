@@ -97,7 +97,7 @@ def test_no_module_imports_itself_back():
     assert cycles(graph) == []
 
 
-EDITORS = {"factedit.edit.rome", "factedit.edit.memit", "factedit.edit.alphaedit", "factedit.edit.finetune",
+EDITORS = {"factedit.edit.rome", "factedit.edit.memit", "factedit.edit.alphaedit", "factedit.edit.encore", "factedit.edit.finetune",
            "factedit.edit.kn"}
 
 

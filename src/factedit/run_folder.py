@@ -35,8 +35,10 @@ from typing import Any, Collection, Mapping
 
 from .cache_files import append_jsonl, read_jsonl, write_atomic
 from .errors import InputError
+from .folder_lock import FolderLock
 
 SETTINGS_FILE = "settings.json"
+LOCK_FILE = "run.lock"  # held by the process running in the folder (folder_lock)
 SESSIONS = "sessions"  # the key of settings.json that lists the sessions; never a setting
 GIT_TIMEOUT = 2.0  # seconds for all git calls together: provenance must never hold a run up
 
@@ -130,9 +132,18 @@ def with_added_later(saved: Mapping[str, Any], added_later: Mapping[str, Any],
     """Saved settings (without the sessions) as the current code reads them: each field of
     `added_later` that they lack at its default. Compared with a `current` run's settings, only the
     fields that run has are filled (a sequential run's fields are not added to another run's), and
-    an UNRECORDED one takes the current run's value; read alone, UNRECORDED fields stay absent."""
+    an UNRECORDED one takes the current run's value; read alone, UNRECORDED fields stay absent. A
+    dotted key names a field of a nested object ("settings.early_stop_steps"), filled only in a
+    comparison (read alone, the saved object stays as it was: it may be another method's)."""
     settings = {k: v for k, v in saved.items() if k != SESSIONS}
     for key, default in added_later.items():
+        if "." in key:  # a field of a nested object ("settings.early_stop_steps": a method's settings),
+            # filled only for a comparison, where the current run's object has the field
+            outer, inner = key.split(".", 1)
+            nested_current = current.get(outer) if current is not None else None
+            if isinstance(settings.get(outer), dict) and isinstance(nested_current, dict):
+                settings[outer] = with_added_later(settings[outer], {inner: default}, nested_current)
+            continue
         if key in settings or (current is not None and key not in current):
             continue
         if default is not UNRECORDED:
@@ -159,13 +170,26 @@ def differences(saved: Mapping[str, Any], current: Mapping[str, Any], may_differ
 
 class RunFolder:
     """A run's output folder (see the module docstring). Constructing one reads and writes nothing:
-    `start` creates or resumes the run; the rest reads and writes its files."""
+    `start` creates or resumes the run and holds the folder's lock until `release` (or the end of a
+    `with` block, or of the process): one run per folder at a time; the rest reads and writes its
+    files."""
 
     def __init__(self, path: str | Path, *, added_later: Mapping[str, Any] | None = None,
                  may_differ: Collection[str] = ()):
         self.path = Path(path)
         self.added_later = MappingProxyType(dict(added_later or {}))
         self.may_differ = frozenset(may_differ)
+        self._lock = FolderLock(self.path, LOCK_FILE, "run folder")
+
+    def release(self) -> None:
+        """Let another process run in the folder (a no-op where this one holds no lock)."""
+        self._lock.release()
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     @property
     def settings_path(self) -> Path:
@@ -174,20 +198,28 @@ class RunFolder:
     def start(self, settings: Mapping[str, Any], session: Session | None = None) -> None:
         """Create the folder for a run with `settings`, or resume the run it holds, which must have the
         same settings (InputError: "... holds a run with other settings (what differs) ..."); either
-        way, record this session (default: this_session()) in its settings file."""
+        way, record this session (default: this_session()) in its settings file. Takes the folder's
+        lock first: FolderBusyError (naming the process) while another run is in it."""
         if SESSIONS in settings:
             raise ValueError(f"{SESSIONS!r} is the run folder's list of sessions, not a setting")
-        saved = self._read_saved()
-        sessions: list[dict] = []
-        if saved is not None:
-            differ = differences(with_added_later(saved, self.added_later, settings), settings, self.may_differ)
-            if differ:
-                raise InputError(f"{self.path} holds a run with other settings ({'; '.join(differ)}); "
-                                 "use another --out")
-            sessions = saved.get(SESSIONS) or [asdict(UNKNOWN_SESSIONS)]  # written before sessions were
-        sessions.append(asdict(session or this_session()))
-        # Atomically: a settings file cut off by a kill would stop every resume of the run.
-        write_json(self.settings_path, {**settings, SESSIONS: sessions}, indent=1)
+        # Before reading: two runs resuming one folder would both do its missing work and both append
+        # it (FolderBusyError names the process that holds it).
+        self._lock.acquire()
+        try:
+            saved = self._read_saved()
+            sessions: list[dict] = []
+            if saved is not None:
+                differ = differences(with_added_later(saved, self.added_later, settings), settings, self.may_differ)
+                if differ:
+                    raise InputError(f"{self.path} holds a run with other settings ({'; '.join(differ)}); "
+                                     "use another --out")
+                sessions = saved.get(SESSIONS) or [asdict(UNKNOWN_SESSIONS)]  # written before sessions were
+            sessions.append(asdict(session or this_session()))
+            # Atomically: a settings file cut off by a kill would stop every resume of the run.
+            write_json(self.settings_path, {**settings, SESSIONS: sessions}, indent=1)
+        except BaseException:
+            self._lock.release()  # a refused run leaves the folder to the next one
+            raise
 
     def settings(self) -> dict | None:
         """The saved settings as the current code reads them (with_added_later), without the

@@ -60,6 +60,18 @@ class MassEditSettings(ValueSettings, StatisticsSettings):
         return list(range(max(0, top - 4), top + 1)), rule
 
 
+GPTJ_D_MLP = 16384  # the MLP width of GPT-J, where MEMIT's lambda = 15,000 was tuned
+
+
+def scaled_mom2_weight(lm: LoadedModel) -> float:
+    """MEMIT's lambda (the weight of the statistics C in the solve) scaled from GPT-J's 15,000 by the
+    MLP width: a typical key has k^T C^-1 k close to d_mlp, so the share of the residual one layer's
+    update achieves, about s / (1 + s) with s = k^T C^-1 k / lambda, stays what MEMIT tuned only when
+    lambda grows with d_mlp. (On SmolLM2, d_mlp 1,536, the unscaled 15,000 leaves a tenth of the fact
+    written per layer: efficacy 0.8 against 1.0 on the first 10 CounterFact records.)"""
+    return round(15000.0 * lm.arch.d_mlp / GPTJ_D_MLP, 1)
+
+
 def _as_mlp_change(lm: LoadedModel, layer: int, requests: list[EditRequest], wanted: torch.Tensor, template: str,
                    diagnostics: list[dict], chunk: int = 64) -> torch.Tensor:
     """`wanted` (d, n) as changes of the MLP projection's output (see mlp_change); the share each

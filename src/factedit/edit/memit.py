@@ -24,11 +24,8 @@ from ..request import EditRequest
 from ..settings import bounded
 from ..stats import key_statistics_at
 from .delta import EditDelta
-from .mass_edit import MassEditSettings, spread_over_layers
+from .mass_edit import MassEditSettings, scaled_mom2_weight, spread_over_layers
 from .value import optimisation_lines
-
-
-GPTJ_D_MLP = 16384  # the MLP width of GPT-J, where MEMIT's lambda = 15,000 was tuned
 
 
 @dataclass(kw_only=True)
@@ -38,13 +35,9 @@ class MemitSettings(MassEditSettings):
     @classmethod
     def defaults_for(cls, lm: LoadedModel, layer: int | None = None, **overrides) -> "MemitSettings":
         """The default layers (MassEditSettings.default_layers), and lambda scaled from GPT-J's 15,000
-        by the MLP width: a typical key has k^T C^-1 k close to d_mlp, so the share of the residual one
-        layer's update achieves, about s / (1 + s) with s = k^T C^-1 k / lambda, stays what MEMIT
-        tuned only when lambda grows with d_mlp. (On SmolLM2, d_mlp 1,536, the unscaled 15,000 leaves
-        a tenth of the fact written per layer: efficacy 0.8 against 1.0 on the first 10 CounterFact
-        records.)"""
+        by the MLP width (mass_edit.scaled_mom2_weight)."""
         layers, rule = cls.default_layers(lm, layer)
-        overrides.setdefault("mom2_update_weight", round(15000.0 * lm.arch.d_mlp / GPTJ_D_MLP, 1))
+        overrides.setdefault("mom2_update_weight", scaled_mom2_weight(lm))
         return cls(**{"layers": layers, "layer_rule": rule if "layers" not in overrides else "given", **overrides})
 
 

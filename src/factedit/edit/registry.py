@@ -17,8 +17,9 @@ from ..progress import Phases
 from ..settings import JsonSettings, SettingsError, check_settings_values
 from ..tokens import check_prompt_length
 from .delta import EditDelta
-from . import alphaedit, finetune, kn, memit, rome
+from . import alphaedit, encore, finetune, kn, memit, rome
 from .alphaedit import AlphaEditSettings, alphaedit_delta
+from .encore import EncoreSettings, encore_delta
 from .finetune import FinetuneSettings, finetune_delta
 from .kn import KnSettings, kn_delta
 from .memit import MemitSettings, memit_delta
@@ -171,6 +172,10 @@ register(Method("memit", "MEMIT: all requests at once, spread over a range of la
 register(Method("alphaedit", "AlphaEdit: MEMIT projected onto the null space of the preserved keys and earlier edits",
                 AlphaEditSettings, AlphaEditSettings.defaults_for, alphaedit_delta, presets=alphaedit.PRESETS,
                 report_lines=alphaedit.report_lines))
+
+register(Method("encore", "ENCORE: MEMIT keeping the earlier edits' keys, with a norm ridge and early-stopped targets",
+                EncoreSettings, EncoreSettings.defaults_for, encore_delta, presets=encore.PRESETS,
+                report_lines=encore.report_lines))
 
 register(Method("kn", "knowledge neurons: integrated-gradients attribution, then rewrite their value vectors",
                 KnSettings, KnSettings.defaults_for, kn_delta, presets=kn.PRESETS, report_lines=kn.report_lines))

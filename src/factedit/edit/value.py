@@ -26,12 +26,15 @@ from ..models import SEED_MAX, LoadedModel
 from ..request import EditRequest, target_ids
 from ..settings import JsonSettings, bounded, one_of
 
-# What the early stop compares with early_stop_loss. "total" is the reference's: the whole objective,
-# whose weight-decay term grows with the size of delta (0.5 ||delta|| / ||v||^2, about 0.04 for an
-# edit that needs 3 x the value's norm), so that an edit needing a large change may never get below
-# 0.05 however well it predicts the target. "nll" compares the prediction part alone (the target's
-# mean negative log-likelihood over the prompts), which is what convergence should mean.
-EARLY_STOP_CRITERIA = ("nll", "total")
+# When a value's optimisation stops early. "total" is the reference's: the whole objective below
+# early_stop_loss, whose weight-decay term grows with the size of delta (0.5 ||delta|| / ||v||^2, about
+# 0.04 for an edit that needs 3 x the value's norm), so that an edit needing a large change may never
+# get below 0.05 however well it predicts the target. "nll": the prediction part alone (the target's
+# mean negative log-likelihood over the prompts) below early_stop_loss, which is what convergence
+# should mean. "top": ENCORE's most-probable early stopping (MPES): every token of the target is the
+# most likely one at its place on every prompt, at early_stop_steps steps (counted, as in the
+# reference, whether or not they follow each other); early_stop_loss is not read.
+EARLY_STOP_CRITERIA = ("nll", "total", "top")
 
 
 @dataclass(kw_only=True)
@@ -50,6 +53,7 @@ class ValueSettings(JsonSettings):
     early_stop_loss: float = bounded(0.05, at_least=0)
     # "nll": the target's NLL; "total": the whole objective (reference; see EARLY_STOP_CRITERIA)
     early_stop_on: str = one_of("nll", EARLY_STOP_CRITERIA)
+    early_stop_steps: int = bounded(2, at_least=1)  # "top": the steps the target must lead at
     essence_prompt: str = "{} is a"
     # [tokens, count] pairs
     prefix_lengths: list[list[int]] = bounded(default_factory=lambda: [[5, 10], [10, 10]], at_least=1, item_length=2)
@@ -288,6 +292,8 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
         p.requires_grad_(False)
     losses, nlls, steps = [[] for _ in range(n)], [[] for _ in range(n)], [0] * n
     active = torch.ones(n, dtype=torch.bool, device=lm.device)
+    converged = torch.zeros(n, dtype=torch.bool, device=lm.device)
+    leading_steps = torch.zeros(n, dtype=torch.long, device=lm.device)  # "top": steps with the target on top
     initial_essence = None
     try:
         for step in range(settings.v_steps):
@@ -305,7 +311,12 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
                     losses[r].append(value)
                     nlls[r].append(fit)
                     steps[r] = step + 1
-            finished = (nll if settings.early_stop_on == "nll" else loss).detach() < settings.early_stop_loss
+            if settings.early_stop_on == "top":
+                leading_steps += target_leads(log_probs.detach(), index, n)
+                finished = leading_steps >= settings.early_stop_steps
+            else:
+                finished = (nll if settings.early_stop_on == "nll" else loss).detach() < settings.early_stop_loss
+            converged |= active & finished
             active = active & ~finished if step < settings.v_steps - 1 else torch.zeros_like(active)
             if progress:
                 progress(1)
@@ -325,9 +336,17 @@ def compute_value_deltas(lm: LoadedModel, layer: int, requests: list[EditRequest
     finally:
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
-    criterion = nlls if settings.early_stop_on == "nll" else losses
-    return [ValueResult(delta[r].detach(), target_inits[r].detach(), losses[r], steps[r],
-                        bool(criterion[r]) and criterion[r][-1] < settings.early_stop_loss, nlls[r]) for r in range(n)]
+    return [ValueResult(delta[r].detach(), target_inits[r].detach(), losses[r], steps[r], bool(converged[r]), nlls[r])
+            for r in range(n)]
+
+
+def target_leads(log_probs: torch.Tensor, index, n: int) -> torch.Tensor:
+    """(n,) 1 where every target token of the request is the most likely token at its place on every
+    one of its prompts, else 0 (MPES)."""
+    picked = log_probs[index.entry, index.token]
+    best = log_probs[index.entry].max(-1).values
+    misses = torch.zeros(n, device=log_probs.device).index_add(0, index.request, (picked < best).float())
+    return (misses == 0).long()
 
 
 def compute_value_delta(lm: LoadedModel, layer: int, request: EditRequest, templates: list[str], settings,
@@ -355,18 +374,18 @@ def optimisation_lines(diagnostics: list[dict], settings: ValueSettings) -> list
     if not optimised:
         return []
     advice = "the edit may not hold (raise v_steps with a settings file)"
-    criterion = "target NLL" if settings.early_stop_on == "nll" else "loss"
+    criterion = {"nll": "target NLL", "total": "loss"}.get(settings.early_stop_on)
+    reached = (f"{criterion} below {settings.early_stop_loss}" if criterion else
+               f"the new object on top on every prompt at {settings.early_stop_steps} steps")
     if len(optimised) > 1:
         failed = sum(1 for d in optimised if not d["converged"])
-        line = f"optimisation: {len(optimised) - failed} of {len(optimised)} values converged ({criterion} below " \
-               f"{settings.early_stop_loss})"
+        line = f"optimisation: {len(optimised) - failed} of {len(optimised)} values converged ({reached})"
         return [line] + ([f"warning: {failed} of {len(optimised)} value optimisations did not converge; those "
                           "edits may not hold (raise v_steps with a settings file)"] if failed else [])
     info = optimised[0]
     line = (f"optimisation: {info['steps']} steps, final loss {info['final_loss']:.4f} "
             f"(target NLL {info['final_nll']:.4f})")
     if info["converged"]:
-        return [line + f", converged: {criterion} below {settings.early_stop_loss}"]
-    return [line + f" -- NOT CONVERGED: {criterion} still above {settings.early_stop_loss} after the maximum of "
-            f"{settings.v_steps} steps; {advice}"]
+        return [line + f", converged: {reached}"]
+    return [line + f" -- NOT CONVERGED: not {reached} after the maximum of {settings.v_steps} steps; {advice}"]
 

@@ -37,7 +37,9 @@ from .sequential import read_points, run_sequential
 
 # Run settings added after runs were written: the value those runs had (the data's digest was not
 # recorded: any data resumes them, as before it was).
-ADDED_LATER = MappingProxyType({"start": 0, "measure_every": 1, "data_digest": UNRECORDED})
+ADDED_LATER = MappingProxyType({"start": 0, "measure_every": 1, "data_digest": UNRECORDED,
+                                # fields added to the methods' settings since runs were committed
+                                "settings.early_stop_steps": 2})
 # Recorded but not compared: a rerun may ask for more cases, and the data is the same when its bytes
 # are (data_digest), whatever its path.
 MAY_DIFFER = frozenset({"n", "data"})
@@ -132,18 +134,17 @@ def run_evaluation(lm: LoadedModel, method: str, dataset: str, out_dir: str | Pa
     spec.check_settings(lm, settings)  # before the first case, not after the unedited scores
     out = Path(out_dir)
     (out / "cases").mkdir(parents=True, exist_ok=True)
-    RunFolder(out, added_later=ADDED_LATER, may_differ=MAY_DIFFER).start(
-        options.run_info(lm, settings, records, held_out, known))
-
-    if sequential:
-        run_sequential(lm, method, ds, records, out, edits_per_batch=edits_per_batch, settings=settings,
-                       generation=generation, tokens=generation_tokens, held_out=held_out, known=known,
-                       measure_every=measure_every, phases=phases, progress=progress)
-    else:
-        jobs = [BatchJob(method, dataset, batch, settings, generation, generation_tokens)
-                for batch in chunks(records, edits_per_batch)]
-        run_batches(lm, jobs, out, progress=progress, phases=phases, dispatch=dispatch)
-    return summarize(out)
+    with RunFolder(out, added_later=ADDED_LATER, may_differ=MAY_DIFFER) as folder:  # one run in it at a time
+        folder.start(options.run_info(lm, settings, records, held_out, known))
+        if sequential:
+            run_sequential(lm, method, ds, records, out, edits_per_batch=edits_per_batch, settings=settings,
+                           generation=generation, tokens=generation_tokens, held_out=held_out, known=known,
+                           measure_every=measure_every, phases=phases, progress=progress)
+        else:
+            jobs = [BatchJob(method, dataset, batch, settings, generation, generation_tokens)
+                    for batch in chunks(records, edits_per_batch)]
+            run_batches(lm, jobs, out, progress=progress, phases=phases, dispatch=dispatch)
+        return summarize(out)
 
 
 def run_batches(lm: LoadedModel, jobs: list[BatchJob], out: Path, *, progress: Callable[[int], None] | None = None,

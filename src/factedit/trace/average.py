@@ -230,11 +230,15 @@ def average_effects(lm: LoadedModel, facts: list[KnownFact], kinds: str | list[s
     settings = AverageSettings(kinds=kinds, samples=samples, window=window, seed=seed, noise_std=noise_std,
                                noise_rule=rule, model=lm.name, fingerprint=lm.fingerprint, corruption=corrupt,
                                metric=metric, approx=approx)
-    folder, done = _resume(out_dir, settings)
-    todo = (fact for fact in facts if fact.known_id not in done)
-    computed = iter(records(todo, kinds, settings, pool) if records is not None
-                    else (fact_record(lm, fact, kinds, settings, progress, pool) for fact in todo))
-    return _average(facts, n, done, computed, AverageResult(settings), folder, on_fact)
+    folder, done = _resume(out_dir, settings)  # holds the folder's lock: one run in it at a time
+    try:
+        todo = (fact for fact in facts if fact.known_id not in done)
+        computed = iter(records(todo, kinds, settings, pool) if records is not None
+                        else (fact_record(lm, fact, kinds, settings, progress, pool) for fact in todo))
+        return _average(facts, n, done, computed, AverageResult(settings), folder, on_fact)
+    finally:
+        if folder is not None:
+            folder.release()
 
 
 def _corruption(lm: LoadedModel, facts: list[KnownFact], corrupt: str, noise: float | None
