@@ -61,7 +61,7 @@ test: setup-test
 # The edit-test loop (a few minutes): tiny models and checks that need no bundled model; no Ray, no
 # browser, no notebook. The rest is marked slow (tests/conftest.py says how).
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(BIN)/python benchmarks/trace_bench.py

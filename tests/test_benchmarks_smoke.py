@@ -181,6 +181,6 @@ def test_long_runs_script(smoke):
         from alphaedit_sweep import CONFIGS
     finally:
         sys.path.remove(str(BENCHMARKS))
-    assert "--configs layers-2-8-l2-0.1" in edits and "layers-2-8-l2-0.1" in CONFIGS
+    assert "--configs layers-2-8-l2-0.1" in edits and "layers-2-8-l2-0.1" in CONFIGS["alphaedit"]
     usage = subprocess.run(["bash", str(BENCHMARKS / "long_runs.sh")], cwd=ROOT, env=env, capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr

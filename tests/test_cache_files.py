@@ -172,3 +172,34 @@ def test_a_running_mean_state_that_cannot_be_one_is_refused():
                    {**state, "mean": [float("nan"), 1.0]}, {**state, "m2": [-1.0, 0.0]}):
         with pytest.raises(ValueError):
             RunningMean.from_state(broken)
+
+
+def test_processes_loading_one_gguf_together_dequantise_it_once(tmp_path, monkeypatch):
+    """Ray workers on a fresh node (or parallel test processes) loading the same GGUF file: the first
+    dequantises and writes the cache entry, the others wait for its lock and load the entry."""
+    import threading
+    import time
+
+    from factedit import models
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF test bytes")
+    dequantised, loaded = [], []
+
+    def slow_dequantise(path, cached, dtype, **kwargs):
+        dequantised.append(threading.get_ident())
+        time.sleep(0.5)  # the others arrive meanwhile
+        (cached).mkdir(parents=True)
+        (cached / "config.json").write_text("{}")
+        return "dequantised"
+
+    monkeypatch.setattr(models, "_dequantize_into", slow_dequantise)
+    monkeypatch.setattr(models, "_load_hf", lambda source, dtype, **kwargs: loaded.append(source) or "from cache")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(models._load_gguf_cached(gguf, None, tmp_path / "c")))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(dequantised) == 1 and sorted(results) == ["dequantised", "from cache", "from cache"]

@@ -97,8 +97,8 @@ def test_no_module_imports_itself_back():
     assert cycles(graph) == []
 
 
-EDITORS = {"factedit.edit.rome", "factedit.edit.memit", "factedit.edit.alphaedit", "factedit.edit.encore", "factedit.edit.finetune",
-           "factedit.edit.kn"}
+EDITORS = {"factedit.edit.rome", "factedit.edit.memit", "factedit.edit.alphaedit", "factedit.edit.encore",
+           "factedit.edit.finetune", "factedit.edit.kn"}
 
 
 def reachable(graph: dict[str, set[str]], start: str) -> set[str]:

@@ -86,6 +86,16 @@ class FolderLock:
                                  "command": " ".join(sys.argv)[:500]}).encode())
         self._fd = fd
 
+    def wait(self, poll: float = 0.2) -> "FolderLock":
+        """Take the lock, waiting for as long as another process holds it (for work that the holder is
+        doing for both, e.g. filling a cache entry: the waiter then finds it done)."""
+        while True:
+            try:
+                self.acquire()
+                return self
+            except FolderBusyError:
+                time.sleep(poll)
+
     def release(self) -> None:
         if self._fd is None:
             return

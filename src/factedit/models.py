@@ -23,6 +23,7 @@ from torch import nn
 from .arch import ArchMap, map_architecture
 from .cache_files import file_sha256
 from .errors import FacteditError, InputError
+from .folder_lock import FolderLock
 
 
 class ModelLoadError(FacteditError, ValueError):
@@ -152,23 +153,34 @@ def _load_gguf_cached(gguf: Path, dtype: torch.dtype, cache_dir: Path, **hf_kwar
     """Dequantise a GGUF file once, cache it as safetensors keyed by the file's hash, reload fast."""
     cached = cache_dir / "dequantized" / file_sha256(gguf)[:20]
     if not (cached / "config.json").exists():
-        model, tokenizer = _load_hf(str(gguf.parent), torch.float32, gguf_file=gguf.name)
-        # save_pretrained refuses GGUF-loaded models while they still claim to be quantised.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
-        try:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            tmp.rename(cached)  # atomic: a crash never leaves a half-written cache entry
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # One process dequantises (a minute for Gemma 3 270M); others starting together (Ray workers
+        # on a fresh node, parallel tests) wait for it and load its result.
+        with FolderLock(cached.parent, f".{cached.name}.lock", "model cache").wait():
             if not (cached / "config.json").exists():
-                raise
-        if dtype == torch.float32 and not hf_kwargs:
-            return model, tokenizer
+                return _dequantize_into(gguf, cached, dtype, **hf_kwargs)
+    return _load_hf(str(cached), dtype, **hf_kwargs)
+
+
+def _dequantize_into(gguf: Path, cached: Path, dtype: torch.dtype, **hf_kwargs):
+    """Load the GGUF file, write it as safetensors to the folder `cached` (atomically) and return the
+    model in `dtype`."""
+    model, tokenizer = _load_hf(str(gguf.parent), torch.float32, gguf_file=gguf.name)
+    # save_pretrained refuses GGUF-loaded models while they still claim to be quantised.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(cached)  # atomic: a crash never leaves a half-written cache entry
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (cached / "config.json").exists():
+            raise
+    if dtype == torch.float32 and not hf_kwargs:
+        return model, tokenizer
     return _load_hf(str(cached), dtype, **hf_kwargs)
 
 
