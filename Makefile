@@ -52,16 +52,16 @@ demo: setup
 
 # Everything (what CI runs): the bundled models, Ray, the browser, the notebook. In parallel processes
 # (pytest-xdist), one per core by default; TEST_WORKERS=0 runs them all in one process. Each file runs
-# whole in one process (its module fixtures, e.g. a local Ray, set up once); tests/conftest.py hands
-# out the files with the most slow tests first.
+# whole in one process (its module fixtures, e.g. a local Ray, set up once), handed out in the order
+# tests/conftest.py gives them: the heaviest first.
 TEST_WORKERS ?= auto
 test: setup-test
-	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The edit-test loop (a few minutes): tiny models and checks that need no bundled model; no Ray, no
 # browser, no notebook. The rest is marked slow (tests/conftest.py says how).
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: setup
 	$(BIN)/python benchmarks/trace_bench.py

@@ -39,13 +39,17 @@ def pytest_collection_modifyitems(config, items):
         if BUNDLED_MODEL_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
     if WORKERS > 1:
-        # `make test` hands out whole files (--dist loadfile: a module's fixtures, e.g. its local Ray,
-        # are set up once). The files with the most slow tests first, so that the processes finish
-        # together; the fast files fill the gaps at the end.
-        slow = {}
+        # `make test` hands out whole files in this order (--dist loadfile --no-loadscope-reorder: a
+        # module's fixtures, e.g. its local Ray, are set up once; xdist's own order, by number of
+        # tests, would start the many fast tests first and leave the few slow ones for the end). The
+        # heaviest files first, so that the processes finish together: weight 3 for a test of a
+        # bundled model, 1 for another slow test; the fast files fill the gaps at the end.
+        weight = {}
         for item in items:
-            slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
-        items.sort(key=lambda item: -slow[item.path])
+            slow = item.get_closest_marker("slow") is not None
+            bundled = bool(BUNDLED_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())))
+            weight[item.path] = weight.get(item.path, 0) + (3 if bundled else 1 if slow else 0)
+        items.sort(key=lambda item: -weight[item.path])
 
 
 @pytest.fixture(autouse=True)

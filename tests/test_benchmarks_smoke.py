@@ -116,7 +116,7 @@ CASES = {
 
 def test_every_script_is_smoke_tested():
     """A new benchmark script gets a smoke test here (or a reason not to)."""
-    tested = set(CASES) | {"atp_quality.py", "cluster_bench.py", "paraphrase_reach.py", "long_runs.sh"}
+    tested = set(CASES) | {"atp_quality.py", "cluster_bench.py", "layer_norms.py", "paraphrase_reach.py", "long_runs.sh"}
     helpers = {"common.py"}
     scripts = {p.name for p in BENCHMARKS.iterdir() if p.suffix in (".py", ".sh")} - helpers
     assert scripts == tested
@@ -156,6 +156,24 @@ def test_paraphrase_reach(smoke, tmp_path):
          "--dataset", "zsre", "--n", "2", "-o", str(run_folder)], smoke["env"])
     output = bench("paraphrase_reach.py", str(run_folder), "--n", "2", "--inject", "2", env=smoke["env"])
     assert "| subject in the paraphrase |" in output and "s in all" in output
+
+
+def test_layer_norms(smoke, tmp_path):
+    """On a history of two MEMIT batches made here on the tiny Llama: a row per batch and layer."""
+    from factedit import load
+    from factedit.edit import EditHistory, EditRequest, get_method
+
+    lm = load(smoke["tiny"])
+    settings = get_method("memit").defaults(lm, 1, stats_corpus=smoke["corpus"], stats_tokens=500, v_steps=3,
+                                            mom2_update_weight=1.0)
+    with EditHistory(lm, tmp_path / "history", lock=True) as history:
+        for target in ("Rome", "Berlin"):
+            history.edit([EditRequest.create("{} is located in the city of", "The Eiffel Tower", target, "Paris")],
+                         "memit", settings, cache_dir=tmp_path / "cache")
+    output = bench("layer_norms.py", "--model", smoke["tiny"], "--history", str(tmp_path / "history"), "--out",
+                   str(tmp_path / "norms"), env=smoke["env"])
+    assert all(f"| {batch} | {layer} |" in output for batch in (1, 2) for layer in (0, 1)), output
+    assert len(json.loads((tmp_path / "norms.json").read_text())) == 4
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (factedit[cluster])")

@@ -116,3 +116,16 @@ def test_encore_refuses_a_history_kept_at_other_layers(lm):
     history.release()
     with pytest.raises(SettingsError, match="early_stop_steps"):
         encore_settings(lm, early_stop_steps=0)
+
+
+def test_every_layer_logs_the_change_asked_beside_the_mlp_output(lm):
+    """The per-layer log of issue 29, item 1: ||x||, the change of the MLP projection's output a layer
+    was asked for (the residual its update writes), beside ||m||, that output itself."""
+    settings = encore_settings(lm, layers=[0, 1], early_stop_on="nll", v_steps=5)
+    delta, _ = get_method("encore").compute(lm, FIRST, settings)
+    norms = delta.info["layer_norms"]
+    assert sorted(norms) == [0, 1]
+    for layer, logged in norms.items():
+        residual = delta.changes[lm.arch.mlp_out_path(layer)]["up"]  # (d_out, n): the columns asked for
+        assert logged["asked"] == pytest.approx(float(residual.norm(dim=0).mean()), rel=1e-3)
+        assert logged["mlp_output"] > 0 and logged["asked_share"] > 0

@@ -4,7 +4,8 @@ the web workbench only parse their input, call these and show the result.
 * `edit_with_report`: rewrite one fact and measure the model around it (the prompt, paraphrases,
   prefixed prompts and a generation, before and after): `factedit edit`, the workbench's Edit.
 * `add_batch_with_report`: add one batch of edits on top of a history and measure the new edits, the
-  earlier ones and the protected facts before and after: `factedit history edit`.
+  earlier ones and the protected facts before and after, optionally under a guard that refuses a
+  batch costing the model too much: `factedit history edit [--guard ...]`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable
 
 from .data.known import KnownFact
 from .edit import EditDelta, EditHistory, EditStack, edit, get_method
+from .evaluate.guard import BatchCost, Guard
 from .evaluate.lifelong import answered
 from .generate import with_current_target
 from .models import LoadedModel
@@ -100,14 +102,17 @@ class BatchReport:
     batch_number: int  # the batch's number in the history, from 1
     saved: Path | None  # its file, for a history kept in a folder
     lines: list[str]  # what the method has to say beyond the report (Method.report_lines)
+    cost: BatchCost | None = None  # what the batch did to the guard's probe (with a guard)
 
 
 def add_batch_with_report(history: EditHistory, requests: list[EditRequest], method: str = "alphaedit",
-                          settings=None, *, progress: Phases | None = None) -> BatchReport:
+                          settings=None, *, progress: Phases | None = None, guard: Guard | None = None) -> BatchReport:
     """Edit `requests` as one more batch on top of `history` (replayed first where it has batches
     not yet applied) and keep it there (saved, for a history in a folder); measure the batch's
-    prompts, the earlier edits and the protected facts before and after. The caller holds the
-    history's lock (EditHistory(..., lock=True)) where another process might write it."""
+    prompts, the earlier edits and the protected facts before and after. With a `guard`
+    (evaluate.guard), the batch is kept only within its limits, else GuardRefused and nothing
+    changed. The caller holds the history's lock (EditHistory(..., lock=True)) where another process
+    might write it."""
     lm = history.lm
     if history.pending:
         history.replay()
@@ -121,8 +126,12 @@ def add_batch_with_report(history: EditHistory, requests: list[EditRequest], met
                  for r in batch.requests]
     new_before, earlier_before = preference(lm, requests), preference(lm, earlier)
     protected_before = answered_count(lm, protected)
-    delta, diagnostics = history.edit(requests, method, settings, progress=progress)
+    cost = None
+    if guard is None:
+        delta, diagnostics = history.edit(requests, method, settings, progress=progress)
+    else:
+        delta, diagnostics, cost = guard.edit(history, requests, method, settings, progress=progress)
     return BatchReport(requests, delta, diagnostics, new_before, preference(lm, requests), earlier, earlier_before,
                        preference(lm, earlier), protected, protected_before, answered_count(lm, protected),
                        len(history), history.saved_files[-1] if history.saved_files else None,
-                       spec.report_lines(delta, diagnostics, settings))
+                       spec.report_lines(delta, diagnostics, settings), cost)

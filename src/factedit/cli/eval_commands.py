@@ -9,23 +9,8 @@ import click
 
 from ..cache_files import check_output_file, check_output_folder
 from .options import (COUNT, INDEX, SETTINGS_HELP, CommandError, choose_settings, cluster_options, cluster_run,
-                      model_options, stats_options)
+                      lifelong_inputs, model_options, stats_options)
 from .progress_bars import PhaseBars, stderr_bar
-
-
-def _lifelong_inputs(held_out: str | None, corpus: str | None, known: str | None):
-    """Held-out text (the last documents of --held-out, else of the statistics corpus) and the known
-    facts (--known, else $FACTEDIT_DATA_DIR/known_1000.json where present) for sequential runs."""
-    import os
-
-    from ..data.known import data_dir, load_known_facts
-    from ..stats import held_out_corpus
-
-    source = held_out or corpus or os.environ.get("FACTEDIT_STATS_CORPUS")
-    text = held_out_corpus(source) if source else None
-    if known is None and data_dir() is not None and (data_dir() / "known_1000.json").exists():
-        known = str(data_dir() / "known_1000.json")
-    return text, load_known_facts(known) if known else None
 
 
 def _lifelong_options(command):
@@ -66,7 +51,7 @@ def sequential(model, dataset, data, n, edits_per_batch, methods, layer, corpus,
     get_dataset(dataset)
     check_output_folder(Path(out), "write the runs to")
     lm = model.load()
-    text, facts = _lifelong_inputs(held_out, corpus, known)
+    text, facts = lifelong_inputs(held_out, corpus, known)
     out_dir = Path(out)
     results = {}
     for method in methods:
@@ -123,7 +108,7 @@ def eval_command(model, method, dataset, data, n, start, edits_per_batch, layer,
     with cluster_run(cluster, model) as run:  # connected (or refused) before the model loads
         lm = model.load()
         settings = chosen.for_model(lm)
-        text, facts = _lifelong_inputs(held_out, corpus, known) if sequential else (None, None)
+        text, facts = lifelong_inputs(held_out, corpus, known) if sequential else (None, None)
         dispatch = None
         if run is not None:
             from ..cluster import evaluation_dispatch

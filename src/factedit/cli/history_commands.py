@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from .options import COUNT, INDEX, SEED, SETTINGS_HELP, CommandError, choose_settings, model_options, stats_options
+from .options import (COUNT, INDEX, SEED, SETTINGS_HELP, CommandError, choose_settings, lifelong_inputs, model_options,
+                      stats_options)
 from .progress_bars import PhaseBars
 
 
@@ -29,16 +30,26 @@ def history():
 @click.option("--settings", "settings_file", default=None, help=SETTINGS_HELP)
 @stats_options
 @click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the sampled context prefixes")
-def history_edit(model, folder, requests_file, method, layer, settings_file, corpus, stats_tokens, seed):
+@click.option("--guard", "guards", multiple=True, metavar="NAME=LIMIT",
+              help="keep the batch only if it costs the model at most this: perplexity=RATIO (held-out perplexity "
+                   "after / before, e.g. 1.05) and/or known=SHARE (of the known facts answered before, the share "
+                   "still answered, e.g. 0.98); else it is refused and nothing changes (repeatable)")
+@click.option("--held-out", default=None, help="--guard perplexity: text whose last documents are the probe "
+                                                "(default: the statistics corpus)")
+@click.option("--known", default=None, help="--guard known: known facts (default $FACTEDIT_DATA_DIR/known_1000.json)")
+def history_edit(model, folder, requests_file, method, layer, settings_file, corpus, stats_tokens, seed, guards,
+                 held_out, known):
     """Apply the requests as one more batch on top of the history in FOLDER (created if new) and save
     it there; show how the new and the earlier edits fare."""
     from ..data.requests import load_requests
     from ..edit import EditHistory, get_method
+    from ..evaluate.guard import Guard, GuardLimits
     from ..tokens import check_prompt_length
     from ..workflows import add_batch_with_report, preferred_count
 
     spec = get_method(method)
     requests = load_requests(requests_file)  # a bad file fails before the model loads
+    limits = GuardLimits.parse(guards) if guards else None
     chosen = choose_settings(spec, settings_file, layer, stats_corpus=corpus, stats_tokens=stats_tokens,
                              prefix_seed=seed)
     lm = model.load()
@@ -48,8 +59,12 @@ def history_edit(model, folder, requests_file, method, layer, settings_file, cor
     history = EditHistory(lm, folder, lock=True)  # a second writer is refused here, before any work
     try:
         replayed = history.replay()
+        guard = None
+        if limits is not None:  # its facts are those the model answers as the history left it
+            text, facts = lifelong_inputs(held_out, corpus, known)
+            guard = Guard(lm, limits, held_out=text, known=facts)
         with PhaseBars() as bars:
-            batch = add_batch_with_report(history, requests, method, settings, progress=bars)
+            batch = add_batch_with_report(history, requests, method, settings, progress=bars, guard=guard)
     finally:
         history.release()
     click.echo(f"history {folder}: {replayed} batch(es) replayed, {len(batch.earlier)} edit(s) to check; edited "
@@ -65,6 +80,8 @@ def history_edit(model, folder, requests_file, method, layer, settings_file, cor
                    f"{batch.protected_after} after it")
     for line in batch.lines:
         click.echo(line)
+    if batch.cost is not None:
+        click.echo(f"guard: the batch cost {batch.cost.describe()}, within the limits")
     click.echo(f"saved batch {batch.batch_number} to {batch.saved}")
 
 

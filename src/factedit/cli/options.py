@@ -216,3 +216,19 @@ def cluster_run(cluster, model):
     from ..cluster import ClusterRun
 
     return ClusterRun(cluster, model)
+
+
+def lifelong_inputs(held_out: str | None, corpus: str | None, known: str | None):
+    """Held-out text (the last documents of --held-out, else of the statistics corpus) and the known
+    facts (--known, else $FACTEDIT_DATA_DIR/known_1000.json where present) for sequential runs
+    and guards (history edit --guard)."""
+    import os
+
+    from ..data.known import data_dir, load_known_facts
+    from ..stats import held_out_corpus
+
+    source = held_out or corpus or os.environ.get("FACTEDIT_STATS_CORPUS")
+    text = held_out_corpus(source) if source else None
+    if known is None and data_dir() is not None and (data_dir() / "known_1000.json").exists():
+        known = str(data_dir() / "known_1000.json")
+    return text, load_known_facts(known) if known else None

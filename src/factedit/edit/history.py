@@ -29,6 +29,7 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -82,16 +83,24 @@ class EditHistory:
         """The folder's batch files, oldest first (none without a folder)."""
         return [self.folder / entry.file for entry in self._saved] if self.folder is not None else []
 
-    def apply(self, delta: EditDelta) -> None:
+    def apply(self, delta: EditDelta, *, check: Callable[[EditDelta], None] | None = None) -> None:
         """Apply one more batch (saved to the folder, if any). Refused while saved batches wait to be
         replayed (a new batch belongs after them), and when another process holds the folder or has
-        changed it since this history read it."""
+        changed it since this history read it. `check(delta)` runs on the model with the batch
+        applied, before it is saved: if it raises, the batch is reverted and nothing is saved (a
+        guard, evaluate.guard)."""
         if self.pending:
             raise HistoryError(f"{self.folder} holds {self.pending} saved batch(es) not replayed yet; replay them "
                                "before adding another")
         if self.folder is not None:
             self._check_writable()
         self.stack.apply(delta)
+        if check is not None:
+            try:
+                check(delta)
+            except BaseException:
+                self.stack.revert()
+                raise
         if self.folder is not None:
             index = len(self) - 1
             delta.info["history_index"] = index  # a batch file knows its place: a swapped file is refused
@@ -103,16 +112,17 @@ class EditHistory:
                 raise
 
     def edit(self, requests, method: str = "rome", settings=None, *, cache_dir: Path | None = None,
-             progress=None) -> tuple[EditDelta, list[dict]]:
+             progress=None, check: Callable[[EditDelta], None] | None = None) -> tuple[EditDelta, list[dict]]:
         """Compute the edit for `requests` on the model as the earlier batches left it, apply it, and
         return it with its diagnostics (factedit.edit.edit), which the batch also keeps in its info
-        with the time it took; a failure leaves the history as it was."""
+        with the time it took; a failure (or a `check` that refuses it, see apply) leaves the history
+        as it was."""
         began = time.perf_counter()
         delta, diagnostics = edit(self.lm, requests, method, settings, cache_dir=cache_dir, progress=progress,
                                   history=self)
         delta.info.setdefault("diagnostics", diagnostics)
         delta.info["edit_seconds"] = time.perf_counter() - began
-        self.apply(delta)
+        self.apply(delta, check=check)
         return delta, diagnostics
 
     def replay(self, count: int | None = None) -> int:

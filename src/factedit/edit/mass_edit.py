@@ -85,6 +85,16 @@ def _as_mlp_change(lm: LoadedModel, layer: int, requests: list[EditRequest], wan
     return torch.cat(columns, 1)
 
 
+def change_norms(change: torch.Tensor, outputs: torch.Tensor) -> dict[str, float]:
+    """What a layer was asked to change, beside what its MLP outputs now, over a batch's requests
+    (columns): the mean ||x|| of the asked change of the MLP projection's output, the mean ||m|| of
+    that output, and the median of ||x|| / ||m||. Logged per layer and batch: behind a norm (Gemma),
+    an x that grows with m batch after batch is the feedback loop that ruins a lifelong run."""
+    asked, current = change.norm(dim=0), outputs.norm(dim=0)
+    return {"asked": round(float(asked.mean()), 4), "mlp_output": round(float(current.mean()), 4),
+            "asked_share": round(float((asked / current.clamp_min(1e-12)).median()), 4)}
+
+
 # solve(layer, K, residual) -> down (n, d_mlp): the layer's update is Delta W = residual @ down.
 LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -107,17 +117,22 @@ def spread_over_layers(lm: LoadedModel, requests: list[EditRequest], settings: M
     z = torch.stack([f["z"] for f in found], 1).to(lm.device).double()  # (d, n)
     diagnostics = [{key: value for key, value in f.items() if key != "z"} for f in found]
 
-    def keys_at(layer: int) -> torch.Tensor:  # (d_mlp, n), each averaged over the templates
-        return torch.stack([io_at_subject(lm, "mlp", layer, r, templates)[0].mean(0) for r in requests], 1).double()
+    def keys_at(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d_mlp, n) keys, each averaged over the templates, and (d_out, n) the MLP projection's
+        outputs on the plain prompts."""
+        found = [io_at_subject(lm, "mlp", layer, r, templates) for r in requests]
+        return (torch.stack([keys.mean(0) for keys, _ in found], 1).double(),
+                torch.stack([outputs[0] for _, outputs in found], 1).double())
 
     # 2. spread the change over the layers, lowest first, each on the model updated so far
-    stack, total = EditStack(lm), None
+    stack, total, norms = EditStack(lm), None, {}
     try:
         for i, layer in enumerate(layers):
-            K = keys_at(layer)
+            K, outputs = keys_at(layer)
             current = torch.stack([io_at_subject(lm, "hidden", top, r, templates[:1])[1][0] for r in requests], 1)
             wanted = (z - current.double()) / (len(layers) - i)  # this layer's share of the block-output change
             residual = _as_mlp_change(lm, layer, requests, wanted, templates[0], diagnostics)
+            norms[layer] = change_norms(residual, outputs)
             down = solve(layer, K, residual)
             delta = EditDelta(method, lm.fingerprint, {lm.arch.mlp_out_path(layer): {"up": residual.float().cpu(),
                                                                        "down": down.float().cpu()}},
@@ -125,9 +140,10 @@ def spread_over_layers(lm: LoadedModel, requests: list[EditRequest], settings: M
             stack.apply(delta)
             total = delta if total is None else total.compose(delta)
         if record_keys:
-            total.keys = {lm.arch.mlp_out_path(layer): keys_at(layer).float().cpu() for layer in layers}
+            total.keys = {lm.arch.mlp_out_path(layer): keys_at(layer)[0].float().cpu() for layer in layers}
     finally:
         stack.revert_all()
+    total.info["layer_norms"] = norms
     total.method = method
     total.requests = [r.to_dict() for r in requests]
     return total, diagnostics
