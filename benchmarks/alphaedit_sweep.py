@@ -5,7 +5,7 @@ folders under OUT), next to the default.
     python benchmarks/alphaedit_sweep.py --model smollm2-135m --threads 1 --n 300 \
         --corpus ../shared/data/wiki/enwiki_sample.jsonl --data ../shared/data/counterfact/counterfact_lite.json \
         --out docs/results/lifelong/sweep
-    python benchmarks/alphaedit_sweep.py --method encore --n 100 ... --out docs/results/lifelong/encore-sweep
+    python benchmarks/alphaedit_sweep.py --method encore --n 100 --start 2000 ... --out docs/results/lifelong/encore-sweep
 
 Each configuration is the method's default settings with the overrides named in CONFIGS (its name
 says which; "preset" names settings such as "paper"). The first batch of every configuration with
@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--known", default=None, help=f"known facts (default: {data_dir()}/known_1000.json)")
     parser.add_argument("--n", type=int, default=300)
+    parser.add_argument("--start", type=int, default=0, help="skip this many records first (choose settings on "
+                                                             "records the reported sequence never edits)")
     parser.add_argument("--edits-per-batch", type=int, default=100)
     parser.add_argument("--configs", default=None, help="some of the method's CONFIGS, comma-separated (default: all)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/lifelong/sweep"))
@@ -77,6 +79,7 @@ def main() -> None:
         settings = get_method(args.method).settings_with(lm, stats_corpus=args.corpus,
                                                          preset=overrides.pop("preset", "default"), **overrides)
         summaries[name] = run_evaluation(lm, args.method, "counterfact", args.out / name, data=args.data, n=args.n,
+                                         start=args.start,
                                          edits_per_batch=args.edits_per_batch, settings=settings, sequential=True,
                                          held_out=held_out, known=known)
         found = read_points(args.out / name)

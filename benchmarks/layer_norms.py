@@ -46,7 +46,7 @@ def layer_rows(lm, history: EditHistory, folder: Path) -> list[dict]:
                 rows.append({"batch": number, "layer": layer, "asked": float(asked.mean()),
                              "mlp_output": float(current.mean()),
                              "asked_share": statistics.median((asked / current).tolist()),
-                             "weight_norm": float(weight.norm()),
+                             "weight_norm": float(weight.detach().norm()),
                              "change_norm": float(batch.weight_change(name).double().norm())})
                 # the next layer sees this one edited, as when the batch was computed
                 stack.apply(EditDelta(batch.method, batch.model_fingerprint, {name: batch.changes[name]}, batch.settings,

@@ -1,9 +1,11 @@
 """Work spread over Ray workers (factedit.cluster): the results and files equal a single-process run's.
 
 A local Ray with 2 one-thread workers, started on 127.0.0.1 by a module fixture and stopped by it
-(no gcs_server or raylet of its session left). Run on SmolLM2: 3 CounterFact records with a short
-ROME (4 value steps: a real edit, cheap enough for a 2-core machine), key statistics over 4096
-tokens, causal traces of known facts (2 wanted of 4).
+(no gcs_server or raylet of its session left). Run on the tiny Llama saved as a model folder (what
+is tested is that work spread over processes gives the single process's results, not what a model
+does; the workers load it in a moment): 3 CounterFact records with ROME at a fixed number of value
+steps, key statistics over 4096 tokens, causal traces of facts the tiny model gets right or wrong
+(2 wanted of 4).
 
 The tests that start Ray are slow, and skipped when Ray (the extra factedit[cluster]) is not
 installed, except in CI (CI set, as .ci/run does): there a missing Ray fails them. The others (bad
@@ -80,26 +82,49 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def rome_settings(smollm2, data_dir, tmp_path_factory) -> Path:
-    """ROME with 4 value steps and statistics over 4096 tokens: a real edit at a test's cost."""
+def model(tiny_folder):
+    """The tiny Llama, loaded from the folder the workers load it from."""
+    from factedit import load
+
+    return load(str(tiny_folder))
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> Path:
+    """Text of the tiny vocabulary's words, in documents: the key statistics' corpus."""
+    import random
+
+    from tiny import VOCAB_WORDS
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "words.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(VOCAB_WORDS[3:]) for _ in range(300))}) + "\n"
+                            for _ in range(30)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def rome_settings(model, corpus_file, tmp_path_factory) -> Path:
+    """ROME with statistics over 4096 tokens and 1,000 value steps that always run (early_stop_loss 0):
+    an edit of a few seconds, long enough for a worker to be killed in the middle of it."""
     from factedit.edit import get_method
 
-    corpus = str(data_dir / "wiki" / "enwiki_sample.jsonl")
-    settings = get_method("rome").settings_with(smollm2, None, stats_corpus=corpus, stats_tokens=4096, v_steps=4)
-    path = tmp_path_factory.mktemp("settings") / "rome-fast.json"
+    settings = get_method("rome").settings_with(model, 1, stats_corpus=str(corpus_file), stats_tokens=4096,
+                                                v_steps=1000, early_stop_loss=0.0)
+    path = tmp_path_factory.mktemp("settings") / "rome.json"
     settings.save(path)
     return path
 
 
 @pytest.fixture(scope="module")
-def single_run(smollm2, data_dir, rome_settings, tmp_path_factory) -> Path:
+def single_run(model, data_dir, rome_settings, tmp_path_factory) -> Path:
     """The single-process evaluation of the first 3 records: what the cluster runs must equal."""
     from factedit.edit import get_method
     from factedit.evaluate.runner import run_evaluation
 
     out = tmp_path_factory.mktemp("single")
-    run_evaluation(smollm2, "rome", "counterfact", out, data=str(data_dir / "counterfact" / "counterfact_dev.json"),
-                   n=N_RECORDS, settings=get_method("rome").load_settings(smollm2, rome_settings))
+    run_evaluation(model, "rome", "counterfact", out, data=str(data_dir / "counterfact" / "counterfact_dev.json"),
+                   n=N_RECORDS, settings=get_method("rome").load_settings(model, rome_settings))
     return out
 
 
@@ -136,9 +161,10 @@ def invoke(args: list[str]):
 
 
 @with_ray
-def test_eval_on_two_workers_equals_the_single_process_run(local_ray, single_run, rome_settings, data_dir, tmp_path):
+def test_eval_on_two_workers_equals_the_single_process_run(local_ray, tiny_folder, single_run, rome_settings, data_dir,
+                                                           tmp_path):
     out = tmp_path / "cluster"
-    result = invoke(["eval", "--threads", "1", "--method", "rome", "--dataset", "counterfact", "--n", str(N_RECORDS),
+    result = invoke(["eval", "--model", str(tiny_folder), "--threads", "1", "--method", "rome", "--dataset", "counterfact", "--n", str(N_RECORDS),
                      "--data", str(data_dir / "counterfact" / "counterfact_dev.json"),
                      "--settings", str(rome_settings), "--out", str(out), "--cluster", "auto"])
     assert result.exit_code == 0, result.output
@@ -150,7 +176,8 @@ def test_eval_on_two_workers_equals_the_single_process_run(local_ray, single_run
 
 
 @with_ray
-def test_a_killed_worker_has_its_batch_run_again(local_ray, smollm2, single_run, rome_settings, data_dir, tmp_path):
+def test_a_killed_worker_has_its_batch_run_again(local_ray, tiny_folder, model, single_run, rome_settings, data_dir,
+                                                 tmp_path):
     """A run resumed after its first case: this process edits the second batch, a worker the third,
     and that worker is killed in the middle of it. The batch runs again on another worker, a fresh
     worker takes the dead one's place, and every case equals the single-process run."""
@@ -171,19 +198,19 @@ def test_a_killed_worker_has_its_batch_run_again(local_ray, smollm2, single_run,
         deadline = time.monotonic() + 120
         while not pool.running_actors() and time.monotonic() < deadline:
             time.sleep(0.1)
-        time.sleep(2)  # a batch takes several seconds: the worker is in the middle of it
+        time.sleep(1)  # a batch takes several seconds (1,000 value steps): the worker is in the middle of it
         running = pool.running_actors()
         if running:
             local_ray.ray.kill(running[0], no_restart=True)
             killed.append(running[0])
 
-    with ClusterRun(ClusterSpec("auto"), WorkerModel("smollm2-135m", threads=1)) as run:
-        pool = run.pool(smollm2.fingerprint)
+    with ClusterRun(ClusterSpec("auto"), WorkerModel(str(tiny_folder), threads=1)) as run:
+        pool = run.pool(model.fingerprint)
         pool.start()
         killer = threading.Thread(target=kill_one_mid_batch, args=(pool,), daemon=True)
         killer.start()
-        run_evaluation(smollm2, "rome", "counterfact", tmp_path, n=3, data=data,
-                       settings=get_method("rome").load_settings(smollm2, rome_settings),
+        run_evaluation(model, "rome", "counterfact", tmp_path, n=3, data=data,
+                       settings=get_method("rome").load_settings(model, rome_settings),
                        dispatch=evaluation_dispatch(pool))
         killer.join()
         assert killed, "no worker was busy to be killed"
@@ -193,52 +220,59 @@ def test_a_killed_worker_has_its_batch_run_again(local_ray, smollm2, single_run,
 
 
 @with_ray
-def test_sharded_statistics_equal_the_single_process_ones_in_the_same_cache_file(local_ray, smollm2, data_dir,
-                                                                                    tmp_path):
+def test_sharded_statistics_equal_the_single_process_ones_in_the_same_cache_file(local_ray, tiny_folder, model,
+                                                                                    corpus_file, tmp_path):
     from safetensors import safe_open
 
     from factedit.stats import SecondMoment, collect_second_moments, corpus_from, stats_cache_path
 
-    corpus_file = tmp_path / "wiki.jsonl"  # a file of its own: never in the cache yet
-    with (data_dir / "wiki" / "enwiki_sample.jsonl").open() as f:
-        corpus_file.write_text("".join(next(f) for _ in range(30)))
-    corpus = corpus_from(str(corpus_file))
-    path = stats_cache_path(smollm2, 3, corpus, 4096)
+    own_file = tmp_path / "words.jsonl"  # a file of its own: never in the cache yet
+    own_file.write_text(corpus_file.read_text())
+    corpus = corpus_from(str(own_file))
+    path = stats_cache_path(model, 1, corpus, 4096)
     try:
-        result = invoke(["stats", "--threads", "1", "--layer", "3", "--corpus", str(corpus_file), "--tokens", "4096",
-                         "--cluster", "auto"])
+        result = invoke(["stats", "--model", str(tiny_folder), "--threads", "1", "--layer", "1", "--corpus",
+                         str(own_file), "--tokens", "4096", "--cluster", "auto"])
         assert result.exit_code == 0, result.output
-        assert f"computed C at layer 3: 4096 keys, d_mlp 1536, {path}" in result.output
+        assert f"computed C at layer 1: 4096 keys, d_mlp {model.arch.d_mlp}, {path}" in result.output
         sharded = SecondMoment.load(path)
-        single = collect_second_moments(smollm2, [3], corpus, 4096)[3]
+        single = collect_second_moments(model, [1], corpus, 4096)[1]
         assert sharded.count == single.count == 4096
         assert torch.allclose(sharded.sum_outer, single.sum_outer, rtol=1e-5, atol=1e-6 * single.sum_outer.abs().max())
         with safe_open(str(path), framework="pt") as f:
             info = json.loads(f.metadata()["info"])
-        assert info == {"model": smollm2.name, "fingerprint": smollm2.fingerprint, "layer": 3, "corpus": corpus.name,
+        assert info == {"model": model.name, "fingerprint": model.fingerprint, "layer": 1, "corpus": corpus.name,
                         "corpus_identity": corpus.identity, "tokens_requested": 4096}
     finally:
         path.unlink(missing_ok=True)
 
 
 @with_ray
-def test_trace_average_on_workers_writes_the_same_facts(local_ray, smollm2, data_dir, tmp_path):
-    """4 facts, 2 wanted: the run stops at the second one SmolLM2 gets right (the third fact), also
+def test_trace_average_on_workers_writes_the_same_facts(local_ray, tiny_folder, model, tmp_path):
+    """4 facts, 2 wanted: the run stops at the second one the model gets right (the third fact), also
     when the workers have started on the fourth; the same rows either way."""
     from factedit.data.known import load_known_facts
-    from factedit.trace.average import average_effects
+    from factedit.trace.average import _top_token, average_effects
 
-    known = json.loads((data_dir / "known_1000.json").read_text())
-    facts_file = tmp_path / "facts.json"  # SmolLM2 gets 6 and 7 right, 5 and 8 wrong
-    facts_file.write_text(json.dumps([k for k in known if k["known_id"] in (5, 6, 7, 8)]))
-    average_effects(smollm2, load_known_facts(str(facts_file)), "mlp", n=2, samples=2, window=10, seed=0,
+    prompts = [("Michael Jordan", "{} plays"), ("The Eiffel Tower", "{} is located in the city of"),
+               ("Seattle", "{} is located in the city of"), ("France", "The capital of {} is")]
+    facts = []
+    for known_id, (subject, template) in enumerate(prompts):
+        answer = _top_token(model, template.format(subject)).strip()
+        right = known_id in (1, 2)  # the model gets the second and third right, the first and fourth wrong
+        facts.append({"known_id": known_id, "subject": subject, "attribute": answer if right else "qqq",
+                      "prompt": template.format(subject), "template": template})
+    facts_file = tmp_path / "facts.json"
+    facts_file.write_text(json.dumps(facts))
+    average_effects(model, load_known_facts(str(facts_file)), "mlp", n=2, samples=2, window=2, seed=0,
                     out_dir=tmp_path / "single")
-    result = invoke(["trace-avg", "--threads", "1", "--facts", str(facts_file), "--kind", "mlp", "--n", "2",
-                     "--samples", "2", "--window", "10", "--out", str(tmp_path / "cluster"), "--cluster", "auto"])
+    result = invoke(["trace-avg", "--model", str(tiny_folder), "--threads", "1", "--facts", str(facts_file), "--kind",
+                     "mlp", "--n", "2", "--samples", "2", "--window", "2", "--out", str(tmp_path / "cluster"),
+                     "--cluster", "auto"])
     assert result.exit_code == 0, result.output
     rows = [[json.loads(line) for line in (tmp_path / run / "facts.jsonl").read_text().splitlines()]
             for run in ("single", "cluster")]
-    assert [r["known_id"] for r in rows[1]] == [5, 6, 7]
+    assert [r["known_id"] for r in rows[1]] == [0, 1, 2]
     assert [r["correct"] for r in rows[1]] == [False, True, True]
     assert_close(rows[0], rows[1], "facts.jsonl")
 
