@@ -37,7 +37,7 @@ from ..tokens import check_prompt_length
 from ..settings import bounded, one_of
 from ..stats import key_statistics_at
 from .delta import EditDelta
-from .mass_edit import MassEditSettings, spread_over_layers
+from .mass_edit import MassEditSettings, earlier_edits, spread_over_layers
 from .prompts import prompt_batch, request_texts
 from .value import optimisation_lines
 
@@ -192,33 +192,22 @@ def alphaedit_delta(lm: LoadedModel, requests: list[EditRequest], settings: Alph
     """The AlphaEdit update for `requests` on the model as it is, preserving the keys of the batches in
     `history` (an EditHistory; None: nothing edited before). The model is not modified."""
     layers = sorted(settings.layers)
-    modules = {layer: lm.arch.mlp_out_path(layer) for layer in layers}
-    if history is not None and history.key_modules() and history.key_modules() != set(modules.values()):
-        raise InputError(f"the editing history preserves keys at {', '.join(sorted(history.key_modules()))}, but "
-                         f"these settings edit layers {layers}; continue a history with the layers it was made with")
+    earlier = earlier_edits(lm, history, layers, settings.preserve_weight)
     found = projectors(lm, settings, cache_dir, progress)
-    d_mlp = lm.arch.d_mlp
-    H = {layer: settings.preserve_weight * history.key_moment(modules[layer], d_mlp) if history is not None else
-         torch.zeros(d_mlp, d_mlp, dtype=torch.float64) for layer in layers}
 
     def solve(layer: int, K: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         projector = found[layer]
         l2 = settings.l2 * projector.key_energy if settings.l2_rule == "key_energy" else settings.l2
-        return alphaedit_solve(K, projector.basis, H[layer], l2)
+        return alphaedit_solve(K, projector.basis, earlier.H[layer], l2)
 
     delta, diagnostics = spread_over_layers(lm, requests, settings, solve, "alphaedit", cache_dir=cache_dir,
                                             progress=progress, record_keys=True)
-    n_preserved = history.preserved_keys(modules[layers[0]]).shape[1] \
-        if history is not None and history.key_modules() else 0
-    # Batches of other methods (MEMIT, ROME, ...) carry no keys: what they wrote here is not preserved.
-    unkeyed = [batch for batch in (history.batches if history is not None else [])
-               if set(batch.changes) & set(modules.values()) and not batch.keys]
     delta.info.update({
-        "unpreserved_batches": len(unkeyed),
+        "unpreserved_batches": earlier.unpreserved_batches,
         "null_space_dims": {layer: found[layer].kept for layer in layers},
         "projector_bytes": sum(p.nbytes() for p in found.values()),
-        "history_bytes": sum(h.numel() * h.element_size() for h in H.values()),
-        "preserved_keys": n_preserved})
+        "history_bytes": sum(h.numel() * h.element_size() for h in earlier.H.values()),
+        "preserved_keys": earlier.preserved_keys})
     return delta, diagnostics
 
 

@@ -27,14 +27,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InputError
 from ..models import LoadedModel
 from ..progress import Phases
 from ..request import EditRequest
 from ..settings import bounded, one_of
 from ..stats import key_statistics_at
 from .delta import EditDelta
-from .mass_edit import MassEditSettings, scaled_mom2_weight, spread_over_layers
+from .mass_edit import MassEditSettings, earlier_edits, scaled_mom2_weight, spread_over_layers
 from .value import EARLY_STOP_CRITERIA, optimisation_lines
 
 NORM_RULES = ("key_energy", "absolute")
@@ -83,27 +82,18 @@ def encore_delta(lm: LoadedModel, requests: list[EditRequest], settings: EncoreS
     """The ENCORE update for `requests` on the model as it is, keeping the keys of the batches in
     `history` (an EditHistory; None: nothing edited before). The model is not modified."""
     layers = sorted(settings.layers)
-    modules = {layer: lm.arch.mlp_out_path(layer) for layer in layers}
-    if history is not None and history.key_modules() and history.key_modules() != set(modules.values()):
-        raise InputError(f"the editing history keeps keys at {', '.join(sorted(history.key_modules()))}, but these "
-                         f"settings edit layers {layers}; continue a history with the layers it was made with")
+    earlier = earlier_edits(lm, history, layers, settings.preserve_weight)
     C = {layer: stats.matrix for layer, (stats, _, _) in key_statistics_at(lm, settings, cache_dir, progress).items()}
-    d_mlp = lm.arch.d_mlp
-    H = {layer: settings.preserve_weight * history.key_moment(modules[layer], d_mlp) if history is not None else
-         torch.zeros(d_mlp, d_mlp, dtype=torch.float64) for layer in layers}
     mu = {layer: settings.norm_lambda * (float(C[layer].trace()) if settings.norm_rule == "key_energy" else 1.0)
           for layer in layers}
 
     def solve(layer: int, K: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return encore_solve(K, C[layer], H[layer], settings.mom2_update_weight, mu[layer])
+        return encore_solve(K, C[layer], earlier.H[layer], settings.mom2_update_weight, mu[layer])
 
     delta, diagnostics = spread_over_layers(lm, requests, settings, solve, "encore", cache_dir=cache_dir,
                                             progress=progress, record_keys=True)
-    unkeyed = [batch for batch in (history.batches if history is not None else [])
-               if set(batch.changes) & set(modules.values()) and not batch.keys]
-    delta.info.update({"unpreserved_batches": len(unkeyed), "norm_ridge": mu,
-                       "preserved_keys": history.preserved_keys(modules[layers[0]]).shape[1]
-                       if history is not None and history.key_modules() else 0})
+    delta.info.update({"unpreserved_batches": earlier.unpreserved_batches, "norm_ridge": mu,
+                       "preserved_keys": earlier.preserved_keys})
     return delta, diagnostics
 
 

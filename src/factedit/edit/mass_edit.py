@@ -95,6 +95,32 @@ def change_norms(change: torch.Tensor, outputs: torch.Tensor) -> dict[str, float
             "asked_share": round(float((asked / current.clamp_min(1e-12)).median()), 4)}
 
 
+@dataclass(frozen=True)
+class EarlierEdits:
+    """What the batches before this one left at the edited layers, for the editors that keep earlier
+    edits (AlphaEdit, ENCORE): H per layer, and how many keys and unkeyed batches there are."""
+
+    H: dict[int, torch.Tensor]  # weight x K_p K_p^T over the keys the earlier batches recorded there
+    preserved_keys: int
+    unpreserved_batches: int  # batches of other methods (MEMIT, ROME, ...) that changed these layers without keys
+
+
+def earlier_edits(lm: LoadedModel, history, layers: list[int], weight: float) -> EarlierEdits:
+    """EarlierEdits of `history` (an EditHistory; None: nothing edited before) at `layers`; refuses a
+    history that keeps keys at other layers."""
+    modules = {layer: lm.arch.mlp_out_path(layer) for layer in layers}
+    if history is not None and history.key_modules() and history.key_modules() != set(modules.values()):
+        raise InputError(f"the editing history keeps keys at {', '.join(sorted(history.key_modules()))}, but these "
+                         f"settings edit layers {layers}; continue a history with the layers it was made with")
+    d_mlp = lm.arch.d_mlp
+    H = {layer: weight * history.key_moment(modules[layer], d_mlp) if history is not None else
+         torch.zeros(d_mlp, d_mlp, dtype=torch.float64) for layer in layers}
+    kept = history.preserved_keys(modules[layers[0]]).shape[1] if history is not None and history.key_modules() else 0
+    unkeyed = [batch for batch in (history.batches if history is not None else [])
+               if set(batch.changes) & set(modules.values()) and not batch.keys]
+    return EarlierEdits(H, kept, len(unkeyed))
+
+
 # solve(layer, K, residual) -> down (n, d_mlp): the layer's update is Delta W = residual @ down.
 LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
