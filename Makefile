@@ -14,6 +14,7 @@ PIP := $(BIN)/pip install -q -c constraints.txt
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[test]"
