@@ -380,8 +380,8 @@ def optimisation_lines(diagnostics: list[dict], settings: ValueSettings) -> list
     if len(optimised) > 1:
         failed = sum(1 for d in optimised if not d["converged"])
         line = f"optimisation: {len(optimised) - failed} of {len(optimised)} values converged ({reached})"
-        return [line] + ([f"warning: {failed} of {len(optimised)} value optimisations did not converge; those "
-                          "edits may not hold (raise v_steps with a settings file)"] if failed else [])
+        return [line] + ([f"warning: {failed} of {len(optimised)} value optimisations did not converge; "
+                          + advice.replace("the edit may", "those edits may")] if failed else [])
     info = optimised[0]
     line = (f"optimisation: {info['steps']} steps, final loss {info['final_loss']:.4f} "
             f"(target NLL {info['final_nll']:.4f})")

@@ -25,7 +25,7 @@ from ..edit.history import EditHistory
 from ..errors import FacteditError, InputError
 from ..models import LoadedModel
 from ..stats import Corpus
-from .lifelong import answered, perplexity
+from .lifelong import answered, perplexity, untouched_facts
 
 LIMITS = {"perplexity": "the largest perplexity after / before the batch (e.g. 1.05)",
           "known": "the smallest share of the known facts answered before the batch still answered after (e.g. 0.98)"}
@@ -150,9 +150,7 @@ class Guard:
         """history.edit(requests, method, settings, **kwargs) under the guard: returns (delta,
         diagnostics, cost); GuardRefused (the history and the model as they were) when the batch
         costs more than the limits."""
-        # A fact about a subject this batch edits may change: it is the edit, not a cost.
-        touched = {r.subject.strip().lower() for r in requests}
-        facts = [f for f in self.facts if f.subject.strip().lower() not in touched]
+        facts = untouched_facts(self.facts, requests)
         before = self.measure(facts)
         found: list[BatchCost] = []
 

@@ -87,6 +87,13 @@ def answered(lm: LoadedModel, facts: list[KnownFact], batch_size: int = 32) -> l
     return found
 
 
+def untouched_facts(facts: list[KnownFact], requests: list[EditRequest]) -> list[KnownFact]:
+    """The facts whose subject none of the requests edits (a fact about an edited subject may change:
+    that is the edit, not a cost)."""
+    touched = {r.subject.strip().lower() for r in requests}
+    return [f for f in facts if f.subject.strip().lower() not in touched]
+
+
 class LifelongProbe:
     """Measures the model after each batch (`measure`). Made on the unedited model: that is when it
     finds the known facts that count."""
@@ -94,8 +101,7 @@ class LifelongProbe:
     def __init__(self, lm: LoadedModel, run_requests: list[EditRequest], *, held_out: Corpus | None = None,
                  known: list[KnownFact] | None = None, ppl_tokens: int = 4096):
         self.lm, self.held_out, self.ppl_tokens = lm, held_out, ppl_tokens
-        touched = {r.subject.strip().lower() for r in run_requests}
-        untouched = [f for f in known or [] if f.subject.strip().lower() not in touched]
+        untouched = untouched_facts(known or [], run_requests)
         self.known = [f for f, ok in zip(untouched, answered(lm, untouched)) if ok] if untouched else []
         self.use_known = known is not None
 
